@@ -1,0 +1,249 @@
+"""Vitals and status payload schemas (contract v1) and their pure decoders.
+
+Decoding never raises for bad input: :func:`decode_vitals` returns the valid readings and a
+rejection for each part that is not, so a gateway batch with one bad reading still delivers
+the rest, and every rejection can be dead-lettered with its reason.
+
+Vitals (at most 64 KiB)::
+
+    {"seq": 1042, "ts": "2026-11-26T10:15:30.120Z", "patient_id": "p-001",
+     "metrics": {"heart_rate": 72, "temperature": {"value": 98.6, "unit": "[degF]"}}}
+
+or a gateway batch ``{"readings": [<vitals>, ...]}`` of at most ``MAX_BATCH`` readings for the
+topic's device. Status: ``{"state": "online"|"offline", "battery": 87, "firmware": "1.4.2"}``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
+
+import msgspec
+
+from firstcare.metrics import MetricRejected, to_canonical
+from firstcare.topics import Topic, is_valid_id
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_BATCH = 1000
+MAX_METRICS = 32
+MAX_SEQ = 2**63 - 1
+EARLIEST_TS_MS = 946_684_800_000  # 2000-01-01: anything earlier is an unset device clock
+MAX_FUTURE_MS = 24 * 3600 * 1000
+
+
+class Quantity(msgspec.Struct, forbid_unknown_fields=True):
+    value: float
+    unit: str
+
+
+class VitalsIn(msgspec.Struct):
+    seq: int
+    ts: int | str
+    metrics: dict[str, float | Quantity]
+    patient_id: str | None = None
+
+
+class VitalsMessage(msgspec.Struct):
+    """Either one reading (its fields at top level) or a batch (``readings``)."""
+
+    readings: list[VitalsIn] | None = None
+    seq: int | None = None
+    ts: int | str | None = None
+    metrics: dict[str, float | Quantity] | None = None
+    patient_id: str | None = None
+
+
+class StatusIn(msgspec.Struct):
+    state: Literal["online", "offline"]
+    battery: int | None = None
+    firmware: str | None = None
+    ts: int | str | None = None
+
+
+_vitals_decoder = msgspec.json.Decoder(VitalsMessage)
+_status_decoder = msgspec.json.Decoder(StatusIn)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One validated reading, metrics in canonical units. Times are epoch milliseconds."""
+
+    hospital_id: str
+    device_type: str
+    device_id: str
+    seq: int
+    ts_ms: int
+    received_ms: int
+    patient_id: str | None
+    metrics: dict[str, float]
+
+    @property
+    def device_key(self) -> tuple[str, str]:
+        return (self.device_type, self.device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    hospital_id: str
+    device_type: str
+    device_id: str
+    state: str
+    battery: int | None
+    firmware: str | None
+    ts_ms: int
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why (part of) a message was refused. ``index`` locates a reading inside a batch."""
+
+    reason: str
+    detail: str
+    index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedVitals:
+    readings: list[Reading]
+    rejections: list[Rejection]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def parse_ts(value: int | str, received_ms: int) -> int:
+    """ISO-8601 with a zone, or epoch milliseconds, to epoch milliseconds (ValueError if bad)."""
+    if isinstance(value, int):
+        ts_ms = value
+    else:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"ts {value!r} is not ISO-8601") from exc
+        if parsed.tzinfo is None:
+            raise ValueError(f"ts {value!r} has no time zone (add 'Z' or an offset)")
+        ts_ms = int(parsed.timestamp() * 1000)
+    if ts_ms < EARLIEST_TS_MS or ts_ms > received_ms + MAX_FUTURE_MS:
+        raise ValueError(f"ts {value!r} is implausible (before 2000 or more than a day ahead)")
+    return ts_ms
+
+
+def format_ts(ms: int) -> str:
+    """Epoch milliseconds to ISO-8601 UTC with millisecond precision and a ``Z``."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _schema_detail(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    return str(exc).replace("`", "")
+
+
+def _reading(topic: Topic, item: VitalsIn, received_ms: int, index: int | None) -> Reading | Rejection:
+    if not 0 <= item.seq <= MAX_SEQ:
+        return Rejection("seq_invalid", f"seq {item.seq} must be a non-negative 64-bit integer", index)
+    try:
+        ts_ms = parse_ts(item.ts, received_ms)
+    except ValueError as exc:
+        return Rejection("ts_invalid", str(exc), index)
+    if item.patient_id is not None and not is_valid_id(item.patient_id):
+        return Rejection("patient_id_invalid", f"patient_id {item.patient_id!r} must match [A-Za-z0-9_-]{{1,64}}", index)
+    if not item.metrics:
+        return Rejection("metrics_empty", "metrics must hold at least one value", index)
+    if len(item.metrics) > MAX_METRICS:
+        return Rejection("metrics_too_many", f"at most {MAX_METRICS} metrics per reading", index)
+    metrics: dict[str, float] = {}
+    for name, raw in item.metrics.items():
+        try:
+            if isinstance(raw, Quantity):
+                metrics[name] = to_canonical(name, raw.value, raw.unit)
+            else:
+                metrics[name] = to_canonical(name, raw)
+        except MetricRejected as exc:
+            return Rejection(exc.reason, exc.detail, index)
+    return Reading(
+        topic.hospital_id, topic.device_type, topic.device_id, item.seq, ts_ms, received_ms,
+        item.patient_id, metrics,
+    )
+
+
+def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) -> DecodedVitals:
+    """Decode a vitals payload published on ``topic`` (already parsed)."""
+    received_ms = now_ms() if received_ms is None else received_ms
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return DecodedVitals([], [Rejection("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")])
+    try:
+        message = _vitals_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        return DecodedVitals([], [Rejection("schema_invalid", _schema_detail(exc))])
+    except msgspec.DecodeError as exc:
+        return DecodedVitals([], [Rejection("payload_not_json", _schema_detail(exc))])
+    if message.readings is not None:
+        if message.seq is not None or message.metrics is not None:
+            return DecodedVitals([], [Rejection("schema_invalid", "a batch carries only 'readings'")])
+        if not message.readings:
+            return DecodedVitals([], [Rejection("batch_empty", "'readings' is empty")])
+        if len(message.readings) > MAX_BATCH:
+            return DecodedVitals([], [Rejection("batch_too_large", f"{len(message.readings)} readings > {MAX_BATCH}")])
+        items = [(i, r) for i, r in enumerate(message.readings)]
+    else:
+        missing = [f for f in ("seq", "ts", "metrics") if getattr(message, f) is None]
+        if missing:
+            return DecodedVitals([], [Rejection("schema_invalid", f"missing required field(s): {', '.join(missing)}")])
+        items = [(None, VitalsIn(message.seq, message.ts, message.metrics, message.patient_id))]  # type: ignore[arg-type]
+    readings: list[Reading] = []
+    rejections: list[Rejection] = []
+    for index, item in items:
+        result = _reading(topic, item, received_ms, index)
+        (readings if isinstance(result, Reading) else rejections).append(result)  # type: ignore[arg-type]
+    return DecodedVitals(readings, rejections)
+
+
+def decode_status(topic: Topic, payload: bytes, received_ms: int | None = None) -> StatusReport | Rejection:
+    received_ms = now_ms() if received_ms is None else received_ms
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Rejection("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        status = _status_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        return Rejection("schema_invalid", _schema_detail(exc))
+    except msgspec.DecodeError as exc:
+        return Rejection("payload_not_json", _schema_detail(exc))
+    if status.battery is not None and not 0 <= status.battery <= 100:
+        return Rejection("battery_invalid", f"battery {status.battery} must be 0..100")
+    ts_ms = received_ms
+    if status.ts is not None:
+        try:
+            ts_ms = parse_ts(status.ts, received_ms)
+        except ValueError as exc:
+            return Rejection("ts_invalid", str(exc))
+    return StatusReport(
+        topic.hospital_id, topic.device_type, topic.device_id, status.state, status.battery,
+        status.firmware, ts_ms, received_ms,
+    )
+
+
+def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None) -> bytes:
+    body: dict = {"seq": seq, "ts": format_ts(ts_ms), "metrics": metrics}
+    if patient_id is not None:
+        body["patient_id"] = patient_id
+    return msgspec.json.encode(body)
+
+
+def encode_batch(readings: list[dict]) -> bytes:
+    return msgspec.json.encode({"readings": readings})
+
+
+def encode_status(state: str, battery: int | None = None, firmware: str | None = None, ts_ms: int | None = None) -> bytes:
+    body: dict = {"state": state}
+    if battery is not None:
+        body["battery"] = battery
+    if firmware is not None:
+        body["firmware"] = firmware
+    if ts_ms is not None:
+        body["ts"] = format_ts(ts_ms)
+    return msgspec.json.encode(body)
