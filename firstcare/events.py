@@ -1,0 +1,90 @@
+"""The event envelope, built here and nowhere else.
+
+Every event a browser sees has one shape::
+
+    {"type": "vitals_update", "event": "patient.vitals.update", "room": "patient:p-001:vitals",
+     "id": "<epoch>:<offset>", "ts": "2026-11-26T10:15:30.120Z", "data": {...}}
+
+An :class:`Event` is what producers hand to the router (no room, no id); the hub gives it a
+room and a per-room id when it is published, and :func:`envelope` makes the wire form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from firstcare.payloads import format_ts, now_ms
+
+EVENT_TYPES: dict[str, str] = {
+    "patient.vitals.update": "vitals_update",
+    "patient.alert.raised": "alert_raised",
+    "patient.alert.acknowledged": "alert_acknowledged",
+    "patient.alert.resolved": "alert_resolved",
+    "patient.alert.escalated": "alert_escalated",
+    "patient.status.change": "patient_status",
+    "device.data.update": "device_data",
+    "device.status.change": "device_status",
+    "hospital.alert": "hospital_alert",
+    "hospital.capacity.update": "capacity_update",
+    "hospital.emergency": "emergency",
+    "system.maintenance": "maintenance",
+    "system.alert": "system_alert",
+}
+
+ALERT_EVENTS = frozenset(name for name in EVENT_TYPES if ".alert" in name)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    name: str
+    data: dict[str, Any]
+    ts_ms: int
+
+    @property
+    def type(self) -> str:
+        return EVENT_TYPES[self.name]
+
+    @property
+    def is_alert(self) -> bool:
+        """Alert events are never dropped or coalesced on the way to a client."""
+        return self.name in ALERT_EVENTS
+
+
+def make_event(name: str, data: dict[str, Any], ts_ms: int | None = None) -> Event:
+    if name not in EVENT_TYPES:
+        raise ValueError(f"unknown event {name!r} (one of {', '.join(EVENT_TYPES)})")
+    return Event(name, data, now_ms() if ts_ms is None else ts_ms)
+
+
+def event_id(epoch: str, offset: int) -> str:
+    return f"{epoch}:{offset}"
+
+
+def parse_event_id(value: str) -> tuple[str, int]:
+    """``"<epoch>:<offset>"`` to its parts; ValueError when malformed."""
+    epoch, sep, offset = value.rpartition(":")
+    if not sep or not epoch or not offset.isdigit():
+        raise ValueError(f"malformed event id {value!r} (expected '<epoch>:<offset>')")
+    return epoch, int(offset)
+
+
+def envelope(event: Event, room: str, id: str) -> dict[str, Any]:
+    return {
+        "type": event.type,
+        "event": event.name,
+        "room": room,
+        "id": id,
+        "ts": format_ts(event.ts_ms),
+        "data": event.data,
+    }
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_envelope(event: Event, room: str, id: str) -> bytes:
+    """Encode once per room; every client in the room gets the same bytes."""
+    return _encoder.encode(envelope(event, room, id))

@@ -1,0 +1,124 @@
+"""Settings: read once from an injectable mapping (``FC_*`` environment variables), then
+overridden by CLI flags, validated with errors that name the key and the value.
+
+Tests build ``Settings.from_env({"FC_HTTP_PORT": "0", ...})`` instead of patching os.environ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from firstcare.errors import ConfigError
+from firstcare.topics import check_root
+
+PREFIX = "FC_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, its default, and (in ``metadata['doc']``) the README description."""
+
+    mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtt://user:pass@host:port`"})
+    mqtt_host: str = field(default="127.0.0.1", metadata={"doc": "bind address of the embedded broker"})
+    mqtt_port: int = field(default=1884, metadata={"doc": "port of the embedded broker (1884 so it can sit beside a system Mosquitto on 1883)"})
+    mqtt_client_id: str = field(default="firstcare-bridge", metadata={"doc": "fixed client id of the bridge's persistent MQTT session"})
+    topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar"})
+    store_url: str = field(default="sqlite:///data/firstcare.db", metadata={"doc": "`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`"})
+    hub_url: str = field(default="memory://", metadata={"doc": "fan-out hub backend"})
+    jwt_secret: str | None = field(default=None, metadata={"doc": "HS256 shared secret (`firstcare up` makes one in the data folder when unset)"})
+    jwt_public_key: str | None = field(default=None, metadata={"doc": "PEM public key for RS256/ES256 tokens"})
+    jwks_url: str | None = field(default=None, metadata={"doc": "JWKS URL for RS256/ES256 tokens"})
+    jwt_audience: str | None = field(default=None, metadata={"doc": "required `aud` claim, when set"})
+    jwt_issuer: str | None = field(default=None, metadata={"doc": "required `iss` claim, when set"})
+    http_host: str = field(default="127.0.0.1", metadata={"doc": "HTTP bind address"})
+    http_port: int = field(default=8000, metadata={"doc": "HTTP port (REST, WebSocket, SSE)"})
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"doc": "comma-separated browser origins allowed (empty: same origin only)"})
+    retention_days: float = field(default=30.0, metadata={"doc": "readings and dead letters older than this are deleted (0 keeps all)"})
+    device_silent_seconds: float = field(default=60.0, metadata={"doc": "an online device with no data this long raises `device.silent`"})
+    device_offline_seconds: float = field(default=180.0, metadata={"doc": "a device with no message at all this long is marked offline (heartbeat timeout)"})
+    escalation_seconds: float = field(default=120.0, metadata={"doc": "an alert unacknowledged this long is escalated to the hospital"})
+    alert_rules: str | None = field(default=None, metadata={"doc": "path of a YAML rules file replacing the built-in defaults"})
+    ingest_queue_size: int = field(default=10000, metadata={"doc": "bounded queue between the MQTT client and the writer"})
+    batch_max: int = field(default=500, metadata={"doc": "most messages committed in one transaction"})
+    batch_linger_ms: float = field(default=5.0, metadata={"doc": "how long the writer waits to fill a batch"})
+    dead_letter_bytes: int = field(default=4096, metadata={"doc": "raw payload kept per dead letter (truncated beyond)"})
+    log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = PREFIX + f.name.upper()
+            if key in environ and environ[key] != "":
+                values[f.name] = _convert(key, f.type, environ[key])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> "Settings":
+        updated = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        updated.validate()
+        return updated
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)!r}: {why}")
+
+        if self.mqtt_url != "embedded" and urlsplit(self.mqtt_url).scheme not in ("mqtt", "tcp"):
+            raise bad("mqtt_url", "expected 'embedded' or mqtt://[user:pass@]host[:port]")
+        if not self.store_url.startswith("sqlite:///"):
+            raise bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
+        if urlsplit(self.hub_url).scheme not in ("memory",):
+            raise bad("hub_url", "expected memory://")
+        for name in ("mqtt_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise bad(name, "must be a port number 0..65535")
+        for name in ("ingest_queue_size", "batch_max", "dead_letter_bytes"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        for name in ("retention_days", "device_silent_seconds", "device_offline_seconds", "escalation_seconds", "batch_linger_ms"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
+        try:
+            check_root(self.topic_root)
+        except Exception as exc:
+            raise bad("topic_root", str(exc)) from exc
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.store_url[len("sqlite:///"):]
+
+
+def _convert(key: str, type_: Any, raw: str) -> Any:
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{key}={raw!r}: expected {type_name.split(' ')[0]}") from exc
+    return raw
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, description) rows for the README's configuration table."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        rows.append((PREFIX + f.name.upper(), "" if default in (None, ()) else str(default), f.metadata.get("doc", "")))
+    return rows
