@@ -1,0 +1,173 @@
+"""Composition: settings in, a running bridge out (broker, store, writer, hub, ingest, API).
+
+    create_app(settings) -> FastAPI whose lifespan starts, in order:
+      embedded broker (FC_MQTT_URL=embedded) -> store -> writer/core -> hub -> ingest -> timers
+    and stops them in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from bridge.alerts import default_rules, load_rules
+from bridge.api import Auth, install_error_handlers, router
+from bridge.core import BridgeCore, CoreSettings, Inbound, Writer
+from bridge.hub import Hub, open_hub
+from bridge.ingest import MqttIngest, MqttTarget
+from bridge.store import Store, open_store
+from firstcare.auth import TokenVerifier
+from firstcare.broker import EmbeddedBroker
+from firstcare.events import Event
+from firstcare.settings import Settings
+from firstcare.topics import subscription_filter
+
+log = logging.getLogger("firstcare.bridge")
+
+TICK_S = 1.0
+PURGE_EVERY_S = 3600.0
+
+
+class Runtime:
+    """Everything the routes need, created by the lifespan and kept on ``app.state.runtime``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, settings.jwks_url,
+                                      settings.jwt_audience, settings.jwt_issuer)
+        self.broker: EmbeddedBroker | None = None
+        self.store: Store
+        self.core: BridgeCore
+        self.writer: Writer
+        self.hub: Hub
+        self.ingest: MqttIngest
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.timer_errors = 0
+
+    @property
+    def mqtt_target(self) -> MqttTarget:
+        s = self.settings
+        if s.mqtt_url == "embedded":
+            return MqttTarget(s.mqtt_host if s.mqtt_host not in ("0.0.0.0", "::") else "127.0.0.1",
+                              s.mqtt_port, "bridge", None)
+        return MqttTarget.parse(s.mqtt_url)
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.mqtt_url == "embedded":
+            self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port)
+            await self.broker.start()
+        rules = load_rules(Path(s.alert_rules).read_text()) if s.alert_rules else default_rules()
+        self.store = open_store(s.store_url)
+        self.core = BridgeCore(self.store, rules, CoreSettings(
+            topic_root=s.topic_root, silent_ms=int(s.device_silent_seconds * 1000),
+            offline_ms=int(s.device_offline_seconds * 1000), escalation_ms=int(s.escalation_seconds * 1000),
+            dead_letter_bytes=s.dead_letter_bytes))
+        self.writer = Writer(self.core)
+        self.hub = open_hub(s.hub_url)
+        await self.hub.start()
+        self.ingest = MqttIngest(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
+                                 self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms)
+        self.tasks = [asyncio.create_task(self.ingest.run(), name="fc-ingest"),
+                      asyncio.create_task(self._timers(), name="fc-timers")]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if hasattr(self, "writer"):
+            await asyncio.to_thread(self.writer.close)
+        if hasattr(self, "hub"):
+            await self.hub.stop()
+        if hasattr(self, "store"):
+            self.store.close()
+        if self.broker is not None:
+            await self.broker.stop()
+
+    async def handle_batch(self, batch: list[Inbound]) -> None:
+        events = await self.writer.run(self.core.process, batch)
+        await self.publish(events)
+
+    async def publish(self, events: Iterable[Event]) -> None:
+        for event in events:
+            await self.hub.publish(event)
+
+    async def _timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_purge = loop.time() + 60
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await self.publish(await self.writer.run(self.core.tick))
+                if self.settings.retention_days > 0 and loop.time() >= next_purge:
+                    next_purge = loop.time() + PURGE_EVERY_S
+                    cutoff = self.core.clock() - int(self.settings.retention_days * 86_400_000)
+                    await self.writer.run(self.core.purge, cutoff)
+            except Exception:  # noqa: BLE001 - a failing tick must not stop the next one
+                self.timer_errors += 1
+                log.exception("timer tick failed")
+
+    def readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {"mqtt": self.ingest.state}
+        try:
+            self.store.ping()
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["store"] = f"error: {exc}"
+        ready = checks["mqtt"] == "connected" and checks["store"] == "ok"
+        return {"ready": ready, "checks": checks}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "ingest": {**self.core.stats(), **self.ingest.counters, "mqtt_state": self.ingest.state,
+                       "mqtt_last_error": self.ingest.last_error, "queue_depth": self.ingest.queue_depth(),
+                       "queue_size": self.settings.ingest_queue_size},
+            "hub": self.hub.stats(),
+            "timer_errors": self.timer_errors,
+        }
+
+
+def create_app(settings: Settings) -> FastAPI:
+    runtime = Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await runtime.start()
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="FirstCare Realtime", version="1", lifespan=lifespan,
+                  description="Readings, alerts and devices of the remote patient-monitoring platform.")
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """The process is alive (it may still be degraded: see /readyz)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    def readyz(request: Request) -> JSONResponse:
+        """200 when MQTT is connected and the store answers; 503 (degraded) otherwise."""
+        body = request.app.state.runtime.readiness()
+        return JSONResponse(body, 200 if body["ready"] else 503)
+
+    @app.get("/realtime/stats", tags=["operations"])
+    def stats(request: Request, c: Auth) -> dict[str, Any]:
+        """Ingest and fan-out counters: messages, stored, duplicates, dead letters by reason,
+        alert transitions, queue depth, MQTT state, ingest lag."""
+        return request.app.state.runtime.stats()
+
+    return app

@@ -1,0 +1,322 @@
+"""The bridge's state machine: everything between a received MQTT message and an event.
+
+All of it runs on one writer thread (:class:`Writer`), so the store's single writer, the alert
+book and the device registry never need locks, and an API acknowledgement is ordered with the
+readings around it. One batch is one transaction::
+
+    decode (pure) -> insert readings (dedup on device+seq) -> device status, gaps
+      -> alert rules -> dead letters -> COMMIT -> events (returned to the caller to publish)
+
+Only after the commit does the caller acknowledge the batch to the broker, so a crash at any
+point leaves the broker holding whatever was not stored. Alert transitions commit in the same
+transaction as the readings that caused them: an alarm is persisted before it is fanned out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from bridge import devices as dev
+from bridge.alerts import AlertBook, Rule, RuleOverride, Transition, apply_overrides
+from bridge.store import DeadLetter, DeviceRecord, SeqGap, Store, alert_json, device_json
+from firstcare.errors import TopicError
+from firstcare.events import Event, make_event
+from firstcare.payloads import (
+    Reading,
+    Rejection,
+    StatusReport,
+    decode_status,
+    decode_vitals,
+    format_ts,
+    now_ms,
+)
+from firstcare.metrics import METRICS
+from firstcare.topics import parse_topic
+
+log = logging.getLogger("firstcare.bridge")
+T = TypeVar("T")
+
+PUBLISHED_ALERT_ACTIONS = frozenset({"raised", "acknowledged", "escalated", "resolved"})
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message as received from MQTT, before any validation."""
+
+    topic: str
+    payload: bytes
+    received_ms: int
+    retained: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    topic_root: str = "fc"
+    silent_ms: int = 60_000
+    offline_ms: int = 180_000
+    escalation_ms: int = 120_000
+    dead_letter_bytes: int = 4096
+
+
+def vitals_event(r: Reading) -> Event:
+    data = {
+        "patient_id": r.patient_id, "hospital_id": r.hospital_id, "device_type": r.device_type,
+        "device_id": r.device_id, "seq": r.seq, "ts": format_ts(r.ts_ms), "received_ts": format_ts(r.received_ms),
+        "metrics": r.metrics, "units": {m: METRICS[m].unit for m in r.metrics},
+    }
+    return make_event("patient.vitals.update" if r.patient_id else "device.data.update", data, r.received_ms)
+
+
+def alert_event(t: Transition) -> Event:
+    return make_event(f"patient.alert.{t.action}", alert_json(t.alert), t.at_ms)
+
+
+def device_event(d: DeviceRecord, at_ms: int) -> Event:
+    return make_event("device.status.change", device_json(d), at_ms)
+
+
+class BridgeCore:
+    def __init__(self, store: Store, rules: list[Rule], settings: CoreSettings,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.store = store
+        self.rules = rules
+        self.settings = settings
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.dead_letter_reasons: Counter[str] = Counter()
+        self.last_ingest_lag_ms = 0
+        self._load()
+
+    def _load(self) -> None:
+        self.book = AlertBook(self.rules, new_id=lambda: uuid.uuid4().hex, overrides=self.store.load_overrides())
+        self.book.load_active(self.store.load_active_alerts())
+        self.devices: dict[tuple[str, str], DeviceRecord] = {d.key: d for d in self.store.load_devices()}
+
+    def _committed(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(tx)`` in a transaction. If it fails, in-memory state may be ahead of the
+        database, so it is reloaded from the database before the error propagates."""
+        try:
+            with self.store.transaction() as tx:
+                return fn(tx)
+        except BaseException:
+            self._load()
+            raise
+
+    def _device(self, device_type: str, device_id: str, hospital_id: str | None) -> DeviceRecord:
+        return self.devices.get((device_type, device_id)) or dev.new_device(device_type, device_id, hospital_id)
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def _decode(self, messages: Sequence[Inbound]) -> tuple[list[Reading], list[StatusReport], list[DeadLetter]]:
+        readings: list[Reading] = []
+        statuses: list[StatusReport] = []
+        dead: list[DeadLetter] = []
+
+        def reject(m: Inbound, r: Rejection) -> None:
+            dead.append(DeadLetter(m.received_ms, m.topic, r.reason, r.detail,
+                                   m.payload[: self.settings.dead_letter_bytes], len(m.payload), r.index))
+
+        for m in messages:
+            try:
+                topic = parse_topic(m.topic, self.settings.topic_root)
+            except TopicError as exc:
+                reject(m, Rejection(exc.reason, str(exc)))
+                continue
+            if topic.kind == "vitals":
+                decoded = decode_vitals(topic, m.payload, m.received_ms)
+                readings.extend(decoded.readings)
+                for rejection in decoded.rejections:
+                    reject(m, rejection)
+            else:
+                status = decode_status(topic, m.payload, m.received_ms)
+                if isinstance(status, Rejection):
+                    reject(m, status)
+                else:
+                    statuses.append(status)
+        return readings, statuses, dead
+
+    def process(self, messages: Sequence[Inbound]) -> list[Event]:
+        """Validate, store and evaluate one batch; return the events to publish after commit."""
+        readings, statuses, dead = self._decode(messages)
+        readings = [self._with_patient(r) for r in readings]
+
+        def work(tx: Any) -> list[Event]:
+            events: list[Event] = []
+            transitions: list[Transition] = []
+            changed: dict[tuple[str, str], DeviceRecord] = {}
+            gaps: list[SeqGap] = []
+            fresh = [r for r, new in zip(readings, tx.insert_readings(readings)) if new]
+            for r in fresh:
+                before = self._device(r.device_type, r.device_id, r.hospital_id)
+                after, gap = dev.on_reading(before, r)
+                self.devices[after.key] = changed[after.key] = after
+                transitions += self._device_alerts(before, after, r.received_ms)
+                if gap is not None:
+                    gaps.append(gap)
+                    transitions += self.book.seq_gap(r.hospital_id, r.device_type, r.device_id, after.patient_id,
+                                                     gap.last_missing - gap.first_missing + 1, r.received_ms)
+                transitions += self.book.evaluate(r)
+                if before.state != after.state:
+                    events.append(device_event(after, r.received_ms))
+                events.append(vitals_event(r))
+            for s in statuses:
+                before = self._device(s.device_type, s.device_id, s.hospital_id)
+                after = dev.on_status(before, s)
+                self.devices[after.key] = changed[after.key] = after
+                transitions += self._device_alerts(before, after, s.received_ms)
+                if s.battery is not None:
+                    transitions += self.book.battery(s.hospital_id, s.device_type, s.device_id, after.patient_id,
+                                                     s.battery, s.received_ms)
+                if (before.state, before.battery, before.firmware) != (after.state, after.battery, after.firmware):
+                    events.append(device_event(after, s.received_ms))
+            tx.upsert_devices(changed.values())
+            tx.insert_gaps(gaps)
+            tx.save_transitions(transitions)
+            tx.insert_dead_letters(dead)
+            self._count(len(messages), len(readings), len(fresh), len(gaps), statuses, dead, transitions)
+            return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
+
+        events = self._committed(work)
+        if messages:
+            self.last_ingest_lag_ms = max(0, self.clock() - min(m.received_ms for m in messages))
+        return events
+
+    def _with_patient(self, r: Reading) -> Reading:
+        if r.patient_id is not None:
+            return r
+        device = self.devices.get(r.device_key)
+        if device is None or device.patient_id is None:
+            return r
+        return dataclasses.replace(r, patient_id=device.patient_id)
+
+    def _device_alerts(self, before: DeviceRecord, after: DeviceRecord, at_ms: int) -> list[Transition]:
+        """Technical alarms for a change of device state (continuous monitors only)."""
+        if not dev.is_continuous(after.device_type):
+            return []
+        args = (after.hospital_id or "", after.device_type, after.device_id, after.patient_id)
+        out: list[Transition] = []
+        if after.state == "offline" and before.state != "offline":
+            out += self.book.device_offline(*args, at_ms)
+        elif after.state == "online" and before.state != "online":
+            out += self.book.device_online(*args, at_ms)
+        if after.silent and not before.silent:
+            out += self.book.device_silent(*args, at_ms)
+        elif before.silent and not after.silent and after.state == "online":
+            out += self.book.device_data(*args, at_ms)
+        return out
+
+    def _count(self, n_messages: int, n_readings: int, n_fresh: int, n_gaps: int,
+               statuses: list[StatusReport], dead: list[DeadLetter], transitions: list[Transition]) -> None:
+        c = self.counters
+        c["messages"] += n_messages
+        c["readings_valid"] += n_readings
+        c["readings_stored"] += n_fresh
+        c["duplicates"] += n_readings - n_fresh
+        c["status_messages"] += len(statuses)
+        c["dead_letters"] += len(dead)
+        c["seq_gaps"] += n_gaps
+        for d in dead:
+            self.dead_letter_reasons[d.reason] += 1
+        for t in transitions:
+            c[f"alerts_{t.action}"] += 1
+
+    # --- timers -------------------------------------------------------------------------
+
+    def tick(self) -> list[Event]:
+        """Heartbeat and silence timeouts, alert escalation."""
+        now = self.clock()
+
+        def work(tx: Any) -> list[Event]:
+            events: list[Event] = []
+            transitions: list[Transition] = []
+            changed = []
+            for before in list(self.devices.values()):
+                after = dev.sweep(before, now, self.settings.silent_ms, self.settings.offline_ms)
+                if after is None:
+                    continue
+                self.devices[after.key] = after
+                changed.append(after)
+                transitions += self._device_alerts(before, after, now)
+                if after.state != before.state:
+                    events.append(device_event(after, now))
+            escalation = self.settings.escalation_ms
+            transitions += self.book.escalate_due(now, {"high": escalation, "medium": escalation})
+            tx.upsert_devices(changed)
+            tx.save_transitions(transitions)
+            for t in transitions:
+                self.counters[f"alerts_{t.action}"] += 1
+            return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
+
+        return self._committed(work)
+
+    def purge(self, older_than_ms: int) -> int:
+        return self.store.purge(older_than_ms)
+
+    # --- API operations -----------------------------------------------------------------
+
+    def acknowledge(self, alert_id: str, by: str) -> tuple[dict[str, Any], list[Event]]:
+        now = self.clock()
+
+        def work(tx: Any) -> list[Transition]:
+            transitions = self.book.acknowledge(alert_id, by, now)
+            tx.save_transitions(transitions)
+            return transitions
+
+        transitions = self._committed(work)
+        for t in transitions:
+            self.counters[f"alerts_{t.action}"] += 1
+        return alert_json(transitions[-1].alert), [alert_event(t) for t in transitions]
+
+    def set_binding(self, device_type: str, device_id: str, patient_id: str | None,
+                    hospital_id: str | None) -> tuple[DeviceRecord, list[Event]]:
+        before = self._device(device_type, device_id, hospital_id)
+        after = dev.on_binding(before, patient_id, hospital_id)
+
+        def work(tx: Any) -> None:
+            tx.upsert_devices([after])
+
+        self._committed(work)
+        self.devices[after.key] = after
+        return after, [device_event(after, self.clock())]
+
+    def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> list[Rule]:
+        rules = apply_overrides(self.rules, overrides)  # validates before anything is stored
+
+        def work(tx: Any) -> None:
+            tx.set_overrides(patient_id, overrides)
+
+        self._committed(work)
+        self.book.set_overrides(patient_id, overrides)
+        return rules
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "dead_letter_reasons": dict(self.dead_letter_reasons),
+            "devices": len(self.devices),
+            "devices_online": sum(1 for d in self.devices.values() if d.state == "online"),
+            "alerts_active": len(self.book.active()),
+            "ingest_lag_ms": self.last_ingest_lag_ms,
+        }
+
+
+class Writer:
+    """Runs the core on its single thread and hands results back to the event loop."""
+
+    def __init__(self, core: BridgeCore) -> None:
+        self.core = core
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fc-writer")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,79 @@
+"""Device status, pure: how readings, status messages, bindings and silence change a
+:class:`~bridge.store.DeviceRecord`.
+
+Continuous monitors (``monitor``, ``oximeter``) stream; silence from them is a technical alarm
+and going offline raises ``device.offline``. Spot-check devices (bp, thermometer, glucometer,
+scale) measure now and then and may disconnect in between, so they get no silent alarm, no
+offline alarm, and a heartbeat timeout of at least a day.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bridge.store import DeviceRecord, SeqGap
+from firstcare.payloads import Reading, StatusReport
+
+CONTINUOUS_TYPES = frozenset({"monitor", "oximeter"})
+SPOT_CHECK_OFFLINE_MS = 25 * 3600 * 1000
+
+
+def is_continuous(device_type: str) -> bool:
+    return device_type in CONTINUOUS_TYPES
+
+
+def offline_after_ms(device_type: str, offline_ms: int) -> int:
+    return offline_ms if is_continuous(device_type) else max(offline_ms, SPOT_CHECK_OFFLINE_MS)
+
+
+def new_device(device_type: str, device_id: str, hospital_id: str | None) -> DeviceRecord:
+    return DeviceRecord(device_type, device_id, hospital_id)
+
+
+def on_reading(device: DeviceRecord, reading: Reading) -> tuple[DeviceRecord, SeqGap | None]:
+    """A stored (non-duplicate) reading: the device is online and not silent. A forward jump in
+    ``seq`` is a gap; an older seq that was never stored fills a gap and changes nothing."""
+    gap = None
+    last_seq = device.last_seq
+    if last_seq is not None and reading.seq > last_seq + 1:
+        gap = SeqGap(device.device_type, device.device_id, last_seq + 1, reading.seq - 1, reading.received_ms)
+    updated = dataclasses.replace(
+        device,
+        hospital_id=reading.hospital_id,
+        state="online",
+        silent=False,
+        last_seen_ms=max(device.last_seen_ms or 0, reading.received_ms),
+        last_data_ms=max(device.last_data_ms or 0, reading.received_ms),
+        last_seq=reading.seq if last_seq is None else max(last_seq, reading.seq),
+    )
+    return updated, gap
+
+
+def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:
+    return dataclasses.replace(
+        device,
+        hospital_id=status.hospital_id,
+        state=status.state,
+        silent=False if status.state == "offline" else device.silent,
+        last_seen_ms=max(device.last_seen_ms or 0, status.received_ms),
+        # a device that just came online has not been silent yet: restart its silence clock
+        last_data_ms=status.received_ms if status.state == "online" else device.last_data_ms,
+        battery=status.battery if status.battery is not None else device.battery,
+        firmware=status.firmware if status.firmware is not None else device.firmware,
+    )
+
+
+def on_binding(device: DeviceRecord, patient_id: str | None, hospital_id: str | None) -> DeviceRecord:
+    return dataclasses.replace(device, patient_id=patient_id, hospital_id=hospital_id or device.hospital_id)
+
+
+def sweep(device: DeviceRecord, now_ms: int, silent_ms: int, offline_ms: int) -> DeviceRecord | None:
+    """Apply the heartbeat and silence timeouts; ``None`` when nothing changes."""
+    if device.state != "online" or device.last_seen_ms is None:
+        return None
+    if now_ms - device.last_seen_ms >= offline_after_ms(device.device_type, offline_ms):
+        return dataclasses.replace(device, state="offline", silent=False)
+    last_data = device.last_data_ms or device.last_seen_ms
+    if is_continuous(device.device_type) and not device.silent and now_ms - last_data >= silent_ms:
+        return dataclasses.replace(device, silent=True)
+    return None

@@ -1,0 +1,128 @@
+"""The storage interface and its URL-selected factory.
+
+Writes go through one writer thread (see :mod:`bridge.core`) inside :meth:`Store.transaction`,
+so a batch of readings, the alert transitions they cause and the device changes commit
+together or not at all. Reads may come from any thread.
+
+    store = open_store("sqlite:///data/firstcare.db")
+    with store.transaction() as tx:
+        new = tx.insert_readings(readings)     # False where (device, seq) was already stored
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import dataclasses
+
+from bridge.alerts import Alert, RuleOverride, Transition
+from firstcare.payloads import Reading, format_ts
+
+MAX_PAGE = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    received_ms: int
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes
+    payload_size: int
+    index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device_type: str
+    device_id: str
+    hospital_id: str | None
+    patient_id: str | None = None
+    state: str = "unknown"  # unknown | online | offline
+    silent: bool = False
+    last_seen_ms: int | None = None
+    last_data_ms: int | None = None
+    battery: int | None = None
+    firmware: str | None = None
+    last_seq: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.device_type, self.device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGap:
+    device_type: str
+    device_id: str
+    first_missing: int
+    last_missing: int
+    detected_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    next: str | None
+
+
+class Transaction(Protocol):
+    def insert_readings(self, readings: Sequence[Reading]) -> list[bool]: ...
+    def insert_dead_letters(self, letters: Iterable[DeadLetter]) -> None: ...
+    def upsert_devices(self, devices: Iterable[DeviceRecord]) -> None: ...
+    def save_transitions(self, transitions: Iterable[Transition]) -> None: ...
+    def insert_gaps(self, gaps: Iterable[SeqGap]) -> None: ...
+    def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> None: ...
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractContextManager[Transaction]: ...
+    def close(self) -> None: ...
+    def ping(self) -> None: ...
+    # state the writer reloads at start
+    def load_devices(self) -> list[DeviceRecord]: ...
+    def load_active_alerts(self) -> list[Alert]: ...
+    def load_overrides(self) -> dict[str, dict[str, RuleOverride]]: ...
+    # queries
+    def readings(self, patient_id: str, metric: str | None, since_ms: int | None, until_ms: int | None,
+                 limit: int, cursor: str | None) -> Page: ...
+    def latest_vitals(self, patient_id: str) -> dict[str, dict[str, Any]]: ...
+    def alerts(self, hospitals: frozenset[str] | None, hospital_id: str | None, patient_id: str | None,
+               state: str | None, limit: int, cursor: str | None) -> Page: ...
+    def alert(self, alert_id: str) -> Alert | None: ...
+    def alert_history(self, alert_id: str) -> list[dict[str, Any]]: ...
+    def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int, cursor: str | None) -> Page: ...
+    def device(self, device_type: str, device_id: str) -> DeviceRecord | None: ...
+    def dead_letters(self, reason: str | None, limit: int, cursor: str | None) -> Page: ...
+    def patient_hospital(self, patient_id: str) -> str | None: ...
+    def counts(self) -> dict[str, int]: ...
+    def purge(self, older_than_ms: int) -> int: ...
+
+
+def open_store(url: str) -> Store:
+    """Open the store a URL names; the backend module is imported only when chosen."""
+    scheme = url.split(":", 1)[0]
+    if scheme == "sqlite":
+        from bridge.store_sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///"):])
+    raise ValueError(f"unsupported store URL scheme {scheme!r} in {url!r} (expected sqlite:///path)")
+
+
+def alert_json(a: Alert) -> dict[str, Any]:
+    body = dataclasses.asdict(a)
+    for key in ("raised_ms", "updated_ms", "acknowledged_ms", "escalated_ms", "resolved_ms"):
+        value = body.pop(key)
+        body[key[:-3] + "_at"] = format_ts(value) if value is not None else None
+    return body
+
+
+def device_json(d: DeviceRecord) -> dict[str, Any]:
+    body = dataclasses.asdict(d)
+    for key in ("last_seen_ms", "last_data_ms"):
+        value = body.pop(key)
+        body[key[:-3] + "_at"] = format_ts(value) if value is not None else None
+    return body

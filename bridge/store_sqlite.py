@@ -1,0 +1,440 @@
+"""SQLite store: WAL, one writer connection (the writer thread), a read connection per thread.
+
+``synchronous=FULL`` because a message is acknowledged to the broker once its transaction
+commits: the commit has to survive a power cut, not only a crash of the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from bridge.alerts import Alert, RuleOverride, Transition
+from bridge.store import MAX_PAGE, DeadLetter, DeviceRecord, Page, SeqGap, alert_json, device_json
+from firstcare.errors import StoreError
+from firstcare.payloads import Reading, format_ts
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE readings (
+        id INTEGER PRIMARY KEY,
+        device_type TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        hospital_id TEXT NOT NULL, patient_id TEXT,
+        ts_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, metrics TEXT NOT NULL,
+        UNIQUE (device_type, device_id, seq)
+    );
+    CREATE INDEX readings_patient_ts ON readings (patient_id, ts_ms, id);
+    CREATE INDEX readings_received ON readings (received_ms);
+    CREATE TABLE latest_vitals (
+        patient_id TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL, ts_ms INTEGER NOT NULL,
+        device_type TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        PRIMARY KEY (patient_id, metric)
+    );
+    CREATE TABLE patients (patient_id TEXT PRIMARY KEY, hospital_id TEXT NOT NULL, updated_ms INTEGER NOT NULL);
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY, received_ms INTEGER NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
+        detail TEXT NOT NULL, payload BLOB NOT NULL, payload_size INTEGER NOT NULL, item_index INTEGER
+    );
+    CREATE INDEX dead_letters_reason ON dead_letters (reason, id);
+    CREATE INDEX dead_letters_received ON dead_letters (received_ms);
+    CREATE TABLE devices (
+        device_type TEXT NOT NULL, device_id TEXT NOT NULL, hospital_id TEXT, patient_id TEXT,
+        state TEXT NOT NULL, silent INTEGER NOT NULL DEFAULT 0, last_seen_ms INTEGER, last_data_ms INTEGER,
+        battery INTEGER, firmware TEXT, last_seq INTEGER,
+        PRIMARY KEY (device_type, device_id)
+    );
+    CREATE INDEX devices_hospital ON devices (hospital_id);
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY, rule_id TEXT NOT NULL, kind TEXT NOT NULL, priority TEXT NOT NULL,
+        state TEXT NOT NULL, subject TEXT NOT NULL, patient_id TEXT, hospital_id TEXT NOT NULL,
+        device_type TEXT, device_id TEXT, metric TEXT, value REAL, threshold REAL, message TEXT NOT NULL,
+        latching INTEGER NOT NULL, condition_active INTEGER NOT NULL, raised_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL, acknowledged_by TEXT, acknowledged_ms INTEGER, escalated_ms INTEGER,
+        resolved_ms INTEGER, count INTEGER NOT NULL
+    );
+    CREATE INDEX alerts_hospital ON alerts (hospital_id, state, raised_ms);
+    CREATE INDEX alerts_patient ON alerts (patient_id, state, raised_ms);
+    CREATE INDEX alerts_active ON alerts (state) WHERE state != 'resolved';
+    CREATE TABLE alert_transitions (
+        id INTEGER PRIMARY KEY, alert_id TEXT NOT NULL, action TEXT NOT NULL, at_ms INTEGER NOT NULL,
+        state TEXT NOT NULL, value REAL, by TEXT
+    );
+    CREATE INDEX alert_transitions_alert ON alert_transitions (alert_id, id);
+    CREATE TABLE seq_gaps (
+        id INTEGER PRIMARY KEY, device_type TEXT NOT NULL, device_id TEXT NOT NULL,
+        first_missing INTEGER NOT NULL, last_missing INTEGER NOT NULL, detected_ms INTEGER NOT NULL
+    );
+    CREATE TABLE alert_overrides (
+        patient_id TEXT NOT NULL, rule_id TEXT NOT NULL, threshold REAL, clear REAL, enabled INTEGER NOT NULL,
+        PRIMARY KEY (patient_id, rule_id)
+    );
+    """,
+]
+
+_ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
+_DEVICE_FIELDS = [f.name for f in dataclasses.fields(DeviceRecord)]
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring an existing database up to the newest schema; returns the version reached."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def _cursor_parts(cursor: str | None, n: int) -> list[int] | None:
+    if cursor is None:
+        return None
+    try:
+        parts = [int(p) for p in cursor.split(".")]
+    except ValueError:
+        parts = []
+    if len(parts) != n:
+        raise ValueError(f"malformed cursor {cursor!r}")
+    return parts
+
+
+def _limit(limit: int) -> int:
+    return max(1, min(int(limit), MAX_PAGE))
+
+
+def alert_from_row(row: sqlite3.Row) -> Alert:
+    values = {name: row[name] for name in _ALERT_FIELDS}
+    values["latching"] = bool(values["latching"])
+    values["condition_active"] = bool(values["condition_active"])
+    return Alert(**values)
+
+
+def _device_from_row(row: sqlite3.Row) -> DeviceRecord:
+    values = {name: row[name] for name in _DEVICE_FIELDS}
+    values["silent"] = bool(values["silent"])
+    return DeviceRecord(**values)
+
+
+class SQLiteTransaction:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def insert_readings(self, readings: Sequence[Reading]) -> list[bool]:
+        new: list[bool] = []
+        conn = self._conn
+        for r in readings:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO readings (device_type, device_id, seq, hospital_id, patient_id,"
+                " ts_ms, received_ms, metrics) VALUES (?,?,?,?,?,?,?,?)",
+                (r.device_type, r.device_id, r.seq, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
+                 json.dumps(r.metrics, separators=(",", ":"))),
+            )
+            inserted = cur.rowcount == 1
+            new.append(inserted)
+            if inserted and r.patient_id is not None:
+                conn.execute(
+                    "INSERT INTO patients (patient_id, hospital_id, updated_ms) VALUES (?,?,?)"
+                    " ON CONFLICT (patient_id) DO UPDATE SET hospital_id=excluded.hospital_id,"
+                    " updated_ms=excluded.updated_ms WHERE excluded.updated_ms >= patients.updated_ms",
+                    (r.patient_id, r.hospital_id, r.received_ms),
+                )
+                conn.executemany(
+                    "INSERT INTO latest_vitals (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
+                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (patient_id, metric) DO UPDATE SET"
+                    " value=excluded.value, ts_ms=excluded.ts_ms, device_type=excluded.device_type,"
+                    " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= latest_vitals.ts_ms",
+                    [(r.patient_id, m, v, r.ts_ms, r.device_type, r.device_id, r.seq) for m, v in r.metrics.items()],
+                )
+        return new
+
+    def insert_dead_letters(self, letters: Iterable[DeadLetter]) -> None:
+        self._conn.executemany(
+            "INSERT INTO dead_letters (received_ms, topic, reason, detail, payload, payload_size, item_index)"
+            " VALUES (?,?,?,?,?,?,?)",
+            [(d.received_ms, d.topic, d.reason, d.detail, d.payload, d.payload_size, d.index) for d in letters],
+        )
+
+    def upsert_devices(self, devices: Iterable[DeviceRecord]) -> None:
+        cols = ", ".join(_DEVICE_FIELDS)
+        marks = ", ".join("?" for _ in _DEVICE_FIELDS)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in _DEVICE_FIELDS[2:])
+        self._conn.executemany(
+            f"INSERT INTO devices ({cols}) VALUES ({marks}) ON CONFLICT (device_type, device_id) DO UPDATE SET {updates}",
+            [tuple(getattr(d, c) for c in _DEVICE_FIELDS) for d in devices],
+        )
+
+    def save_transitions(self, transitions: Iterable[Transition]) -> None:
+        cols = ", ".join(_ALERT_FIELDS)
+        marks = ", ".join("?" for _ in _ALERT_FIELDS)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in _ALERT_FIELDS[1:])
+        for t in transitions:
+            a = t.alert
+            self._conn.execute(
+                f"INSERT INTO alerts ({cols}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}",
+                tuple(getattr(a, c) for c in _ALERT_FIELDS),
+            )
+            by = a.acknowledged_by if t.action == "acknowledged" else None
+            self._conn.execute(
+                "INSERT INTO alert_transitions (alert_id, action, at_ms, state, value, by) VALUES (?,?,?,?,?,?)",
+                (a.id, t.action, t.at_ms, a.state, a.value, by),
+            )
+
+    def insert_gaps(self, gaps: Iterable[SeqGap]) -> None:
+        self._conn.executemany(
+            "INSERT INTO seq_gaps (device_type, device_id, first_missing, last_missing, detected_ms) VALUES (?,?,?,?,?)",
+            [(g.device_type, g.device_id, g.first_missing, g.last_missing, g.detected_ms) for g in gaps],
+        )
+
+    def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> None:
+        self._conn.execute("DELETE FROM alert_overrides WHERE patient_id=?", (patient_id,))
+        self._conn.executemany(
+            "INSERT INTO alert_overrides (patient_id, rule_id, threshold, clear, enabled) VALUES (?,?,?,?,?)",
+            [(patient_id, rule, o.threshold, o.clear, int(o.enabled)) for rule, o in overrides.items()],
+        )
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._writer = _connect(path)
+            migrate(self._writer)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[SQLiteTransaction]:
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot begin a transaction: {exc}") from exc
+        try:
+            yield SQLiteTransaction(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"transaction failed: {exc}") from exc
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer.close()
+
+    def ping(self) -> None:
+        try:
+            self._reader().execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"database unreachable: {exc}") from exc
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._reader().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"query failed: {exc}") from exc
+
+    def load_devices(self) -> list[DeviceRecord]:
+        return [_device_from_row(r) for r in self._writer.execute("SELECT * FROM devices").fetchall()]
+
+    def load_active_alerts(self) -> list[Alert]:
+        rows = self._writer.execute("SELECT * FROM alerts WHERE state != 'resolved'").fetchall()
+        return [alert_from_row(r) for r in rows]
+
+    def load_overrides(self) -> dict[str, dict[str, RuleOverride]]:
+        result: dict[str, dict[str, RuleOverride]] = {}
+        for r in self._writer.execute("SELECT * FROM alert_overrides").fetchall():
+            result.setdefault(r["patient_id"], {})[r["rule_id"]] = RuleOverride(
+                threshold=r["threshold"], clear=r["clear"], enabled=bool(r["enabled"]))
+        return result
+
+    def readings(self, patient_id: str, metric: str | None, since_ms: int | None, until_ms: int | None,
+                 limit: int, cursor: str | None) -> Page:
+        limit = _limit(limit)
+        sql = "SELECT * FROM readings WHERE patient_id=?"
+        params: list[Any] = [patient_id]
+        if since_ms is not None:
+            sql += " AND ts_ms >= ?"
+            params.append(since_ms)
+        if until_ms is not None:
+            sql += " AND ts_ms < ?"
+            params.append(until_ms)
+        if metric is not None:
+            sql += " AND json_extract(metrics, ?) IS NOT NULL"
+            params.append(f'$."{metric}"')
+        after = _cursor_parts(cursor, 2)
+        if after is not None:
+            sql += " AND (ts_ms, id) > (?, ?)"
+            params.extend(after)
+        sql += " ORDER BY ts_ms, id LIMIT ?"
+        params.append(limit + 1)
+        rows = self._query(sql, params)
+        items = []
+        for row in rows[:limit]:
+            metrics = json.loads(row["metrics"])
+            if metric is not None:
+                metrics = {metric: metrics[metric]}
+            items.append({
+                "patient_id": row["patient_id"], "hospital_id": row["hospital_id"],
+                "device_type": row["device_type"], "device_id": row["device_id"], "seq": row["seq"],
+                "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]), "metrics": metrics,
+            })
+        next_cursor = f"{rows[limit - 1]['ts_ms']}.{rows[limit - 1]['id']}" if len(rows) > limit else None
+        return Page(items, next_cursor)
+
+    def latest_vitals(self, patient_id: str) -> dict[str, dict[str, Any]]:
+        rows = self._query("SELECT * FROM latest_vitals WHERE patient_id=? ORDER BY metric", (patient_id,))
+        return {
+            r["metric"]: {"value": r["value"], "ts": format_ts(r["ts_ms"]), "device_type": r["device_type"],
+                          "device_id": r["device_id"], "seq": r["seq"]}
+            for r in rows
+        }
+
+    def _scoped(self, sql: str, params: list[Any], column: str, hospitals: frozenset[str] | None) -> str:
+        if hospitals is not None:
+            sql += f" AND {column} IN ({','.join('?' for _ in hospitals)})" if hospitals else " AND 0"
+            params.extend(sorted(hospitals))
+        return sql
+
+    def alerts(self, hospitals: frozenset[str] | None, hospital_id: str | None, patient_id: str | None,
+               state: str | None, limit: int, cursor: str | None) -> Page:
+        limit = _limit(limit)
+        sql = "SELECT *, rowid AS rid FROM alerts WHERE 1=1"
+        params: list[Any] = []
+        sql = self._scoped(sql, params, "hospital_id", hospitals)
+        for column, value in (("hospital_id", hospital_id), ("patient_id", patient_id)):
+            if value is not None:
+                sql += f" AND {column}=?"
+                params.append(value)
+        if state == "active":
+            sql += " AND state != 'resolved'"
+        elif state is not None:
+            sql += " AND state=?"
+            params.append(state)
+        before = _cursor_parts(cursor, 2)
+        if before is not None:
+            sql += " AND (raised_ms, rowid) < (?, ?)"
+            params.extend(before)
+        sql += " ORDER BY raised_ms DESC, rowid DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = self._query(sql, params)
+        items = [alert_json(alert_from_row(r)) for r in rows[:limit]]
+        next_cursor = f"{rows[limit - 1]['raised_ms']}.{rows[limit - 1]['rid']}" if len(rows) > limit else None
+        return Page(items, next_cursor)
+
+    def alert(self, alert_id: str) -> Alert | None:
+        rows = self._query("SELECT * FROM alerts WHERE id=?", (alert_id,))
+        return alert_from_row(rows[0]) if rows else None
+
+    def alert_history(self, alert_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM alert_transitions WHERE alert_id=? ORDER BY id", (alert_id,))
+        return [{"action": r["action"], "at": format_ts(r["at_ms"]), "state": r["state"], "value": r["value"],
+                 "by": r["by"]} for r in rows]
+
+    def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int, cursor: str | None) -> Page:
+        limit = _limit(limit)
+        sql = "SELECT * FROM devices WHERE 1=1"
+        params: list[Any] = []
+        sql = self._scoped(sql, params, "hospital_id", hospitals)
+        if hospital_id is not None:
+            sql += " AND hospital_id=?"
+            params.append(hospital_id)
+        if cursor is not None:
+            device_type, _, device_id = cursor.partition(".")
+            sql += " AND (device_type, device_id) > (?, ?)"
+            params.extend([device_type, device_id])
+        sql += " ORDER BY device_type, device_id LIMIT ?"
+        params.append(limit + 1)
+        rows = self._query(sql, params)
+        items = [device_json(_device_from_row(r)) for r in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        return Page(items, f"{last['device_type']}.{last['device_id']}" if last else None)
+
+    def device(self, device_type: str, device_id: str) -> DeviceRecord | None:
+        rows = self._query("SELECT * FROM devices WHERE device_type=? AND device_id=?", (device_type, device_id))
+        return _device_from_row(rows[0]) if rows else None
+
+    def dead_letters(self, reason: str | None, limit: int, cursor: str | None) -> Page:
+        limit = _limit(limit)
+        sql = "SELECT * FROM dead_letters WHERE 1=1"
+        params: list[Any] = []
+        if reason is not None:
+            sql += " AND reason=?"
+            params.append(reason)
+        before = _cursor_parts(cursor, 1)
+        if before is not None:
+            sql += " AND id < ?"
+            params.extend(before)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = self._query(sql, params)
+        items = [{
+            "id": r["id"], "received_ts": format_ts(r["received_ms"]), "topic": r["topic"], "reason": r["reason"],
+            "detail": r["detail"], "index": r["item_index"], "payload_size": r["payload_size"],
+            "payload": bytes(r["payload"]).decode("utf-8", "replace"),
+            "truncated": len(r["payload"]) < r["payload_size"],
+        } for r in rows[:limit]]
+        return Page(items, str(rows[limit - 1]["id"]) if len(rows) > limit else None)
+
+    def patient_hospital(self, patient_id: str) -> str | None:
+        rows = self._query("SELECT hospital_id FROM patients WHERE patient_id=?", (patient_id,))
+        if rows:
+            return rows[0][0]
+        rows = self._query("SELECT hospital_id FROM devices WHERE patient_id=? AND hospital_id IS NOT NULL LIMIT 1",
+                           (patient_id,))
+        return rows[0][0] if rows else None
+
+    def counts(self) -> dict[str, int]:
+        return {
+            table: self._query(f"SELECT count(*) FROM {table}")[0][0]
+            for table in ("readings", "dead_letters", "devices", "alerts", "seq_gaps")
+        }
+
+    def purge(self, older_than_ms: int) -> int:
+        with self.transaction() as tx:
+            conn = tx._conn
+            removed = conn.execute("DELETE FROM readings WHERE received_ms < ?", (older_than_ms,)).rowcount
+            removed += conn.execute("DELETE FROM dead_letters WHERE received_ms < ?", (older_than_ms,)).rowcount
+            removed += conn.execute("DELETE FROM seq_gaps WHERE detected_ms < ?", (older_than_ms,)).rowcount
+        return removed
+

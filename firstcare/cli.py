@@ -1,0 +1,248 @@
+"""The ``firstcare`` command: one entry point, a subcommand per job.
+
+    firstcare up [--simulate N]   broker + bridge + REST in one process, on embedded defaults
+    firstcare bridge              the bridge alone, against FC_MQTT_URL
+    firstcare broker              the embedded amqtt broker alone
+    firstcare simulate ...        simulated devices (QA)
+    firstcare token ...           mint a JWT for a role and scope
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from firstcare.errors import FirstCareError
+from firstcare.settings import Settings
+
+EPILOGS = {
+    "up": """examples:
+  firstcare up                       broker on :1884, API on http://127.0.0.1:8000
+  firstcare up --simulate 20         ... with 20 simulated patients publishing
+  FC_HTTP_PORT=9000 firstcare up --mqtt-port 1885""",
+    "bridge": """examples:
+  FC_MQTT_URL=mqtt://bridge:secret@mosquitto:1883 FC_JWT_SECRET=... firstcare bridge
+  firstcare bridge --mqtt-url mqtt://127.0.0.1:1883 --http-port 8001""",
+    "broker": """examples:
+  firstcare broker                   embedded amqtt broker on 127.0.0.1:1884
+  firstcare broker --mqtt-host 0.0.0.0 --mqtt-port 1884""",
+    "token": """examples:
+  firstcare token --role admin
+  firstcare token --role clinician --hospital h1 --hospital h2 --ttl 28800
+  firstcare token --role patient --patient p-001 --sub alice""",
+}
+
+
+def _settings_flags(p: argparse.ArgumentParser, mqtt_url: bool = True) -> None:
+    if mqtt_url:
+        p.add_argument("--mqtt-url", help="FC_MQTT_URL: 'embedded' or mqtt://user:pass@host:port")
+    p.add_argument("--mqtt-host", help="FC_MQTT_HOST: embedded broker bind address")
+    p.add_argument("--mqtt-port", type=int, help="FC_MQTT_PORT: embedded broker port (default 1884)")
+    p.add_argument("--http-host", help="FC_HTTP_HOST: HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="FC_HTTP_PORT: HTTP port (default 8000)")
+    p.add_argument("--store-url", help="FC_STORE_URL: sqlite:///path")
+    p.add_argument("--log-level", help="FC_LOG_LEVEL")
+
+
+def _settings(args: argparse.Namespace, **forced: Any) -> Settings:
+    keys = ("mqtt_url", "mqtt_host", "mqtt_port", "http_host", "http_port", "store_url", "log_level")
+    overrides = {k: getattr(args, k, None) for k in keys}
+    overrides.update(forced)
+    return Settings.from_env(**overrides)
+
+
+def secret_file(settings: Settings) -> Path:
+    return Path(settings.sqlite_path).resolve().parent / "jwt-secret"
+
+
+def ensure_secret(settings: Settings) -> Settings:
+    """Development convenience: keep one generated secret next to the database, so tokens
+    printed by ``firstcare up`` or ``firstcare token`` survive restarts."""
+    if settings.jwt_secret or settings.jwt_public_key or settings.jwks_url:
+        return settings
+    path = secret_file(settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return settings.replace(jwt_secret=path.read_text().strip())
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _serve(settings: Settings, on_ready: Any = None) -> None:
+    import uvicorn
+
+    from bridge.app import create_app
+    from firstcare.broker import check_port_free
+
+    check_port_free(settings.http_host, settings.http_port, "HTTP")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                            log_level=settings.log_level.lower(), ws_per_message_deflate=False,
+                            lifespan="on", access_log=False)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started and on_ready is not None:
+        on_ready(app)
+    await serving
+    if not server.started:
+        raise FirstCareError("the server did not start; see the messages above")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from firstcare.auth import mint_token
+
+    settings = ensure_secret(_settings(args, mqtt_url=args.mqtt_url or None))
+    _configure_logging(settings.log_level)
+    stop_sim = threading.Event()
+    sim_thread: list[threading.Thread] = []
+
+    def ready(app: Any) -> None:
+        base = f"http://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
+        token = mint_token(settings.jwt_secret or "", "admin", "admin", ttl_seconds=7 * 86400)
+        broker = (f"mqtt://{settings.mqtt_host}:{settings.mqtt_port} (embedded)" if settings.mqtt_url == "embedded"
+                  else settings.mqtt_url)
+        print(f"""
+FirstCare Realtime is up.
+  MQTT broker   {broker}
+  REST API      {base}/api   (OpenAPI: {base}/docs)
+  health        {base}/healthz   {base}/readyz
+  admin token   {token}
+  try           curl -H "Authorization: Bearer $TOKEN" {base}/api/devices
+Press Ctrl-C to stop.
+""", flush=True)
+        if args.simulate:
+            from simulators.runner import SimulationConfig, run_simulation
+
+            target = app.state.runtime.mqtt_target
+            config = SimulationConfig(mqtt_url=f"mqtt://{target.host}:{target.port}", patients=args.simulate,
+                                      hospital_id=args.hospital, mix=True, seed=args.seed)
+            t = threading.Thread(target=run_simulation, kwargs={"config": config, "stop_event": stop_sim},
+                                 name="fc-simulate", daemon=True)
+            t.start()
+            sim_thread.append(t)
+
+    try:
+        asyncio.run(_serve(settings, ready))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_sim.set()
+        for t in sim_thread:
+            t.join(10)
+    return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from firstcare.broker import EmbeddedBroker
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+
+    async def run() -> None:
+        broker = EmbeddedBroker(settings.mqtt_host, settings.mqtt_port)
+        await broker.start()
+        print(f"embedded MQTT broker listening on {broker.url} (Ctrl-C to stop)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await broker.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from firstcare.auth import mint_token
+
+    settings = Settings.from_env(store_url=args.store_url)
+    secret = args.secret or ensure_secret(settings).jwt_secret
+    if not secret:
+        raise FirstCareError("minting needs an HS256 secret: set FC_JWT_SECRET or pass --secret")
+    print(mint_token(secret, args.sub or args.role, args.role, args.hospital, args.patient, args.ttl))
+    return 0
+
+
+def cmd_simulate(argv: list[str]) -> int:
+    from simulators.runner import main as simulate_main
+
+    return simulate_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="firstcare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EPILOGS.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    up = add("up", "run broker, bridge and REST API in one process on embedded defaults")
+    _settings_flags(up)
+    up.add_argument("--simulate", type=int, default=0, metavar="N", help="also run N simulated patients")
+    up.add_argument("--hospital", default="h1", help="hospital id of the simulated patients (default h1)")
+    up.add_argument("--seed", type=int, default=1, help="simulation seed")
+    up.set_defaults(func=cmd_up)
+
+    bridge = add("bridge", "run the bridge (ingest, store, alerts, API) against an MQTT broker")
+    _settings_flags(bridge)
+    bridge.set_defaults(func=cmd_bridge)
+
+    broker = add("broker", "run the embedded amqtt broker alone")
+    _settings_flags(broker, mqtt_url=False)
+    broker.set_defaults(func=cmd_broker)
+
+    token = add("token", "mint a JWT (HS256) for a role and scope")
+    token.add_argument("--role", required=True, choices=["admin", "clinician", "patient", "service"])
+    token.add_argument("--sub", help="subject (user id); defaults to the role")
+    token.add_argument("--hospital", action="append", default=[], help="hospital a clinician may see (repeat)")
+    token.add_argument("--patient", action="append", default=[], help="patient a patient token may see (repeat)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--secret", help="HS256 secret (default FC_JWT_SECRET, else the one `up` created)")
+    token.add_argument("--store-url", help="locates the secret `up` created (FC_STORE_URL)")
+    token.set_defaults(func=cmd_token)
+
+    add("simulate", "simulated devices publishing over MQTT (see `firstcare simulate --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "simulate":
+        return cmd_simulate(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FirstCareError as exc:
+        print(f"firstcare {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
