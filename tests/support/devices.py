@@ -1,0 +1,62 @@
+"""A device as firmware would be: a paho client with a will, publishing QoS 1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from firstcare.payloads import encode_status, format_ts
+from firstcare.topics import status_topic, vitals_topic
+
+
+class Device:
+    def __init__(self, port: int, device_id: str = "ox-1", device_type: str = "oximeter", hospital_id: str = "h1",
+                 host: str = "127.0.0.1", username: str | None = None, password: str | None = None,
+                 will: bool = True) -> None:
+        self.device_type, self.device_id, self.hospital_id = device_type, device_id, hospital_id
+        self.vitals_topic = vitals_topic(hospital_id, device_type, device_id)
+        self.status_topic = status_topic(hospital_id, device_type, device_id)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+        if username:
+            self.client.username_pw_set(username, password)
+        if will:
+            self.client.will_set(self.status_topic, encode_status("offline"), qos=1, retain=True)
+        self.client.connect(host, port, keepalive=5)
+        self.client.loop_start()
+        self.seq = 0
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"publish to {topic} not acknowledged"
+
+    def vitals(self, metrics: dict[str, Any], seq: int | None = None, patient_id: str | None = "p-001",
+               ts_ms: int | None = None) -> int:
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        body: dict[str, Any] = {"seq": seq, "ts": format_ts(ts_ms or int(time.time() * 1000)), "metrics": metrics}
+        if patient_id is not None:
+            body["patient_id"] = patient_id
+        self.publish(self.vitals_topic, json.dumps(body))
+        return seq
+
+    def status(self, state: str = "online", battery: int | None = None) -> None:
+        self.publish(self.status_topic, encode_status(state, battery=battery, firmware="1.0.0"), retain=True)
+
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT packet, as a dead battery would: the
+        broker then publishes the will."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
