@@ -86,6 +86,8 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
     from bridge.app import create_app
     from firstcare.broker import check_port_free
 
+    if settings.mqtt_url == "embedded":
+        check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT")
     check_port_free(settings.http_host, settings.http_port, "HTTP")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,

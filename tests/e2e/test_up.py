@@ -1,0 +1,65 @@
+"""`firstcare up` as a user runs it: one process, embedded defaults, simulated devices."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support.bridge import wait_until
+from tests.support.brokers import free_port
+
+
+def test_up_with_simulated_devices_serves_readings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    http_port, mqtt_port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "firstcare.cli", "up", "--simulate", "3", "--http-port", str(http_port),
+             "--mqtt-port", str(mqtt_port)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        match = wait_until(lambda: re.search(r"admin token\s+(\S+)", log.read_text()), timeout=60,
+                           what="the printed admin token")
+        headers = {"Authorization": f"Bearer {match.group(1)}"}
+        base = f"http://127.0.0.1:{http_port}"
+        assert f"{base}/docs" in log.read_text()
+        devices = wait_until(lambda: httpx.get(f"{base}/api/devices", headers=headers).json()["items"],
+                             timeout=30, what="simulated devices")
+        assert {d["hospital_id"] for d in devices} == {"h1"}
+        readings = wait_until(
+            lambda: httpx.get(f"{base}/api/patients/p-001/readings", headers=headers).json()["items"],
+            timeout=30, what="readings of p-001")
+        assert readings[0]["metrics"]
+        assert (tmp_path / "data" / "firstcare.db").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "firstcare.cli", "up", "--mqtt-port", str(port), "--http-port", str(free_port())],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"MQTT port 127.0.0.1:{port} is already in use" in result.stderr
+
+
+def test_token_command_mints_a_token_the_server_accepts(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "firstcare.cli", "token", "--role", "clinician", "--hospital", "h1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    from firstcare.auth import TokenVerifier
+
+    secret = (tmp_path / "data" / "jwt-secret").read_text().strip()
+    claims = TokenVerifier(secret).verify(result.stdout.strip())
+    assert (claims.role, claims.hospitals) == ("clinician", frozenset({"h1"}))
