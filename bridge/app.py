@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from bridge.alerts import default_rules, load_rules
@@ -150,6 +151,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="FirstCare Realtime", version="1", lifespan=lifespan,
                   description="Readings, alerts and devices of the remote patient-monitoring platform.")
     app.state.runtime = runtime
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "PUT"], allow_headers=["Authorization", "Content-Type"])
     install_error_handlers(app)
     app.include_router(router)
 

@@ -1,0 +1,20 @@
+"""The README is the user-facing reference: it must keep up with the code."""
+
+from pathlib import Path
+
+from bridge.store_sqlite import MIGRATIONS  # noqa: F401 - the README names the schema mechanism
+from firstcare.metrics import METRICS
+from firstcare.settings import settings_table
+from firstcare.topics import DEVICE_TYPES
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    missing = [key for key, _, _ in settings_table() if f"| `{key}` |" not in README]
+    assert missing == []
+
+
+def test_every_metric_and_device_type_is_documented() -> None:
+    assert [m for m in METRICS if f"| `{m}` |" not in README] == []
+    assert [t for t in DEVICE_TYPES if f"`{t}`" not in README] == []
