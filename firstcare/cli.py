@@ -132,8 +132,14 @@ Press Ctrl-C to stop.
             target = app.state.runtime.mqtt_target
             config = SimulationConfig(mqtt_url=f"mqtt://{target.host}:{target.port}", patients=args.simulate,
                                       hospital_id=args.hospital, mix=True, seed=args.seed)
-            t = threading.Thread(target=run_simulation, kwargs={"config": config, "stop_event": stop_sim},
-                                 name="fc-simulate", daemon=True)
+            def simulate() -> None:
+                try:
+                    summary = run_simulation(config, stop_event=stop_sim)
+                    print(f"simulation finished: {summary}", flush=True)
+                except FirstCareError as exc:
+                    print(f"firstcare up: simulated devices stopped: {exc}", file=sys.stderr, flush=True)
+
+            t = threading.Thread(target=simulate, name="fc-simulate", daemon=True)
             t.start()
             sim_thread.append(t)
 
