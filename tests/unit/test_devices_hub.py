@@ -1,0 +1,382 @@
+"""Device status rules (bridge/devices.py) and the in-memory hub (bridge/hub_memory.py).
+
+The hub is async; each test drives it with ``asyncio.run`` (no pytest-asyncio plugin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+
+from bridge.devices import SPOT_CHECK_OFFLINE_MS, is_continuous, new_device, offline_after_ms, on_binding, on_reading, on_status, sweep
+from bridge.hub import Delivery, Subscriber, open_hub, subscription
+from bridge.hub_memory import MemoryHub
+from bridge.store import DeviceRecord, SeqGap
+from firstcare.events import make_event
+from firstcare.payloads import Reading, StatusReport
+
+T0 = 1_795_688_130_120
+SILENT_MS = 60_000
+OFFLINE_MS = 180_000
+HOUR_MS = 3_600_000
+
+
+def reading(seq: int, received_ms: int = T0, device_type: str = "monitor", device_id: str = "m1") -> Reading:
+    return Reading("h1", device_type, device_id, seq, received_ms - 100, received_ms, "p1", {"heart_rate": 70.0})
+
+
+def status(state: str, received_ms: int = T0, battery: int | None = None, firmware: str | None = None,
+           device_type: str = "monitor") -> StatusReport:
+    return StatusReport("h1", device_type, "m1", state, battery, firmware, received_ms, received_ms)
+
+
+def online(device_type: str = "monitor", at: int = T0, **changes) -> DeviceRecord:
+    base = DeviceRecord(device_type, "m1", "h1", state="online", last_seen_ms=at, last_data_ms=at, last_seq=10)
+    return replace(base, **changes)
+
+
+# ------------------------------------------------------------------------------- on_reading
+
+
+@pytest.mark.parametrize(
+    ("last_seq", "seq", "gap", "last_after"),
+    [
+        (None, 0, None, 0),
+        (None, 500, None, 500),  # first reading ever: nothing to compare with
+        (5, 6, None, 6),
+        (5, 7, (6, 6), 7),
+        (5, 9, (6, 8), 9),
+        (0, 1000, (1, 999), 1000),
+        (9, 7, None, 9),  # late, older reading fills a hole: no gap, last_seq not lowered
+        (9, 0, None, 9),
+        (9, 9, None, 9),
+    ],
+)
+def test_on_reading_gaps_and_last_seq(last_seq, seq, gap, last_after) -> None:
+    device = replace(new_device("monitor", "m1", "h1"), last_seq=last_seq)
+    updated, found = on_reading(device, reading(seq, T0 + 5))
+    expected_gap = None if gap is None else SeqGap("monitor", "m1", gap[0], gap[1], T0 + 5)
+    assert found == expected_gap
+    assert updated.last_seq == last_after
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        new_device("monitor", "m1", None),
+        DeviceRecord("monitor", "m1", "h0", state="offline", last_seen_ms=T0 - HOUR_MS, last_data_ms=T0 - HOUR_MS),
+        DeviceRecord("monitor", "m1", "h1", state="online", silent=True, last_seen_ms=T0 - HOUR_MS),
+    ],
+    ids=["new", "offline", "silent"],
+)
+def test_on_reading_sets_online(before: DeviceRecord) -> None:
+    updated, _ = on_reading(before, reading(1, T0))
+    assert (updated.state, updated.silent, updated.hospital_id) == ("online", False, "h1")
+    assert (updated.last_seen_ms, updated.last_data_ms) == (T0, T0)
+
+
+def test_on_reading_never_moves_clocks_backwards() -> None:
+    device = online(at=T0)
+    updated, _ = on_reading(device, reading(11, T0 - 5000))
+    assert (updated.last_seen_ms, updated.last_data_ms) == (T0, T0)
+
+
+# ------------------------------------------------------------------------------- on_status
+
+
+@pytest.mark.parametrize(
+    ("before", "report", "expected"),
+    [
+        (new_device("monitor", "m1", None), status("online", T0, 87, "1.4.2"),
+         {"state": "online", "battery": 87, "firmware": "1.4.2", "last_seen_ms": T0, "hospital_id": "h1"}),
+        (online(at=T0 - 1000, battery=50, firmware="1.0"), status("offline", T0),
+         {"state": "offline", "silent": False, "battery": 50, "firmware": "1.0", "last_seen_ms": T0,
+          "last_data_ms": T0 - 1000}),
+        (online(at=T0 - 1000, silent=True), status("offline", T0),
+         {"state": "offline", "silent": False}),
+        (online(at=T0 - 1000, battery=50), status("online", T0, battery=12),
+         {"state": "online", "battery": 12, "last_seen_ms": T0}),
+        (online(at=T0 - 1000, firmware="1.0"), status("online", T0, firmware="1.1"),
+         {"firmware": "1.1"}),
+        (DeviceRecord("monitor", "m1", "h1", state="offline", last_seen_ms=T0 - HOUR_MS,
+                      last_data_ms=T0 - HOUR_MS), status("online", T0),
+         # came back online: its silence clock restarts
+         {"state": "online", "last_seen_ms": T0, "last_data_ms": T0}),
+    ],
+    ids=["first-online", "offline-keeps-battery", "offline-clears-silent", "battery", "firmware", "back-online"],
+)
+def test_on_status(before: DeviceRecord, report: StatusReport, expected: dict) -> None:
+    updated = on_status(before, report)
+    assert {k: getattr(updated, k) for k in expected} == expected
+
+
+def test_periodic_online_status_does_not_hide_a_silent_monitor() -> None:
+    """A monitor that keeps publishing battery status (state "online") but has stopped sending
+    data must still go silent: DESIGN.md defines silence as "no data for its timeout"."""
+    device = online("monitor", at=T0)  # last data at T0
+    device = on_status(device, status("online", T0 + 50_000, battery=80))  # heartbeat, no data
+    swept = sweep(device, T0 + SILENT_MS + 1, SILENT_MS, OFFLINE_MS)
+    assert swept is not None and swept.silent is True
+
+
+def test_on_binding() -> None:
+    device = online()
+    assert on_binding(device, "p9", "h2").patient_id == "p9"
+    assert on_binding(device, "p9", None).hospital_id == "h1"
+    assert on_binding(device, None, None).patient_id is None
+
+
+# ------------------------------------------------------------------------------- sweep
+
+
+@pytest.mark.parametrize("device_type", ["monitor", "oximeter"])
+@pytest.mark.parametrize(
+    ("elapsed", "expected"),
+    [
+        (0, None),
+        (SILENT_MS - 1, None),
+        (SILENT_MS, ("online", True)),
+        (OFFLINE_MS - 1, ("online", True)),
+        (OFFLINE_MS, ("offline", False)),
+        (10 * OFFLINE_MS, ("offline", False)),
+    ],
+)
+def test_sweep_continuous_device(device_type: str, elapsed: int, expected) -> None:
+    assert is_continuous(device_type)
+    swept = sweep(online(device_type), T0 + elapsed, SILENT_MS, OFFLINE_MS)
+    assert (None if swept is None else (swept.state, swept.silent)) == expected
+
+
+def test_sweep_continuous_silent_then_offline_sequence() -> None:
+    device = online("oximeter")
+    device = sweep(device, T0 + SILENT_MS, SILENT_MS, OFFLINE_MS)
+    assert device is not None and (device.state, device.silent) == ("online", True)
+    assert sweep(device, T0 + SILENT_MS + 1000, SILENT_MS, OFFLINE_MS) is None  # already silent
+    device = sweep(device, T0 + OFFLINE_MS, SILENT_MS, OFFLINE_MS)
+    assert device is not None and (device.state, device.silent) == ("offline", False)
+    assert sweep(device, T0 + 10 * OFFLINE_MS, SILENT_MS, OFFLINE_MS) is None  # already offline
+
+
+@pytest.mark.parametrize("device_type", ["bp", "thermometer", "glucometer", "scale"])
+@pytest.mark.parametrize(
+    ("elapsed", "offline_ms", "expected_state"),
+    [
+        (SILENT_MS, OFFLINE_MS, None),
+        (OFFLINE_MS, OFFLINE_MS, None),
+        (24 * HOUR_MS, OFFLINE_MS, None),
+        (25 * HOUR_MS - 1, OFFLINE_MS, None),
+        (25 * HOUR_MS, OFFLINE_MS, "offline"),
+        (48 * HOUR_MS, OFFLINE_MS, "offline"),
+        (29 * HOUR_MS, 30 * HOUR_MS, None),  # a longer configured timeout still applies
+        (30 * HOUR_MS, 30 * HOUR_MS, "offline"),
+    ],
+)
+def test_sweep_spot_check_device(device_type: str, elapsed: int, offline_ms: int, expected_state) -> None:
+    assert not is_continuous(device_type)
+    assert offline_after_ms(device_type, offline_ms) == max(offline_ms, SPOT_CHECK_OFFLINE_MS)
+    swept = sweep(online(device_type), T0 + elapsed, SILENT_MS, offline_ms)
+    assert (None if swept is None else swept.state) == expected_state
+    if swept is not None:
+        assert swept.silent is False
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        DeviceRecord("monitor", "m1", "h1", state="offline", last_seen_ms=T0, last_data_ms=T0),
+        DeviceRecord("monitor", "m1", "h1", state="unknown"),
+        DeviceRecord("monitor", "m1", "h1", state="online", last_seen_ms=None),
+        DeviceRecord("scale", "m1", "h1", state="offline", last_seen_ms=T0),
+    ],
+    ids=["offline", "unknown", "never-seen", "offline-scale"],
+)
+def test_sweep_leaves_non_online_devices_alone(device: DeviceRecord) -> None:
+    assert sweep(device, T0 + 100 * HOUR_MS, SILENT_MS, OFFLINE_MS) is None
+
+
+# ------------------------------------------------------------------------------- hub
+
+VITALS = {"patient_id": "p", "hospital_id": "h", "device_type": "monitor", "device_id": "m1", "metrics": {"spo2": 97}}
+ALERT = {"patient_id": "p", "hospital_id": "h", "device_type": "monitor", "device_id": "m1", "kind": "clinical"}
+VITALS_ROOMS = ["patient:p:vitals", "patient:p", "hospital:h", "device:monitor:m1"]
+
+
+def vitals(n: int = 0):
+    return make_event("patient.vitals.update", {**VITALS, "seq": n}, T0 + n)
+
+
+def drain(sub: Subscriber) -> list[Delivery]:
+    out = []
+    while not sub.queue.empty():
+        out.append(sub.queue.get_nowait())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("joined", "expected_room"),
+    [
+        (["hospital:h", "device:monitor:m1"], "hospital:h"),
+        (["device:monitor:m1", "hospital:h"], "hospital:h"),  # router order, not join order
+        (["patient:p", "patient:p:vitals"], "patient:p:vitals"),
+        (["device:monitor:m1", "patient:p"], "patient:p"),
+        (VITALS_ROOMS, "patient:p:vitals"),
+        (["device:monitor:m1"], "device:monitor:m1"),
+    ],
+)
+def test_subscriber_in_several_rooms_gets_an_event_once(joined: list[str], expected_room: str) -> None:
+    async def run() -> None:
+        hub = MemoryHub()
+        sub = Subscriber()
+        for room in joined:
+            hub.join(sub, room)
+        deliveries = await hub.publish(vitals())
+        assert [d.room for d in deliveries] == VITALS_ROOMS
+        got = drain(sub)
+        assert [d.room for d in got] == [expected_room]
+        envelope = json.loads(got[0].data)
+        assert (envelope["room"], envelope["id"], envelope["event"]) == (
+            expected_room, got[0].id, "patient.vitals.update")
+        assert envelope["id"] == f"{hub.epoch}:1"
+        assert hub.stats()["deliveries"] == 1
+
+    asyncio.run(run())
+
+
+def test_subscriber_outside_every_room_gets_nothing() -> None:
+    async def run() -> None:
+        hub = MemoryHub()
+        sub = Subscriber()
+        hub.join(sub, "patient:other")
+        hub.join(sub, "hospital:other")
+        await hub.publish(vitals())
+        assert drain(sub) == []
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("since_offset", "expected"),
+    [(0, [1, 2, 3, 4, 5]), (2, [3, 4, 5]), (4, [5]), (5, []), (6, None)],
+)
+def test_history_returns_exactly_what_was_missed(since_offset: int, expected) -> None:
+    async def run() -> None:
+        hub = MemoryHub()
+        for n in range(5):
+            await hub.publish(vitals(n))
+        missed = await hub.history("patient:p", f"{hub.epoch}:{since_offset}")
+        if expected is None:
+            assert missed is None
+        else:
+            assert missed is not None
+            assert [d.id for d in missed] == [f"{hub.epoch}:{o}" for o in expected]
+            assert all(d.room == "patient:p" for d in missed)
+            assert [json.loads(d.data)["data"]["seq"] for d in missed] == [o - 1 for o in expected]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("since", "expected"),
+    [
+        ("{epoch}:10", []),
+        ("{epoch}:9", [10]),
+        ("{epoch}:7", [8, 9, 10]),  # the oldest retained is 8: 7 is exactly reachable
+        ("{epoch}:6", None),  # offset 7 is gone: resync
+        ("{epoch}:0", None),
+        ("{epoch}x:9", None),  # foreign epoch
+        ("deadbeef", None),  # malformed
+        ("", None),
+        (":9", None),
+        ("{epoch}:", None),
+        ("{epoch}:-1", None),
+    ],
+)
+def test_history_resync_cases(since: str, expected) -> None:
+    async def run() -> None:
+        hub = MemoryHub(history_size=3)
+        for n in range(10):
+            await hub.publish(vitals(n))
+        missed = await hub.history("patient:p:vitals", since.format(epoch=hub.epoch))
+        if expected is None:
+            assert missed is None
+        else:
+            assert [d.id for d in missed or []] == [f"{hub.epoch}:{o}" for o in expected]
+            assert missed is not None
+
+    asyncio.run(run())
+
+
+def test_history_of_another_hub_epoch_is_a_resync() -> None:
+    async def run() -> None:
+        first, second = MemoryHub(), MemoryHub()
+        for hub in (first, second):
+            await hub.publish(vitals())
+        assert first.epoch != second.epoch
+        assert await second.history("patient:p", f"{first.epoch}:0") is None
+        assert await second.history("patient:p", f"{second.epoch}:0") is not None
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("third", "dropped", "overflowed"),
+    [
+        ("patient.vitals.update", 1, False),
+        ("patient.alert.raised", 0, True),
+        ("patient.alert.escalated", 0, True),
+    ],
+)
+def test_full_queue_drops_vitals_but_flags_alerts(third: str, dropped: int, overflowed: bool) -> None:
+    async def run() -> None:
+        hub = MemoryHub()
+        sub = Subscriber(maxsize=2)
+        hub.join(sub, "patient:p")
+        await hub.publish(vitals(1))
+        await hub.publish(vitals(2))
+        data = VITALS if third == "patient.vitals.update" else ALERT
+        await hub.publish(make_event(third, data, T0))
+        assert (sub.dropped, sub.overflowed) == (dropped, overflowed)
+        stats = hub.stats()
+        assert (stats["dropped"], stats["overflowed"], stats["deliveries"]) == (dropped, int(overflowed), 2)
+        assert [json.loads(d.data)["data"]["seq"] for d in drain(sub)] == [1, 2]
+        # the event is still in the room's history, so the client recovers by replay
+        missed = await hub.history("patient:p", f"{hub.epoch}:2")
+        assert missed is not None and [json.loads(d.data)["event"] for d in missed] == [third]
+
+    asyncio.run(run())
+
+
+def test_subscription_context_leaves_rooms_on_exit() -> None:
+    async def run() -> None:
+        hub = open_hub("memory://")
+        async with subscription(hub, ["patient:p", "hospital:h"], maxsize=5) as sub:
+            assert sub.rooms == {"patient:p", "hospital:h"}
+            assert hub.stats()["subscribers"] == 1
+            await hub.publish(vitals(1))
+            assert [d.room for d in drain(sub)] == ["patient:p"]
+        assert sub.rooms == set()
+        assert hub.stats()["subscribers"] == 0
+        await hub.publish(vitals(2))
+        assert drain(sub) == []
+
+    asyncio.run(run())
+
+
+def test_subscription_context_leaves_rooms_when_the_block_fails() -> None:
+    async def run() -> None:
+        hub = MemoryHub()
+        with pytest.raises(RuntimeError):
+            async with subscription(hub, ["patient:p"]) as sub:
+                raise RuntimeError("client went away")
+        assert sub.rooms == set()
+        assert hub.stats()["subscribers"] == 0
+
+    asyncio.run(run())
+
+
+def test_open_hub_rejects_unknown_scheme() -> None:
+    with pytest.raises(ValueError):
+        open_hub("redis://localhost")
