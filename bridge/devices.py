@@ -57,7 +57,8 @@ def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:
         silent=False if status.state == "offline" else device.silent,
         last_seen_ms=max(device.last_seen_ms or 0, status.received_ms),
         # a device that just came online has not been silent yet: restart its silence clock
-        last_data_ms=status.received_ms if status.state == "online" else device.last_data_ms,
+        last_data_ms=(status.received_ms if status.state == "online" and device.state != "online"
+                      else device.last_data_ms),
         battery=status.battery if status.battery is not None else device.battery,
         firmware=status.firmware if status.firmware is not None else device.firmware,
     )

@@ -145,8 +145,9 @@ class SQLiteTransaction:
         conn = self._conn
         for r in readings:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO readings (device_type, device_id, seq, hospital_id, patient_id,"
-                " ts_ms, received_ms, metrics) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO readings (device_type, device_id, seq, hospital_id, patient_id,"
+                " ts_ms, received_ms, metrics) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (device_type, device_id, seq) DO NOTHING",
                 (r.device_type, r.device_id, r.seq, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
                  json.dumps(r.metrics, separators=(",", ":"))),
             )

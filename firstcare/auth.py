@@ -82,7 +82,7 @@ def _str_set(value: object, name: str) -> frozenset[str]:
 
 def claims_from_payload(payload: dict) -> Claims:
     role = payload.get("role", "clinician")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise AuthError(f"unknown role {role!r} (one of {', '.join(sorted(ROLES))})", "token_invalid")
     sub = payload["sub"]
     if not isinstance(sub, str) or not sub:

@@ -66,7 +66,7 @@ def event_id(epoch: str, offset: int) -> str:
 def parse_event_id(value: str) -> tuple[str, int]:
     """``"<epoch>:<offset>"`` to its parts; ValueError when malformed."""
     epoch, sep, offset = value.rpartition(":")
-    if not sep or not epoch or not offset.isdigit():
+    if not sep or not epoch or not (offset.isascii() and offset.isdigit()):
         raise ValueError(f"malformed event id {value!r} (expected '<epoch>:<offset>')")
     return epoch, int(offset)
 

@@ -183,7 +183,7 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
     except msgspec.DecodeError as exc:
         return DecodedVitals([], [Rejection("payload_not_json", _schema_detail(exc))])
     if message.readings is not None:
-        if message.seq is not None or message.metrics is not None:
+        if any(v is not None for v in (message.seq, message.ts, message.metrics, message.patient_id)):
             return DecodedVitals([], [Rejection("schema_invalid", "a batch carries only 'readings'")])
         if not message.readings:
             return DecodedVitals([], [Rejection("batch_empty", "'readings' is empty")])

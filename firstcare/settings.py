@@ -7,6 +7,7 @@ Tests build ``Settings.from_env({"FC_HTTP_PORT": "0", ...})`` instead of patchin
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -74,9 +75,15 @@ class Settings:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)!r}: {why}")
 
-        if self.mqtt_url != "embedded" and urlsplit(self.mqtt_url).scheme not in ("mqtt", "tcp"):
-            raise bad("mqtt_url", "expected 'embedded' or mqtt://[user:pass@]host[:port]")
-        if not self.store_url.startswith("sqlite:///"):
+        if self.mqtt_url != "embedded":
+            parts = urlsplit(self.mqtt_url)
+            try:
+                port_ok = parts.port is None or 0 < parts.port
+            except ValueError:
+                port_ok = False
+            if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or not port_ok:
+                raise bad("mqtt_url", "expected 'embedded' or mqtt://[user:pass@]host[:port]")
+        if not self.store_url.startswith("sqlite:///") or not self.sqlite_path.strip():
             raise bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
         if urlsplit(self.hub_url).scheme not in ("memory",):
             raise bad("hub_url", "expected memory://")
@@ -87,8 +94,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("retention_days", "device_silent_seconds", "device_offline_seconds", "escalation_seconds", "batch_linger_ms"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must not be negative")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "must be a finite number, not negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
         try:
