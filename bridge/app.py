@@ -10,19 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from bridge.alerts import default_rules, load_rules
 from bridge.api import Auth, install_error_handlers, router
 from bridge.core import BridgeCore, CoreSettings, Inbound, Writer
-from bridge.hub import Hub, open_hub
+from bridge.hub import Hub, HubError, open_hub
 from bridge.ingest import MqttIngest, MqttTarget
+from bridge.realtime import Realtime
+from bridge.realtime import router as realtime_router
 from bridge.store import Store, open_store
 from firstcare.auth import TokenVerifier
 from firstcare.broker import EmbeddedBroker
@@ -51,6 +55,8 @@ class Runtime:
         self.ingest: MqttIngest
         self.tasks: list[asyncio.Task[Any]] = []
         self.timer_errors = 0
+        self.node = f"{socket.gethostname()}-{os.getpid()}"
+        self.realtime: Realtime
 
     @property
     def mqtt_target(self) -> MqttTarget:
@@ -72,14 +78,18 @@ class Runtime:
             offline_ms=int(s.device_offline_seconds * 1000), escalation_ms=int(s.escalation_seconds * 1000),
             dead_letter_bytes=s.dead_letter_bytes))
         self.writer = Writer(self.core)
-        self.hub = open_hub(s.hub_url)
+        self.hub = open_hub(s.hub_url, s.history_size, s.history_seconds, self.node)
         await self.hub.start()
+        self.realtime = Realtime(self)
+        self.realtime.start()
         self.ingest = MqttIngest(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
                                  self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms)
         self.tasks = [asyncio.create_task(self.ingest.run(), name="fc-ingest"),
                       asyncio.create_task(self._timers(), name="fc-timers")]
 
     async def stop(self) -> None:
+        if hasattr(self, "realtime"):
+            await self.realtime.stop()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -99,8 +109,13 @@ class Runtime:
         await self.publish(events)
 
     async def publish(self, events: Iterable[Event]) -> None:
+        """Fan out events whose data is already committed. A hub failure is counted (and the
+        rooms resynced once it is back) but never undoes or retries the stored batch."""
         for event in events:
-            await self.hub.publish(event)
+            try:
+                await self.hub.publish(event)
+            except HubError as exc:
+                log.warning("event %s not fanned out: %s", event.name, exc)
 
     async def _timers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,13 +133,13 @@ class Runtime:
                 log.exception("timer tick failed")
 
     def readiness(self) -> dict[str, Any]:
-        checks: dict[str, Any] = {"mqtt": self.ingest.state}
+        checks: dict[str, Any] = {"mqtt": self.ingest.state, "hub": self.hub.backend.state()}
         try:
             self.store.ping()
             checks["store"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["store"] = f"error: {exc}"
-        ready = checks["mqtt"] == "connected" and checks["store"] == "ok"
+        ready = checks["mqtt"] == "connected" and checks["store"] == "ok" and checks["hub"] == "ok"
         return {"ready": ready, "checks": checks}
 
     def stats(self) -> dict[str, Any]:
@@ -133,6 +148,7 @@ class Runtime:
                        "mqtt_last_error": self.ingest.last_error, "queue_depth": self.ingest.queue_depth(),
                        "queue_size": self.settings.ingest_queue_size},
             "hub": self.hub.stats(),
+            "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
         }
 
@@ -156,6 +172,7 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_methods=["GET", "POST", "PUT"], allow_headers=["Authorization", "Content-Type"])
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(realtime_router)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
@@ -174,4 +191,38 @@ def create_app(settings: Settings) -> FastAPI:
         alert transitions, queue depth, MQTT state, ingest lag."""
         return request.app.state.runtime.stats()
 
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    def metrics(request: Request) -> str:
+        """The figures of /realtime/stats in Prometheus text format."""
+        return prometheus_text(request.app.state.runtime.stats())
+
     return app
+
+
+PRIVATE_STATS = frozenset({"connections_per_user", "rooms"})  # user and patient ids: not for /metrics
+
+
+def prometheus_text(stats: dict[str, Any], prefix: str = "firstcare") -> str:
+    """Flatten numeric stats to Prometheus gauges; counters keyed by reason become labels.
+    /metrics is unauthenticated, so nothing naming a user or a patient is exported."""
+    lines: list[str] = []
+
+    def walk(name: str, value: Any, labels: str) -> None:
+        if name.rsplit("_", 1)[-1] in PRIVATE_STATS or any(name.endswith("_" + p) for p in PRIVATE_STATS):
+            return
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, float)):
+            lines.append(f"{name}{labels} {value}")
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                if isinstance(inner, (int, float)) and not isinstance(inner, bool) and name.endswith(
+                        ("_reasons", "_per_user", "_disconnects", "_opened", "refused", "_rooms")):
+                    label = str(key).replace("\\", "\\\\").replace('"', '\\"')
+                    lines.append(f'{name}{{key="{label}"}} {inner}')
+                else:
+                    walk(f"{name}_{key}", inner, labels)
+
+    for section, values in stats.items():
+        walk(f"{prefix}_{section}", values, "")
+    return "\n".join(lines) + "\n"

@@ -1,29 +1,41 @@
-"""The fan-out hub: rooms, per-room history with offset and epoch, and bounded subscribers.
+"""The fan-out hub: rooms, per-room history with offset and epoch, presence, bounded subscribers.
 
-A backend is chosen by URL (``memory://``); its module is imported only when chosen.
+    Hub (this module)                       one per process; owns the local subscribers
+      publish(event) -> backend.publish     history + cross-process broadcast
+      backend -> Hub._dispatch(publication) the one place where local fan-out happens
+    HubBackend: hub_memory.MemoryBackend (memory://) | hub_redis.RedisBackend (redis://...)
 
-Every publication in a room gets the id ``"<epoch>:<offset>"``. A client that comes back with
-the last id it saw gets exactly what it missed from :meth:`Hub.history`, or ``None`` (resync)
-when the epoch changed or the history no longer reaches back that far.
+Backends never see local subscribers; the backend module is imported only when its URL is
+chosen. Every publication in a room gets the id ``"<epoch>:<offset>"``: a client that comes
+back with the last id it saw gets exactly what it missed from :meth:`Hub.history`, or ``None``
+(resync) when the epoch changed or the history no longer reaches back that far.
 
-Subscribers have bounded queues. Under pressure a vitals event is dropped (counted); an alert
-is never dropped: the subscriber is marked ``overflowed`` and its connection must be closed so
-the client recovers through replay.
+Subscribers have bounded queues. Under pressure a vitals delivery replaces the older queued one
+from the same device in the same room (coalesced) or, failing that, is dropped; an alert is
+never dropped: the subscriber is marked ``overflowed`` and its connection must be closed so the
+client recovers through replay. Every drop, coalesce and overflow is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from firstcare.events import Event
+from bridge.router import rooms_for
+from firstcare.errors import FirstCareError
+from firstcare.events import Event, parse_event_id
 
 DEFAULT_QUEUE = 1000
-_ids = itertools.count(1)
+COALESCE_FROM = 0.5  # fraction of the queue in use from which vitals are coalesced
+
+
+class HubError(FirstCareError):
+    reason = "hub_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,48 +43,221 @@ class Delivery:
     room: str
     id: str
     data: bytes
-    is_alert: bool
+    is_alert: bool = False
+    coalesce_key: str | None = None
+
+    @property
+    def offset(self) -> int:
+        return parse_event_id(self.id)[1]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One event as published: a delivery per room, most specific room first."""
+
+    deliveries: tuple[Delivery, ...]
+
+
+def coalesce_key(event: Event) -> str | None:
+    """Vitals from one device supersede each other; nothing else may be merged."""
+    if event.name in ("patient.vitals.update", "device.data.update"):
+        return f"{event.data.get('device_type')}:{event.data.get('device_id')}"
+    return None
+
+
 class Subscriber:
-    rooms: set[str] = field(default_factory=set)
-    maxsize: int = DEFAULT_QUEUE
-    id: int = field(default_factory=lambda: next(_ids))
-    overflowed: bool = False
-    dropped: int = 0
-    queue: asyncio.Queue[Delivery] = field(init=False)
+    """A bounded, non-blocking inbox for one connection."""
 
-    def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.maxsize)
+    def __init__(self, maxsize: int = DEFAULT_QUEUE, owner: str = "") -> None:
+        self.maxsize = maxsize
+        self.owner = owner
+        self.rooms: set[str] = set()
+        self.overflowed = False
+        self.dropped = 0
+        self.coalesced = 0
+        self._items: deque[Delivery] = deque()
+        self._ready = asyncio.Event()
 
-    def offer(self, delivery: Delivery) -> bool:
-        """Queue without blocking the publisher; False when the delivery did not fit."""
-        try:
-            self.queue.put_nowait(delivery)
-            return True
-        except asyncio.QueueFull:
+    def offer(self, delivery: Delivery) -> str:
+        """Queue without ever blocking the publisher. Returns ``queued``, ``coalesced``,
+        ``dropped`` or ``overflow`` (an alert that did not fit: close the connection)."""
+        items = self._items
+        if delivery.coalesce_key is not None and len(items) >= self.maxsize * COALESCE_FROM:
+            for i in range(len(items) - 1, -1, -1):
+                queued = items[i]
+                if queued.coalesce_key == delivery.coalesce_key and queued.room == delivery.room:
+                    items[i] = delivery
+                    self.coalesced += 1
+                    return "coalesced"
+        if len(items) >= self.maxsize:
             if delivery.is_alert:
                 self.overflowed = True
-            else:
-                self.dropped += 1
-            return False
+                self._ready.set()
+                return "overflow"
+            self.dropped += 1
+            return "dropped"
+        items.append(delivery)
+        self._ready.set()
+        return "queued"
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def get_nowait(self) -> Delivery | None:
+        if not self._items:
+            self._ready.clear()
+            return None
+        return self._items.popleft()
+
+    async def get(self) -> Delivery:
+        """The next delivery; raises :class:`HubError` once the subscriber has overflowed."""
+        while True:
+            if self.overflowed:
+                raise HubError("subscriber overflowed: an alert did not fit its queue", "slow_consumer")
+            item = self.get_nowait()
+            if item is not None:
+                return item
+            await self._ready.wait()
 
     def __aiter__(self) -> "Subscriber":
         return self
 
     async def __anext__(self) -> Delivery:
-        return await self.queue.get()
+        return await self.get()
 
 
-class Hub(Protocol):
-    async def start(self) -> None: ...
+@dataclass(frozen=True, slots=True)
+class Member:
+    conn_id: str
+    user: str
+    node: str
+    joined_ms: int
+
+
+class HubBackend(Protocol):
+    name: str
+
+    async def start(self, deliver: Callable[[Publication], None]) -> None: ...
     async def stop(self) -> None: ...
-    async def publish(self, event: Event) -> list[Delivery]: ...
-    def join(self, subscriber: Subscriber, room: str) -> None: ...
-    def leave(self, subscriber: Subscriber, room: str) -> None: ...
+    async def publish(self, event: Event, rooms: list[str]) -> Publication: ...
     async def history(self, room: str, since: str) -> list[Delivery] | None: ...
-    def stats(self) -> dict[str, int]: ...
+    async def presence_join(self, room: str, member: Member) -> None: ...
+    async def presence_leave(self, room: str, conn_id: str) -> None: ...
+    async def presence_refresh(self, memberships: list[tuple[str, Member]]) -> None: ...
+    async def presence(self, room: str) -> list[dict[str, Any]]: ...
+    async def put_ticket(self, ticket: str, value: str, ttl_s: int) -> None: ...
+    async def take_ticket(self, ticket: str) -> str | None: ...
+    def state(self) -> str: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class RateMeter:
+    """Events per second over the last ``window`` seconds."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self.total = 0
+        self._buckets: deque[list[int]] = deque()
+
+    def add(self, n: int = 1) -> None:
+        self.total += n
+        now = int(time.monotonic())
+        if self._buckets and self._buckets[-1][0] == now:
+            self._buckets[-1][1] += n
+        else:
+            self._buckets.append([now, n])
+        while self._buckets and self._buckets[0][0] <= now - self.window:
+            self._buckets.popleft()
+
+    def rate(self) -> float:
+        now = int(time.monotonic())
+        return round(sum(n for t, n in self._buckets if t > now - self.window) / self.window, 2)
+
+
+@dataclass
+class HubCounters:
+    published: RateMeter = field(default_factory=RateMeter)
+    delivered: RateMeter = field(default_factory=RateMeter)
+    dropped: int = 0
+    coalesced: int = 0
+    overflowed: int = 0
+    publish_failures: int = 0
+
+
+class Hub:
+    def __init__(self, backend: HubBackend) -> None:
+        self.backend = backend
+        self._rooms: dict[str, set[Subscriber]] = {}
+        self.counters = HubCounters()
+
+    async def start(self) -> None:
+        await self.backend.start(self._dispatch)
+
+    async def stop(self) -> None:
+        await self.backend.stop()
+        self._rooms.clear()
+
+    async def publish(self, event: Event, rooms: list[str] | None = None) -> Publication:
+        """Publish to the router's rooms for ``event`` (or to ``rooms``); raises HubError."""
+        try:
+            publication = await self.backend.publish(event, rooms if rooms is not None else rooms_for(event))
+        except HubError:
+            self.counters.publish_failures += 1
+            raise
+        self.counters.published.add()
+        return publication
+
+    def _dispatch(self, publication: Publication) -> None:
+        reached: set[Subscriber] = set()
+        c = self.counters
+        for delivery in publication.deliveries:
+            for subscriber in self._rooms.get(delivery.room, ()):
+                if subscriber in reached:
+                    continue
+                reached.add(subscriber)
+                outcome = subscriber.offer(delivery)
+                if outcome == "queued":
+                    c.delivered.add()
+                elif outcome == "coalesced":
+                    c.coalesced += 1
+                elif outcome == "dropped":
+                    c.dropped += 1
+                else:
+                    c.overflowed += 1
+
+    def join(self, subscriber: Subscriber, room: str) -> None:
+        self._rooms.setdefault(room, set()).add(subscriber)
+        subscriber.rooms.add(room)
+
+    def leave(self, subscriber: Subscriber, room: str) -> None:
+        members = self._rooms.get(room)
+        if members is not None:
+            members.discard(subscriber)
+            if not members:
+                del self._rooms[room]
+        subscriber.rooms.discard(room)
+
+    def leave_all(self, subscriber: Subscriber) -> None:
+        for room in list(subscriber.rooms):
+            self.leave(subscriber, room)
+
+    async def history(self, room: str, since: str) -> list[Delivery] | None:
+        return await self.backend.history(room, since)
+
+    def local_rooms(self) -> dict[str, int]:
+        return {room: len(members) for room, members in self._rooms.items()}
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "backend": self.backend.name, "backend_state": self.backend.state(),
+            "published": c.published.total, "published_per_s": c.published.rate(),
+            "delivered": c.delivered.total, "delivered_per_s": c.delivered.rate(),
+            "dropped": c.dropped, "coalesced": c.coalesced, "overflowed": c.overflowed,
+            "publish_failures": c.publish_failures, "rooms": len(self._rooms),
+            "subscribers": len({s for members in self._rooms.values() for s in members}),
+            **{f"backend_{k}": v for k, v in self.backend.stats().items()},
+        }
 
 
 @asynccontextmanager
@@ -84,14 +269,25 @@ async def subscription(hub: Hub, rooms: Iterable[str], maxsize: int = DEFAULT_QU
             hub.join(subscriber, room)
         yield subscriber
     finally:
-        for room in list(subscriber.rooms):
-            hub.leave(subscriber, room)
+        hub.leave_all(subscriber)
 
 
-def open_hub(url: str, history_size: int = 1000, history_age_s: float = 3600.0) -> Hub:
+def open_hub(url: str, history_size: int = 1000, history_age_s: float = 3600.0, node: str = "") -> Hub:
+    """``memory://`` or ``redis://host:port/db``; the backend module is imported only when chosen."""
     scheme = url.split(":", 1)[0]
     if scheme == "memory":
-        from bridge.hub_memory import MemoryHub
+        from bridge.hub_memory import MemoryBackend
 
-        return MemoryHub(history_size=history_size, history_age_s=history_age_s)
-    raise ValueError(f"unsupported hub URL scheme {scheme!r} in {url!r} (expected memory://)")
+        return Hub(MemoryBackend(history_size=history_size, history_age_s=history_age_s))
+    if scheme in ("redis", "rediss"):
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+        from bridge.hub_redis import RedisBackend
+
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        prefix = query.pop("prefix", "fc:hub:")
+        plain = urlunsplit(parts._replace(query=urlencode(query)))
+        return Hub(RedisBackend(plain, history_size=history_size, history_age_s=history_age_s, node=node,
+                                prefix=prefix))
+    raise ValueError(f"unsupported hub URL scheme {scheme!r} in {url!r} (expected memory:// or redis://)")

@@ -1,75 +1,65 @@
-"""In-process hub: one process is the whole system."""
+"""In-process hub backend: one process is the whole system."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from bridge.hub import Delivery, Subscriber
-from bridge.router import rooms_for
+from bridge.hub import Delivery, Member, Publication, coalesce_key
 from firstcare.events import Event, encode_envelope, event_id, parse_event_id
+from firstcare.payloads import now_ms
 
 
 @dataclass
 class _Room:
     history: deque[tuple[int, float, Delivery]]
-    subscribers: set[Subscriber] = field(default_factory=set)
     offset: int = 0
 
 
-class MemoryHub:
-    def __init__(self, history_size: int = 1000, history_age_s: float = 3600.0) -> None:
+@dataclass
+class _Presence:
+    members: dict[str, tuple[Member, int]] = field(default_factory=dict)
+
+
+class MemoryBackend:
+    name = "memory"
+
+    def __init__(self, history_size: int = 1000, history_age_s: float = 3600.0, presence_ttl_s: float = 60.0) -> None:
         self.epoch = secrets.token_hex(4)
         self._history_size = history_size
         self._history_age_s = history_age_s
+        self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._rooms: dict[str, _Room] = {}
-        self.counters = {"published": 0, "deliveries": 0, "dropped": 0, "overflowed": 0}
+        self._presence: dict[str, _Presence] = {}
+        self._tickets: dict[str, tuple[str, float]] = {}
+        self._deliver: Callable[[Publication], None] = lambda p: None
 
-    async def start(self) -> None:
-        return None
+    async def start(self, deliver: Callable[[Publication], None]) -> None:
+        self._deliver = deliver
 
     async def stop(self) -> None:
         self._rooms.clear()
 
-    def _room(self, name: str) -> _Room:
-        room = self._rooms.get(name)
-        if room is None:
-            room = self._rooms[name] = _Room(deque(maxlen=self._history_size))
-        return room
-
-    async def publish(self, event: Event) -> list[Delivery]:
-        self.counters["published"] += 1
+    async def publish(self, event: Event, rooms: list[str]) -> Publication:
         now = time.monotonic()
-        reached: set[Subscriber] = set()
+        key = coalesce_key(event)
         deliveries = []
-        for name in rooms_for(event):
-            room = self._room(name)
+        for name in rooms:
+            room = self._rooms.get(name)
+            if room is None:
+                room = self._rooms[name] = _Room(deque(maxlen=self._history_size))
             room.offset += 1
-            delivery = Delivery(name, event_id(self.epoch, room.offset),
-                                encode_envelope(event, name, event_id(self.epoch, room.offset)), event.is_alert)
+            id = event_id(self.epoch, room.offset)
+            delivery = Delivery(name, id, encode_envelope(event, name, id), event.is_alert, key)
             room.history.append((room.offset, now, delivery))
             deliveries.append(delivery)
-            for subscriber in room.subscribers - reached:
-                reached.add(subscriber)
-                if subscriber.offer(delivery):
-                    self.counters["deliveries"] += 1
-                elif delivery.is_alert:
-                    self.counters["overflowed"] += 1
-                else:
-                    self.counters["dropped"] += 1
-        return deliveries
-
-    def join(self, subscriber: Subscriber, room: str) -> None:
-        self._room(room).subscribers.add(subscriber)
-        subscriber.rooms.add(room)
-
-    def leave(self, subscriber: Subscriber, room: str) -> None:
-        state = self._rooms.get(room)
-        if state is not None:
-            state.subscribers.discard(subscriber)
-        subscriber.rooms.discard(room)
+        publication = Publication(tuple(deliveries))
+        self._deliver(publication)
+        return publication
 
     async def history(self, room: str, since: str) -> list[Delivery] | None:
         try:
@@ -77,9 +67,7 @@ class MemoryHub:
         except ValueError:
             return None
         state = self._rooms.get(room)
-        if epoch != self.epoch or state is None:
-            return None
-        if offset > state.offset:
+        if epoch != self.epoch or state is None or offset > state.offset:
             return None
         cutoff = time.monotonic() - self._history_age_s
         kept = [(o, d) for o, t, d in state.history if t >= cutoff]
@@ -88,9 +76,42 @@ class MemoryHub:
             return None
         return [d for o, d in kept if o > offset]
 
-    def stats(self) -> dict[str, int]:
-        return {
-            **self.counters,
-            "rooms": len(self._rooms),
-            "subscribers": len({s for r in self._rooms.values() for s in r.subscribers}),
-        }
+    async def presence_join(self, room: str, member: Member) -> None:
+        self._presence.setdefault(room, _Presence()).members[member.conn_id] = (member, now_ms())
+
+    async def presence_leave(self, room: str, conn_id: str) -> None:
+        state = self._presence.get(room)
+        if state is not None:
+            state.members.pop(conn_id, None)
+            if not state.members:
+                del self._presence[room]
+
+    async def presence_refresh(self, memberships: list[tuple[str, Member]]) -> None:
+        now = now_ms()
+        for room, member in memberships:
+            self._presence.setdefault(room, _Presence()).members[member.conn_id] = (member, now)
+
+    async def presence(self, room: str) -> list[dict[str, Any]]:
+        state = self._presence.get(room)
+        if state is None:
+            return []
+        cutoff = now_ms() - self._presence_ttl_ms
+        return [{"conn_id": m.conn_id, "user": m.user, "node": m.node, "joined_ms": m.joined_ms, "last_seen_ms": seen}
+                for m, seen in state.members.values() if seen >= cutoff]
+
+    async def put_ticket(self, ticket: str, value: str, ttl_s: int) -> None:
+        now = time.monotonic()
+        self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}
+        self._tickets[ticket] = (value, now + ttl_s)
+
+    async def take_ticket(self, ticket: str) -> str | None:
+        entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def state(self) -> str:
+        return "ok"
+
+    def stats(self) -> dict[str, Any]:
+        return {"history_rooms": len(self._rooms)}

@@ -90,7 +90,8 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
         check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT")
     check_port_free(settings.http_host, settings.http_port, "HTTP")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, timeout_graceful_shutdown=5,
+                            ws_max_size=max(65536, settings.ws_max_message_bytes * 2),
                             log_level=settings.log_level.lower(), ws_per_message_deflate=False,
                             lifespan="on", access_log=False)
     server = uvicorn.Server(config)

@@ -30,7 +30,7 @@ class Settings:
     mqtt_client_id: str = field(default="firstcare-bridge", metadata={"doc": "fixed client id of the bridge's persistent MQTT session"})
     topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar"})
     store_url: str = field(default="sqlite:///data/firstcare.db", metadata={"doc": "`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`"})
-    hub_url: str = field(default="memory://", metadata={"doc": "fan-out hub backend"})
+    hub_url: str = field(default="memory://", metadata={"doc": "fan-out hub: `memory://` (one process) or `redis://host:port/db` (several processes share rooms; `?prefix=` namespaces the keys)"})
     jwt_secret: str | None = field(default=None, metadata={"doc": "HS256 shared secret (`firstcare up` makes one in the data folder when unset)"})
     jwt_public_key: str | None = field(default=None, metadata={"doc": "PEM public key for RS256/ES256 tokens"})
     jwks_url: str | None = field(default=None, metadata={"doc": "JWKS URL for RS256/ES256 tokens"})
@@ -48,6 +48,15 @@ class Settings:
     batch_max: int = field(default=500, metadata={"doc": "most messages committed in one transaction"})
     batch_linger_ms: float = field(default=5.0, metadata={"doc": "how long the writer waits to fill a batch"})
     dead_letter_bytes: int = field(default=4096, metadata={"doc": "raw payload kept per dead letter (truncated beyond)"})
+    history_size: int = field(default=1000, metadata={"doc": "events kept per room for replay"})
+    history_seconds: float = field(default=3600.0, metadata={"doc": "how long events stay replayable"})
+    ws_queue_size: int = field(default=1000, metadata={"doc": "bounded send queue per WebSocket/SSE connection"})
+    ws_send_timeout_seconds: float = field(default=10.0, metadata={"doc": "a send blocked this long closes the connection (slow consumer)"})
+    ws_ping_seconds: float = field(default=20.0, metadata={"doc": "server keepalive interval (WebSocket `ping` message, SSE comment)"})
+    ws_max_message_bytes: int = field(default=4096, metadata={"doc": "largest client message accepted on a WebSocket"})
+    ws_rate_per_second: float = field(default=20.0, metadata={"doc": "client messages per second per WebSocket (burst twice that)"})
+    max_connections_per_user: int = field(default=20, metadata={"doc": "concurrent WebSocket + SSE connections per token subject, per process"})
+    ticket_seconds: int = field(default=30, metadata={"doc": "lifetime of a single-use connection ticket"})
     log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
 
     @classmethod
@@ -85,15 +94,18 @@ class Settings:
                 raise bad("mqtt_url", "expected 'embedded' or mqtt://[user:pass@]host[:port]")
         if not self.store_url.startswith("sqlite:///") or not self.sqlite_path.strip():
             raise bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
-        if urlsplit(self.hub_url).scheme not in ("memory",):
-            raise bad("hub_url", "expected memory://")
+        if urlsplit(self.hub_url).scheme not in ("memory", "redis", "rediss"):
+            raise bad("hub_url", "expected memory:// or redis://host:port/db")
         for name in ("mqtt_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise bad(name, "must be a port number 0..65535")
-        for name in ("ingest_queue_size", "batch_max", "dead_letter_bytes"):
+        for name in ("ingest_queue_size", "batch_max", "dead_letter_bytes", "history_size", "ws_queue_size",
+                     "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
-        for name in ("retention_days", "device_silent_seconds", "device_offline_seconds", "escalation_seconds", "batch_linger_ms"):
+        for name in ("retention_days", "device_silent_seconds", "device_offline_seconds", "escalation_seconds",
+                     "batch_linger_ms", "history_seconds", "ws_send_timeout_seconds", "ws_ping_seconds",
+                     "ws_rate_per_second"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "must be a finite number, not negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

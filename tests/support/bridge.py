@@ -63,7 +63,8 @@ class BridgeThread:
         self.app = create_app(settings)
         self.url = f"http://127.0.0.1:{settings.http_port}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.http_port,
-                                                     log_level="warning", lifespan="on"))
+                                                     log_level="warning", lifespan="on",
+                                                     ws_per_message_deflate=False, timeout_graceful_shutdown=5))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -107,7 +108,7 @@ class BridgeThread:
 
     def receive(self, subscriber: Subscriber, n: int, timeout: float = 15.0) -> list[Delivery]:
         async def take() -> list[Delivery]:
-            return [await asyncio.wait_for(subscriber.queue.get(), timeout) for _ in range(n)]
+            return [await asyncio.wait_for(subscriber.get(), timeout) for _ in range(n)]
 
         return self.call(take(), timeout * n + 5)
 
@@ -126,7 +127,7 @@ class BridgeThread:
                 return envelope
 
     def pending(self, subscriber: Subscriber) -> int:
-        return subscriber.queue.qsize()
+        return subscriber.qsize()
 
     def http(self, role: str = "admin", **claims: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token(role, **claims)}"},

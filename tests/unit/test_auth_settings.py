@@ -70,7 +70,7 @@ def test_expired_token(ago: int) -> None:
 
 
 def test_expiry_within_leeway_is_accepted() -> None:
-    token = mint_token(SECRET, "u", "admin", ttl_seconds=60, now=NOW - 60 - 2)
+    token = mint_token(SECRET, "u", "admin", ttl_seconds=60, now=time.time() - 60 - 2)
     assert TokenVerifier(secret=SECRET).verify(token).sub == "u"
 
 
@@ -260,7 +260,7 @@ def test_bad_numbers_name_the_key(env: dict, key: str) -> None:
         ({"FC_STORE_URL": "data/fc.db"}, "FC_STORE_URL"),
         # an empty path makes sqlite3 open a temporary database: every reading would be lost
         ({"FC_STORE_URL": "sqlite:///"}, "FC_STORE_URL"),
-        ({"FC_HUB_URL": "redis://localhost"}, "FC_HUB_URL"),
+        ({"FC_HUB_URL": "kafka://localhost"}, "FC_HUB_URL"),
         ({"FC_HUB_URL": "nothing"}, "FC_HUB_URL"),
         ({"FC_HTTP_PORT": "65536"}, "FC_HTTP_PORT"),
         ({"FC_HTTP_PORT": "-1"}, "FC_HTTP_PORT"),
@@ -317,7 +317,7 @@ def test_replace_validates() -> None:
     s = Settings.from_env({})
     assert s.replace(http_port=1234).http_port == 1234
     with pytest.raises(ConfigError):
-        s.replace(hub_url="redis://x")
+        s.replace(hub_url="kafka://x")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,278 @@
+"""Redis hub backend: several bridge processes share rooms, history and presence.
+
+Redis Streams are the source of truth (pub/sub silently drops a subscriber that falls behind):
+
+    {p}room:{room}:s   per-room history, entry id "<offset>-0", MAXLEN ~ history_size, expiring
+    {p}room:{room}:o   the room's last offset        {p}room:{room}:e   the room's epoch
+    {p}fanout          one entry per publication (all its rooms), read by every process with
+                       XREAD BLOCK from where it left off: the one path to local subscribers
+    {p}presence:{room} sorted set conn -> last seen (ms), with {p}presence:{room}:i for details
+    {p}ticket:{t}      single-use connection tickets (GETDEL)
+
+Offsets are assigned and the envelope spliced inside one Lua script, so two processes
+publishing into one room can never interleave ids. When Redis is unreachable a publish fails
+(counted); the rooms it touched get a new epoch once Redis is back, so their clients are told to
+resync instead of silently missing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bridge.hub import Delivery, HubError, Member, Publication, coalesce_key
+from firstcare.events import Event, envelope_parts, parse_event_id
+from firstcare.payloads import now_ms
+
+log = logging.getLogger("firstcare.hub")
+
+FANOUT_MAXLEN = 100_000
+PRESENCE_TTL_MS = 60_000
+
+_PUBLISH = """
+local n = tonumber(ARGV[1])
+local maxlen, ttl, now, new_epoch = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local head, mid, tail, alert, key = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local fanout = {'n', n, 'a', alert, 'k', key}
+local out = {}
+for i = 1, n do
+  local room = ARGV[10 + i]
+  local okey, ekey, skey = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local epoch = redis.call('GET', ekey)
+  if not epoch then
+    epoch = new_epoch
+    redis.call('SET', ekey, epoch)
+  end
+  local offset = redis.call('INCR', okey)
+  local id = epoch .. ':' .. offset
+  local data = head .. room .. mid .. id .. tail
+  redis.call('XADD', skey, 'MAXLEN', '~', maxlen, offset .. '-0', 'd', data, 't', now, 'a', alert, 'k', key)
+  redis.call('EXPIRE', skey, ttl)
+  redis.call('EXPIRE', okey, ttl)
+  redis.call('EXPIRE', ekey, ttl)
+  table.insert(fanout, 'r' .. i); table.insert(fanout, room)
+  table.insert(fanout, 'i' .. i); table.insert(fanout, id)
+  table.insert(fanout, 'd' .. i); table.insert(fanout, data)
+  table.insert(out, id)
+end
+redis.call('XADD', KEYS[3 * n + 1], 'MAXLEN', '~', ARGV[#ARGV], '*', unpack(fanout))
+return out
+"""
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, url: str, history_size: int = 1000, history_age_s: float = 3600.0, node: str = "",
+                 prefix: str = "fc:hub:") -> None:
+        self.url = url
+        self.node = node or secrets.token_hex(4)
+        self._history_size = history_size
+        self._history_age_s = history_age_s
+        self._ttl_s = max(60, int(history_age_s * 2))
+        self._p = prefix
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._reader = aioredis.Redis.from_url(url, socket_timeout=15, socket_connect_timeout=5)
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._deliver: Callable[[Publication], None] = lambda p: None
+        self._listener: asyncio.Task[None] | None = None
+        self._state = "starting"
+        self._lost_rooms: set[str] = set()
+        self.counters = {"reconnects": 0, "read_errors": 0, "epochs_reset": 0}
+
+    def _room_keys(self, room: str) -> list[str]:
+        return [f"{self._p}room:{room}:o", f"{self._p}room:{room}:e", f"{self._p}room:{room}:s"]
+
+    async def start(self, deliver: Callable[[Publication], None]) -> None:
+        self._deliver = deliver
+        try:
+            last = await self._redis.xrevrange(f"{self._p}fanout", count=1)
+            self._state = "ok"
+        except RedisError as exc:
+            log.warning("Redis hub unreachable at start (%s); will keep trying", exc)
+            last = []
+            self._state = "degraded"
+        start_id = _s(last[0][0]) if last else "0-0"
+        self._listener = asyncio.create_task(self._listen(start_id), name="fc-hub-redis")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            # redis-py can swallow a cancellation that lands while a blocking XREAD returns;
+            # cancel until the task has really ended.
+            for _ in range(20):
+                self._listener.cancel()
+                done, _ = await asyncio.wait([self._listener], timeout=0.5)
+                if done:
+                    break
+        await self._redis.aclose()
+        await self._reader.aclose()
+
+    async def _listen(self, last_id: str) -> None:
+        """The one loop that feeds local subscribers, from where it left off, across outages."""
+        failures = 0
+        rng = random.Random()
+        while True:
+            try:
+                if self._lost_rooms:
+                    await self._reset_lost_rooms()
+                replies = await self._reader.xread({f"{self._p}fanout": last_id}, count=500, block=2000)
+                if self._state != "ok":
+                    log.info("Redis hub connection restored")
+                    self.counters["reconnects"] += 1
+                self._state = "ok"
+                failures = 0
+                for _stream, entries in replies or ():
+                    for entry_id, fields in entries:
+                        last_id = _s(entry_id)
+                        self._deliver(self._publication(fields))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.counters["read_errors"] += 1
+                if self._state == "ok":
+                    log.warning("Redis hub connection lost: %s", exc)
+                self._state = "degraded"
+                delay = rng.uniform(0, min(10.0, 0.2 * 2 ** failures)) + 0.1
+                failures += 1
+                await asyncio.sleep(delay)
+
+    @staticmethod
+    def _publication(fields: dict[bytes, bytes]) -> Publication:
+        n = int(fields[b"n"])
+        alert = fields[b"a"] == b"1"
+        key = _s(fields[b"k"]) or None
+        return Publication(tuple(
+            Delivery(_s(fields[f"r{i}".encode()]), _s(fields[f"i{i}".encode()]), fields[f"d{i}".encode()], alert, key)
+            for i in range(1, n + 1)
+        ))
+
+    async def _reset_lost_rooms(self) -> None:
+        rooms, self._lost_rooms = self._lost_rooms, set()
+        keys = [k for room in rooms for k in self._room_keys(room)]
+        try:
+            await self._redis.delete(*keys)
+            self.counters["epochs_reset"] += len(rooms)
+        except RedisError:
+            self._lost_rooms |= rooms
+            raise
+
+    async def publish(self, event: Event, rooms: list[str]) -> Publication:
+        if not rooms:
+            return Publication(())
+        head, mid, tail = envelope_parts(event)
+        key = coalesce_key(event) or ""
+        keys = [k for room in rooms for k in self._room_keys(room)] + [f"{self._p}fanout"]
+        args: list[Any] = [len(rooms), self._history_size, self._ttl_s, now_ms(), secrets.token_hex(4),
+                           head, mid, tail, "1" if event.is_alert else "0", key, *rooms, FANOUT_MAXLEN]
+        try:
+            ids = await self._publish_script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            self._lost_rooms.update(rooms)
+            self._state = "degraded"
+            raise HubError(f"Redis hub publish failed: {exc}") from exc
+        return Publication(tuple(
+            Delivery(room, _s(id), head + room.encode() + mid + _s(id).encode() + tail, event.is_alert, key or None)
+            for room, id in zip(rooms, ids)
+        ))
+
+    async def history(self, room: str, since: str) -> list[Delivery] | None:
+        try:
+            epoch, offset = parse_event_id(since)
+        except ValueError:
+            return None
+        okey, ekey, skey = self._room_keys(room)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(ekey).get(okey).xrange(skey, min=f"({offset}-0", max="+", count=self._history_size + 1)
+                current_epoch, current_offset, entries = await pipe.execute()
+        except RedisError as exc:
+            raise HubError(f"Redis hub history failed: {exc}") from exc
+        if current_epoch is None or _s(current_epoch) != epoch or current_offset is None:
+            return None
+        current = int(current_offset)
+        if offset > current:
+            return None
+        if offset == current:
+            return []
+        if not entries or _s(entries[0][0]) != f"{offset + 1}-0":
+            return None
+        cutoff = now_ms() - int(self._history_age_s * 1000)
+        if int(entries[0][1][b"t"]) < cutoff:
+            return None
+        return [Delivery(room, f"{epoch}:{_s(entry_id).split('-')[0]}", fields[b"d"], fields[b"a"] == b"1",
+                         _s(fields[b"k"]) or None) for entry_id, fields in entries]
+
+    async def presence_join(self, room: str, member: Member) -> None:
+        await self.presence_refresh([(room, member)])
+
+    async def presence_leave(self, room: str, conn_id: str) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(f"{self._p}presence:{room}", conn_id).hdel(f"{self._p}presence:{room}:i", conn_id)
+                await pipe.execute()
+        except RedisError as exc:
+            log.debug("presence leave failed: %s", exc)
+
+    async def presence_refresh(self, memberships: list[tuple[str, Member]]) -> None:
+        if not memberships:
+            return
+        now = now_ms()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for room, m in memberships:
+                    zkey, hkey = f"{self._p}presence:{room}", f"{self._p}presence:{room}:i"
+                    pipe.zadd(zkey, {m.conn_id: now})
+                    pipe.hset(hkey, m.conn_id, json.dumps({"user": m.user, "node": m.node, "joined_ms": m.joined_ms}))
+                    pipe.expire(zkey, PRESENCE_TTL_MS // 1000 * 2).expire(hkey, PRESENCE_TTL_MS // 1000 * 2)
+                await pipe.execute()
+        except RedisError as exc:
+            log.debug("presence refresh failed: %s", exc)
+
+    async def presence(self, room: str) -> list[dict[str, Any]]:
+        zkey, hkey = f"{self._p}presence:{room}", f"{self._p}presence:{room}:i"
+        try:
+            await self._redis.zremrangebyscore(zkey, "-inf", now_ms() - PRESENCE_TTL_MS)
+            members = await self._redis.zrange(zkey, 0, -1, withscores=True)
+            details = await self._redis.hmget(hkey, [m for m, _ in members]) if members else []
+        except RedisError as exc:
+            raise HubError(f"Redis hub presence failed: {exc}") from exc
+        out = []
+        for (conn, seen), info in zip(members, details):
+            if info is None:
+                continue
+            meta = json.loads(info)
+            out.append({"conn_id": _s(conn), "user": meta["user"], "node": meta["node"],
+                        "joined_ms": meta["joined_ms"], "last_seen_ms": int(seen)})
+        return out
+
+    async def put_ticket(self, ticket: str, value: str, ttl_s: int) -> None:
+        try:
+            await self._redis.set(f"{self._p}ticket:{ticket}", value, ex=ttl_s, nx=True)
+        except RedisError as exc:
+            raise HubError(f"Redis hub ticket failed: {exc}") from exc
+
+    async def take_ticket(self, ticket: str) -> str | None:
+        try:
+            value = await self._redis.getdel(f"{self._p}ticket:{ticket}")
+        except RedisError as exc:
+            raise HubError(f"Redis hub ticket failed: {exc}") from exc
+        return _s(value) if value is not None else None
+
+    def state(self) -> str:
+        return self._state
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "lost_rooms_pending": len(self._lost_rooms)}

@@ -1,0 +1,636 @@
+"""WebSocket and Server-Sent Events: rooms, replay, presence, limits.
+
+WebSocket protocol (``/realtime/ws``; the patient and hospital variants subscribe on connect)::
+
+    client -> {"type": "subscribe", "room": "patient:p-001:vitals", "since": "<last id seen>"}
+              {"type": "unsubscribe", "room": "..."}   {"type": "ping"}
+              {"type": "auth", "token": "<fresh jwt>"}            (extends the connection)
+    server -> {"type": "welcome", "conn_id": ..., "user": ..., "expires_at": ...}
+              {"type": "subscribed", "room": ..., "replayed": n} | {"type": "resync", "room": ...}
+              {"type": "unsubscribed", "room": ...}   {"type": "pong"}   {"type": "ping"}
+              {"type": "error", "code": ..., "message": ..., "room": ...}
+              <event envelopes>
+
+Replay is race-free because each connection owns one send lock: a subscribe joins the room
+first (live events start queuing), reads the history while holding the lock, and the sender
+then skips anything at or below the offset already sent for that room.
+
+Close codes (also in the README): 4000-4099 mean "reconnect, with ``since``"; 4400-4499 mean
+"do not reconnect without changing something" (a new token, another room, fewer connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from bridge.api import ApiError, Auth, admin
+from bridge.hub import Delivery, HubError, Member, Subscriber
+from firstcare.auth import claims_from_payload
+from firstcare.errors import AuthError, RoomError
+from firstcare.events import make_event, parse_event_id
+from firstcare.payloads import now_ms
+from firstcare.permissions import Claims, can_subscribe
+from firstcare.rooms import Room, hospital_room, parse_room, patient_room
+
+log = logging.getLogger("firstcare.realtime")
+
+CLOSE_CODES: dict[str, int] = {
+    # reconnect (with since / Last-Event-ID)
+    "slow_consumer": 4000,
+    "server_shutdown": 4001,
+    # do not reconnect without changing something
+    "token_invalid": 4401,
+    "forbidden": 4403,
+    "origin_forbidden": 4405,
+    "too_many_connections": 4409,
+    "token_expired": 4410,
+    "message_too_large": 4413,
+    "rate_limited": 4429,
+}
+SUBPROTOCOL = "firstcare.v1"
+TOKEN_PROTOCOL_PREFIX = "bearer."
+MAX_RATE_VIOLATIONS = 50
+PRESENCE_REFRESH_S = 20.0
+
+_conn_ids = itertools.count(1)
+
+
+class Refused(Exception):
+    """A connection refused before it streams: ``code`` is a CLOSE_CODES key."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class RealtimeCounters:
+    connections_opened: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    forced_disconnects: Counter[str] = field(default_factory=Counter)
+    replay_served: int = 0
+    replay_events: int = 0
+    replay_resync: int = 0
+    subscribe_refused: int = 0
+    rate_limited: int = 0
+    sent: int = 0
+
+
+class Connection:
+    """One WebSocket or SSE stream: its claims, its inbox and what it has been sent."""
+
+    def __init__(self, kind: str, claims: Claims, maxsize: int) -> None:
+        self.kind = kind
+        self.claims = claims
+        self.id = f"{kind}-{next(_conn_ids)}-{secrets.token_hex(3)}"
+        self.subscriber = Subscriber(maxsize=maxsize, owner=claims.sub)
+        self.sent: dict[str, tuple[str, int]] = {}
+        self.joined_ms = now_ms()
+
+    def fresh(self, delivery: Delivery) -> bool:
+        """False for a delivery already sent (a replay overlapping the live queue)."""
+        epoch, offset = parse_event_id(delivery.id)
+        last = self.sent.get(delivery.room)
+        if last is not None and last[0] == epoch and offset <= last[1]:
+            return False
+        self.sent[delivery.room] = (epoch, offset)
+        return True
+
+
+class Realtime:
+    """Connection registry, permission checks, presence and counters, shared by both transports."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.connections: dict[str, Connection] = {}
+        self.by_user: Counter[str] = Counter()
+        self.counters = RealtimeCounters()
+        self._presence_task: asyncio.Task[None] | None = None
+        self.closing = asyncio.Event()
+
+    @property
+    def hub(self) -> Any:
+        return self.runtime.hub
+
+    def start(self) -> None:
+        self._presence_task = asyncio.create_task(self._refresh_presence(), name="fc-presence")
+
+    async def stop(self) -> None:
+        self.closing.set()
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._presence_task
+
+    # --- admission ------------------------------------------------------------------------
+
+    def check_origin(self, headers: Any) -> None:
+        origin = headers.get("origin")
+        if origin is None:
+            return  # not a browser
+        host = headers.get("host", "")
+        if origin in self.settings.allowed_origins or origin in (f"http://{host}", f"https://{host}"):
+            return
+        raise Refused("origin_forbidden", f"origin {origin!r} is not allowed (FC_ALLOWED_ORIGINS)", 403)
+
+    async def authenticate(self, token: str | None, ticket: str | None) -> Claims:
+        if ticket:
+            try:
+                value = await self.hub.backend.take_ticket(ticket)
+            except HubError as exc:
+                raise Refused("token_invalid", f"tickets unavailable: {exc}", 401) from exc
+            if value is None:
+                raise Refused("token_invalid", "unknown, used or expired ticket", 401)
+            claims = claims_from_payload(json.loads(value))
+            if claims.exp <= time.time():
+                raise Refused("token_expired", "token expired", 401)
+            return claims
+        try:
+            return await run_in_threadpool(self.runtime.verifier.verify, token)
+        except AuthError as exc:
+            code = "token_expired" if exc.reason == "token_expired" else "token_invalid"
+            raise Refused(code, str(exc), 401) from exc
+
+    def admit(self, kind: str, claims: Claims) -> Connection:
+        if self.closing.is_set():
+            raise Refused("server_shutdown", "server is shutting down", 503)
+        if self.by_user[claims.sub] >= self.settings.max_connections_per_user:
+            raise Refused("too_many_connections",
+                          f"{claims.sub!r} already has {self.by_user[claims.sub]} connections "
+                          f"(FC_MAX_CONNECTIONS_PER_USER)", 429)
+        conn = Connection(kind, claims, self.settings.ws_queue_size)
+        self.connections[conn.id] = conn
+        self.by_user[claims.sub] += 1
+        self.counters.connections_opened[kind] += 1
+        return conn
+
+    async def release(self, conn: Connection) -> None:
+        rooms = list(conn.subscriber.rooms)
+        self.hub.leave_all(conn.subscriber)
+        if self.connections.pop(conn.id, None) is not None:
+            self.by_user[conn.claims.sub] -= 1
+            if self.by_user[conn.claims.sub] <= 0:
+                del self.by_user[conn.claims.sub]
+        for room in rooms:
+            await self.hub.backend.presence_leave(room, conn.id)
+
+    async def room_allowed(self, claims: Claims, name: str) -> Room | None:
+        """The room if ``claims`` may join it; None for unknown and forbidden alike."""
+        try:
+            room = parse_room(name)
+        except RoomError:
+            return None
+        owner = None
+        store = self.runtime.store
+        if room.patient_id is not None:
+            owner = await run_in_threadpool(store.patient_hospital, room.patient_id)
+        elif room.device is not None:
+            device = await run_in_threadpool(store.device, *room.device)
+            owner = device.hospital_id if device is not None else None
+        return room if can_subscribe(claims, room, owner) else None
+
+    async def join(self, conn: Connection, room: str) -> None:
+        self.hub.join(conn.subscriber, room)
+        await self.hub.backend.presence_join(room, Member(conn.id, conn.claims.sub, self.runtime.node, conn.joined_ms))
+
+    async def leave(self, conn: Connection, room: str) -> None:
+        self.hub.leave(conn.subscriber, room)
+        conn.sent.pop(room, None)
+        await self.hub.backend.presence_leave(room, conn.id)
+
+    async def replay(self, conn: Connection, room: str, since: str) -> list[Delivery] | None:
+        """What ``conn`` missed in ``room`` since ``since``, or None (resync). The permission
+        is checked again here because the claims may have changed since the subscribe."""
+        if await self.room_allowed(conn.claims, room) is None:
+            return None
+        try:
+            missed = await self.hub.history(room, since)
+        except HubError:
+            missed = None
+        if missed is None:
+            self.counters.replay_resync += 1
+            return None
+        self.counters.replay_served += 1
+        self.counters.replay_events += len(missed)
+        return missed
+
+    async def _refresh_presence(self) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_REFRESH_S)
+            memberships = [(room, Member(c.id, c.claims.sub, self.runtime.node, c.joined_ms))
+                           for c in list(self.connections.values()) for room in c.subscriber.rooms]
+            await self.hub.backend.presence_refresh(memberships)
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        kinds = Counter(conn.kind for conn in self.connections.values())
+        return {
+            "connections": len(self.connections), "connections_ws": kinds["ws"], "connections_sse": kinds["sse"],
+            "connections_per_user": dict(self.by_user), "connections_opened": dict(c.connections_opened),
+            "refused": dict(c.refused), "forced_disconnects": dict(c.forced_disconnects),
+            "replay_served": c.replay_served, "replay_events": c.replay_events, "replay_resync": c.replay_resync,
+            "subscribe_refused": c.subscribe_refused, "rate_limited": c.rate_limited, "sent": c.sent,
+            "rooms": self.hub.local_rooms(),
+        }
+
+
+# --- WebSocket ----------------------------------------------------------------------------
+
+
+def _ws_credentials(ws: WebSocket) -> tuple[str | None, str | None, str | None]:
+    """(token, ticket, subprotocol to echo). The token may come as ``?token=``, as
+    ``Authorization: Bearer``, or as a ``bearer.<jwt>`` subprotocol offered next to
+    ``firstcare.v1`` (the server echoes ``firstcare.v1``, never the token)."""
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    token = next((p[len(TOKEN_PROTOCOL_PREFIX):] for p in offered if p.startswith(TOKEN_PROTOCOL_PREFIX)), None)
+    scheme, _, value = ws.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        token = token or value.strip()
+    token = token or ws.query_params.get("token")
+    return token, ws.query_params.get("ticket"), SUBPROTOCOL if SUBPROTOCOL in offered else None
+
+
+class WebSocketSession:
+    def __init__(self, rt: Realtime, ws: WebSocket, conn: Connection) -> None:
+        self.rt = rt
+        self.ws = ws
+        self.conn = conn
+        self.lock = asyncio.Lock()
+        settings = rt.settings
+        self.bucket = TokenBucket(settings.ws_rate_per_second, settings.ws_rate_per_second * 2)
+        self.violations = 0
+        self.close_reason: str | None = None
+
+    async def send_text(self, text: str) -> None:
+        await asyncio.wait_for(self.ws.send_text(text), self.rt.settings.ws_send_timeout_seconds)
+        self.rt.counters.sent += 1
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        async with self.lock:
+            await self.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def subscribe(self, room: str | None, since: str | None) -> None:
+        if not isinstance(room, str) or await self.rt.room_allowed(self.conn.claims, room) is None:
+            self.rt.counters.subscribe_refused += 1
+            await self.send_json({"type": "error", "code": "forbidden", "room": room,
+                                  "message": "unknown room or not allowed"})
+            return
+        async with self.lock:
+            await self.rt.join(self.conn, room)
+            missed: list[Delivery] | None = []
+            if since is not None:
+                missed = await self.rt.replay(self.conn, room, str(since))
+            if missed is None:
+                await self.send_text(json.dumps({"type": "resync", "room": room,
+                                                 "message": "history does not reach back that far; reload from the REST API"}))
+                return
+            await self.send_text(json.dumps({"type": "subscribed", "room": room, "replayed": len(missed)}))
+            for delivery in missed:
+                if self.conn.fresh(delivery):
+                    await self.send_text(delivery.data.decode())
+
+    async def handle(self, raw: str) -> None:
+        if not self.bucket.take():
+            self.rt.counters.rate_limited += 1
+            self.violations += 1
+            if self.violations >= MAX_RATE_VIOLATIONS:
+                raise _Close("rate_limited", "too many messages")
+            await self.send_json({"type": "error", "code": "rate_limited",
+                                  "message": f"at most {self.rt.settings.ws_rate_per_second:g} messages/s"})
+            return
+        try:
+            message = json.loads(raw)
+            kind = message["type"]
+        except (ValueError, KeyError, TypeError):
+            await self.send_json({"type": "error", "code": "bad_request",
+                                  "message": "expected a JSON object with a 'type'"})
+            return
+        if kind == "subscribe":
+            await self.subscribe(message.get("room"), message.get("since"))
+        elif kind == "unsubscribe":
+            room = message.get("room")
+            if isinstance(room, str):
+                await self.rt.leave(self.conn, room)
+            await self.send_json({"type": "unsubscribed", "room": room})
+        elif kind == "ping":
+            await self.send_json({"type": "pong", "ts": now_ms()})
+        elif kind == "auth":
+            try:
+                claims = await run_in_threadpool(self.rt.runtime.verifier.verify, message.get("token"))
+            except AuthError as exc:
+                await self.send_json({"type": "error", "code": exc.reason, "message": str(exc)})
+                return
+            if claims.sub != self.conn.claims.sub:
+                await self.send_json({"type": "error", "code": "token_invalid",
+                                      "message": "a refreshed token must have the same subject"})
+                return
+            self.conn.claims = claims
+            await self.send_json({"type": "authenticated", "expires_at": claims.exp})
+        else:
+            await self.send_json({"type": "error", "code": "bad_request", "message": f"unknown type {kind!r}"})
+
+    async def reader(self) -> None:
+        limit = self.rt.settings.ws_max_message_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw = (message.get("bytes") or b"").decode("utf-8", "replace")
+            if len(raw) > limit:
+                raise _Close("message_too_large", f"messages are limited to {limit} bytes")
+            await self.handle(raw)
+
+    async def writer(self) -> None:
+        subscriber = self.conn.subscriber
+        while True:
+            try:
+                delivery = await subscriber.get()
+            except HubError as exc:
+                raise _Close("slow_consumer", "an alert did not fit the send queue; reconnect with since") from exc
+            async with self.lock:
+                if self.conn.fresh(delivery):
+                    await self.send_text(delivery.data.decode())
+
+    async def keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.rt.settings.ws_ping_seconds)
+            await self.send_json({"type": "ping", "ts": now_ms()})
+
+    async def expiry(self) -> None:
+        while True:
+            remaining = self.conn.claims.exp - time.time()
+            if remaining <= 0:
+                raise _Close("token_expired", "token expired; reconnect with a fresh token")
+            await asyncio.sleep(min(remaining, 60))
+
+    async def shutdown(self) -> None:
+        await self.rt.closing.wait()
+        raise _Close("server_shutdown", "server shutting down; reconnect")
+
+
+class _Close(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+async def _close(ws: WebSocket, code: str, message: str) -> None:
+    if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(CLOSE_CODES[code], message[:120]), 5)
+
+
+async def serve_websocket(rt: Realtime, ws: WebSocket, auto_rooms: list[str]) -> None:
+    token, ticket, subprotocol = _ws_credentials(ws)
+    try:
+        rt.check_origin(ws.headers)
+        claims = await rt.authenticate(token, ticket)
+        conn = rt.admit("ws", claims)
+    except Refused as refused:
+        rt.counters.refused[refused.code] += 1
+        # accept first: a browser sees a refusal before accept() only as 1006, with no reason
+        await ws.accept(subprotocol=subprotocol)
+        await _close(ws, refused.code, refused.message)
+        return
+    await ws.accept(subprotocol=subprotocol)
+    session = WebSocketSession(rt, ws, conn)
+    try:
+        for room in auto_rooms:
+            if await rt.room_allowed(claims, room) is None:
+                rt.counters.subscribe_refused += 1
+                raise _Close("forbidden", f"room {room!r}: unknown room or not allowed")
+        await session.send_json({"type": "welcome", "conn_id": conn.id, "user": claims.sub,
+                                 "expires_at": claims.exp, "close_codes": CLOSE_CODES})
+        for room in auto_rooms:
+            await session.subscribe(room, ws.query_params.get("since"))
+        tasks = [asyncio.create_task(coro) for coro in
+                 (session.reader(), session.writer(), session.keepalive(), session.expiry(), session.shutdown())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+    except _Close as close:
+        rt.counters.forced_disconnects[close.code] += 1
+        await _close(ws, close.code, close.message)
+    except (WebSocketDisconnect, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+        if isinstance(exc, asyncio.TimeoutError):
+            rt.counters.forced_disconnects["slow_consumer"] += 1
+            await _close(ws, "slow_consumer", "send timed out")
+    finally:
+        await rt.release(conn)
+
+
+# --- Server-Sent Events -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def sse_frame(delivery: Delivery) -> bytes:
+    """The SSE form of a delivery, made once per delivery however many clients get it:
+    ``id:`` the event id, ``event:`` the dotted name, ``data:`` the envelope's ``data``."""
+    envelope = json.loads(delivery.data)
+    return ServerSentEvent(data=json.dumps(envelope["data"], separators=(",", ":")), event=envelope["event"],
+                           id=envelope["id"]).encode()
+
+
+def _sse_error(refused: Refused) -> JSONResponse:
+    return JSONResponse({"error": refused.code, "detail": refused.message}, refused.status,
+                        headers={"WWW-Authenticate": "Bearer"} if refused.status == 401 else None)
+
+
+async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    token = value.strip() if scheme.lower() == "bearer" and value.strip() else request.query_params.get("token")
+    try:
+        rt.check_origin(request.headers)
+        claims = await rt.authenticate(token, request.query_params.get("ticket"))
+        if await rt.room_allowed(claims, room) is None:
+            rt.counters.subscribe_refused += 1
+            raise Refused("forbidden", "unknown room or not allowed", 403)
+        conn = rt.admit("sse", claims)
+    except Refused as refused:
+        rt.counters.refused[refused.code] += 1
+        return _sse_error(refused)
+    since = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    await rt.join(conn, room)
+
+    async def stream() -> Any:
+        try:
+            if since:
+                missed = await rt.replay(conn, room, since)
+                if missed is None:
+                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": "history does not reach back"}),
+                                          event="resync")
+                    missed = []
+                for delivery in missed:
+                    if conn.fresh(delivery):
+                        yield sse_frame(delivery)
+            while True:
+                remaining = conn.claims.exp - time.time()
+                if remaining <= 0:
+                    rt.counters.forced_disconnects["token_expired"] += 1
+                    yield ServerSentEvent(data=json.dumps({"reason": "token expired"}), event="reauth")
+                    return
+                if rt.closing.is_set():
+                    return
+                try:
+                    delivery = await asyncio.wait_for(conn.subscriber.get(), min(remaining, 5.0))
+                except asyncio.TimeoutError:
+                    continue
+                except HubError:
+                    rt.counters.forced_disconnects["slow_consumer"] += 1
+                    return  # the browser reconnects with Last-Event-ID and replays
+                if conn.fresh(delivery):
+                    rt.counters.sent += 1
+                    yield sse_frame(delivery)
+        finally:
+            await rt.release(conn)
+
+    return EventSourceResponse(stream(), ping=rt.settings.ws_ping_seconds,
+                               send_timeout=rt.settings.ws_send_timeout_seconds,
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+# --- routes -------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def _rt(request_or_ws: Request | WebSocket) -> Realtime:
+    return request_or_ws.app.state.runtime.realtime
+
+
+@router.websocket("/realtime/ws")
+async def ws_rooms(ws: WebSocket) -> None:
+    await serve_websocket(_rt(ws), ws, [])
+
+
+@router.websocket("/realtime/ws/patient/{patient_id}")
+async def ws_patient(ws: WebSocket, patient_id: str) -> None:
+    await serve_websocket(_rt(ws), ws, [patient_room(patient_id)])
+
+
+@router.websocket("/realtime/ws/hospital/{hospital_id}")
+async def ws_hospital(ws: WebSocket, hospital_id: str) -> None:
+    await serve_websocket(_rt(ws), ws, [hospital_room(hospital_id)])
+
+
+def _sub_room(base: str, room: str | None, allowed: tuple[str, ...]) -> str:
+    return f"{base}:{room}" if room in allowed else base
+
+
+@router.get("/realtime/events", tags=["realtime"])
+async def sse_system(request: Request) -> Any:
+    """The ``system`` room (maintenance, system alerts) as Server-Sent Events."""
+    return await serve_sse(_rt(request), request, "system")
+
+
+@router.get("/realtime/events/patient/{patient_id}", tags=["realtime"])
+async def sse_patient(request: Request, patient_id: str, room: str | None = None) -> Any:
+    """``patient:{id}`` (or ``?room=vitals`` / ``?room=alerts`` for the narrower rooms)."""
+    return await serve_sse(_rt(request), request, _sub_room(patient_room(patient_id), room, ("vitals", "alerts")))
+
+
+@router.get("/realtime/events/hospital/{hospital_id}", tags=["realtime"])
+async def sse_hospital(request: Request, hospital_id: str, room: str | None = None) -> Any:
+    """``hospital:{id}`` (or ``?room=alerts`` for ``hospital:{id}:alerts``)."""
+    return await serve_sse(_rt(request), request, _sub_room(hospital_room(hospital_id), room, ("alerts",)))
+
+
+@router.get("/realtime/events/device/{device_type}/{device_id}", tags=["realtime"])
+async def sse_device(request: Request, device_type: str, device_id: str) -> Any:
+    return await serve_sse(_rt(request), request, f"device:{device_type}:{device_id}")
+
+
+class TestPublish(BaseModel):
+    room: str = Field(description="room to publish to, e.g. 'system' or 'patient:p-001:vitals'")
+    event: str = Field(default="system.alert", description="dotted event name")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.post("/realtime/test/publish", tags=["realtime"])
+async def test_publish(request: Request, c: Annotated[Claims, Depends(admin)], body: TestPublish) -> dict[str, Any]:
+    """Admin only: publish a test event to one room (end-to-end checks of dashboards)."""
+    try:
+        parse_room(body.room)
+        event = make_event(body.event, body.data)
+    except (RoomError, ValueError) as exc:
+        raise ApiError(400, "bad_request", str(exc)) from exc
+    try:
+        publication = await request.app.state.runtime.hub.publish(event, [body.room])
+    except HubError as exc:
+        raise ApiError(503, "hub_unavailable", str(exc)) from exc
+    return {"room": body.room, "id": publication.deliveries[0].id, "event": body.event}
+
+
+@router.post("/realtime/ticket", tags=["realtime"])
+async def ticket(request: Request, c: Auth) -> dict[str, Any]:
+    """Trade the bearer token for a short-lived single-use ticket, for ``EventSource`` and
+    ``WebSocket`` URLs (``?ticket=``), so the long-lived token never appears in a URL."""
+    rt = _rt(request)
+    value = secrets.token_urlsafe(24)
+    payload = {"sub": c.sub, "role": c.role, "exp": c.exp, "hospitals": sorted(c.hospitals),
+               "patients": sorted(c.patients)}
+    try:
+        await rt.hub.backend.put_ticket(value, json.dumps(payload), rt.settings.ticket_seconds)
+    except HubError as exc:
+        raise ApiError(503, "hub_unavailable", str(exc)) from exc
+    return {"ticket": value, "expires_in": rt.settings.ticket_seconds}
+
+
+@router.get("/realtime/presence", tags=["realtime"])
+async def presence(request: Request, c: Auth, room: str) -> dict[str, Any]:
+    """Who is in a room, across every bridge process sharing the hub."""
+    rt = _rt(request)
+    if await rt.room_allowed(c, room) is None:
+        raise ApiError(403, "forbidden", "unknown room or not allowed")
+    try:
+        members = await rt.hub.backend.presence(room)
+    except HubError as exc:
+        raise ApiError(503, "hub_unavailable", str(exc)) from exc
+    return {"room": room, "count": len(members), "members": members}
