@@ -325,7 +325,7 @@ class WebSocketSession:
             await self.send_text(json.dumps({"type": "subscribed", "room": room, "replayed": len(missed)}))
             for delivery in missed:
                 if self.conn.fresh(delivery):
-                    await self.send_text(delivery.data.decode())
+                    await self.send_text(ws_text(delivery))
 
     async def handle(self, raw: str) -> None:
         if not self.bucket.take():
@@ -389,7 +389,7 @@ class WebSocketSession:
                 raise _Close("slow_consumer", "an alert did not fit the send queue; reconnect with since") from exc
             async with self.lock:
                 if self.conn.fresh(delivery):
-                    await self.send_text(delivery.data.decode())
+                    await self.send_text(ws_text(delivery))
 
     async def keepalive(self) -> None:
         while True:
@@ -467,6 +467,12 @@ async def serve_websocket(rt: Realtime, ws: WebSocket, auto_rooms: list[str]) ->
 
 
 # --- Server-Sent Events -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def ws_text(delivery: Delivery) -> str:
+    """Decoded once per delivery, however many connections send it."""
+    return delivery.data.decode()
 
 
 @functools.lru_cache(maxsize=4096)
