@@ -1,0 +1,53 @@
+"""Shared pytest fixtures. Keep each group in its own section."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mosquitto
+
+# --------------------------------------------------------------------------
+# Mosquitto (real broker, built from broker-config/; see tests/support/brokers.py)
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoInstance]:
+    """Dev-mode broker (broker-config/mosquitto-dev.conf): anonymous, no ACL."""
+    require_mosquitto()
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto-dev"), dev=True)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoInstance]:
+    """Production broker (broker-config/mosquitto.conf): passwd + ACL enforced."""
+    require_mosquitto()
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto-secure"), dev=False)
+    yield broker
+    broker.stop()
+
+
+
+# --------------------------------------------------------------------------
+# Redis (the machine's service; FC_TEST_REDIS_URL overrides)
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A reachable Redis; skipped when absent, except in CI where that is a failure."""
+    import os
+
+    import redis
+
+    url = os.environ.get("FC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        message = f"Redis is not reachable at {url}: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
