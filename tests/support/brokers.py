@@ -17,6 +17,7 @@ production value, so tests prove the shipped config.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -49,6 +50,17 @@ DEV_CREDENTIALS: dict[str, str] = {
     SIMULATOR_USER: SIMULATOR_PASSWORD,
     GATEWAY_USER: GATEWAY_PASSWORD,
 }
+
+# Brokers still running when the interpreter exits (a crashed script, a
+# fixture without teardown) are killed rather than left behind.
+_RUNNING: set[MosquittoInstance] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for instance in list(_RUNNING):
+        instance.kill()
+
 
 # Options start_mosquitto always rewrites; ``overrides`` may not touch them.
 _MANAGED = frozenset(
@@ -98,7 +110,7 @@ def parse_config(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-@dataclass
+@dataclass(eq=False)
 class MosquittoInstance:
     """A mosquitto process started by :func:`start_mosquitto`."""
 
@@ -141,11 +153,13 @@ class MosquittoInstance:
                 [self.binary, "-c", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
+        _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 rc = self.process.returncode
                 self.process = None
+                _RUNNING.discard(self)
                 raise RuntimeError(f"mosquitto exited with {rc} on start:\n{self.log_text()}")
             if all(_accepts(self.host, p) for p in self.ports.values()):
                 return
@@ -169,6 +183,7 @@ class MosquittoInstance:
                 proc.kill()
                 proc.wait()
         self.process = None
+        _RUNNING.discard(self)
 
     def kill(self) -> None:
         """SIGKILL: a crash. Only what autosave already wrote survives."""
@@ -179,6 +194,7 @@ class MosquittoInstance:
             proc.kill()
         proc.wait()
         self.process = None
+        _RUNNING.discard(self)
 
     def restart(self, *, crash: bool = False, timeout: float = 10.0) -> None:
         """Stop (or kill, with ``crash=True``) and start again: same port, same data."""
