@@ -22,15 +22,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from bridge.alerts import default_rules, load_rules
 from bridge.api import Auth, install_error_handlers, router
-from bridge.core import BridgeCore, CoreSettings, Inbound, Writer
+from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
-from bridge.ingest import MqttIngest, MqttTarget
 from bridge.realtime import Realtime
 from bridge.realtime import router as realtime_router
 from bridge.store import Store, open_store
 from firstcare.auth import TokenVerifier
 from firstcare.broker import EmbeddedBroker
 from firstcare.events import Event
+from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget
 from firstcare.settings import Settings
 from firstcare.topics import subscription_filter
 
@@ -52,7 +52,7 @@ class Runtime:
         self.core: BridgeCore
         self.writer: Writer
         self.hub: Hub
-        self.ingest: MqttIngest
+        self.ingest: AckingConsumer
         self.tasks: list[asyncio.Task[Any]] = []
         self.timer_errors = 0
         self.node = f"{socket.gethostname()}-{os.getpid()}"
@@ -82,7 +82,7 @@ class Runtime:
         await self.hub.start()
         self.realtime = Realtime(self)
         self.realtime.start()
-        self.ingest = MqttIngest(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
+        self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
                                  self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms)
         self.tasks = [asyncio.create_task(self.ingest.run(), name="fc-ingest"),
                       asyncio.create_task(self._timers(), name="fc-timers")]

@@ -39,22 +39,13 @@ from firstcare.payloads import (
     now_ms,
 )
 from firstcare.metrics import METRICS
+from firstcare.mqtt import Inbound
 from firstcare.topics import parse_topic
 
 log = logging.getLogger("firstcare.bridge")
 T = TypeVar("T")
 
 PUBLISHED_ALERT_ACTIONS = frozenset({"raised", "acknowledged", "escalated", "resolved"})
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A message as received from MQTT, before any validation."""
-
-    topic: str
-    payload: bytes
-    received_ms: int
-    retained: bool = False
 
 
 @dataclass(frozen=True, slots=True)

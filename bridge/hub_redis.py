@@ -22,7 +22,6 @@ import json
 import logging
 import random
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 

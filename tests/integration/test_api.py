@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import jwt
@@ -143,7 +142,7 @@ def test_acknowledging_unknown_alert_is_404(bridge: BridgeThread) -> None:
 def test_health_readiness_stats_and_openapi(bridge: BridgeThread) -> None:
     assert httpx.get(bridge.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(bridge.url + "/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"mqtt": "connected", "store": "ok"}
+    assert ready.status_code == 200 and ready.json()["checks"] == {"mqtt": "connected", "store": "ok", "hub": "ok"}
     stats = get(bridge, "/realtime/stats", token()).json()
     assert stats["ingest"]["readings_stored"] >= 26 and stats["ingest"]["mqtt_state"] == "connected"
     paths = httpx.get(bridge.url + "/openapi.json").json()["paths"]

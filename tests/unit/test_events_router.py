@@ -11,7 +11,6 @@ from bridge.router import rooms_for
 from firstcare.events import (
     ALERT_EVENTS,
     EVENT_TYPES,
-    Event,
     encode_envelope,
     envelope,
     event_id,

@@ -1,4 +1,5 @@
-"""MQTT ingest: a persistent QoS 1 session whose messages are acknowledged only once stored.
+"""MQTT consumption with a persistent QoS 1 session whose messages are acknowledged only once
+the caller has stored them durably (the bridge's database, the edge gateway's spool).
 
 paho-mqtt runs on its own network thread with ``manual_ack``: PUBACK is sent after the batch
 holding the message has committed, never on receipt (aiomqtt cannot do this). The thread owns
@@ -27,14 +28,23 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 
-from bridge.core import Inbound
 from firstcare.errors import StoreError
 from firstcare.payloads import now_ms
 
-log = logging.getLogger("firstcare.ingest")
+log = logging.getLogger("firstcare.mqtt")
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message as received from MQTT, before any validation."""
+
+    topic: str
+    payload: bytes
+    received_ms: int
+    retained: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +78,7 @@ class _Received:
     qos: int
 
 
-class MqttIngest:
+class AckingConsumer:
     def __init__(
         self,
         target: MqttTarget,
@@ -220,7 +230,7 @@ class MqttIngest:
         """Consume until cancelled. A failing store is retried with backoff, holding the batch
         (and the broker's copy) until it commits."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._network, name="fc-mqtt", daemon=True)
+        self._thread = threading.Thread(target=self._network, name=f"fc-mqtt-{self.client_id}", daemon=True)
         self._thread.start()
         rng = random.Random()
         try:
