@@ -32,16 +32,20 @@ def new_device(device_type: str, device_id: str, hospital_id: str | None) -> Dev
 
 def on_reading(device: DeviceRecord, reading: Reading) -> tuple[DeviceRecord, SeqGap | None]:
     """A stored (non-duplicate) reading: the device is online and not silent. A forward jump in
-    ``seq`` is a gap; an older seq that was never stored fills a gap and changes nothing."""
+    ``seq`` is a gap; an older seq that was never stored fills a gap and changes nothing.
+
+    A reading taken before the device's latest offline status (an edge gateway draining its
+    backlog after forwarding the status first) does not bring the device back online."""
     gap = None
     last_seq = device.last_seq
     if last_seq is not None and reading.seq > last_seq + 1:
         gap = SeqGap(device.device_type, device.device_id, last_seq + 1, reading.seq - 1, reading.received_ms)
+    stale = device.state == "offline" and device.status_ms is not None and reading.ts_ms < device.status_ms
     updated = dataclasses.replace(
         device,
         hospital_id=reading.hospital_id,
-        state="online",
-        silent=False,
+        state=device.state if stale else "online",
+        silent=device.silent if stale else False,
         last_seen_ms=max(device.last_seen_ms or 0, reading.received_ms),
         last_data_ms=max(device.last_data_ms or 0, reading.received_ms),
         last_seq=reading.seq if last_seq is None else max(last_seq, reading.seq),
@@ -50,6 +54,9 @@ def on_reading(device: DeviceRecord, reading: Reading) -> tuple[DeviceRecord, Se
 
 
 def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:
+    """Apply a status message; one older than the latest applied only counts as a sign of life."""
+    if device.status_ms is not None and status.ts_ms < device.status_ms:
+        return dataclasses.replace(device, last_seen_ms=max(device.last_seen_ms or 0, status.received_ms))
     return dataclasses.replace(
         device,
         hospital_id=status.hospital_id,
@@ -61,6 +68,7 @@ def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:
                       else device.last_data_ms),
         battery=status.battery if status.battery is not None else device.battery,
         firmware=status.firmware if status.firmware is not None else device.firmware,
+        status_ms=status.ts_ms,
     )
 
 

@@ -48,6 +48,7 @@ class DeviceRecord:
     battery: int | None = None
     firmware: str | None = None
     last_seq: int | None = None
+    status_ms: int | None = None  # the device's own time of its latest status message
 
     @property
     def key(self) -> tuple[str, str]:

@@ -75,6 +75,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (patient_id, rule_id)
     );
     """,
+    "ALTER TABLE devices ADD COLUMN status_ms INTEGER;",
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]

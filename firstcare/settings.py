@@ -20,9 +20,82 @@ from firstcare.topics import check_root
 PREFIX = "FC_"
 
 
+class EnvSettings:
+    """Read a frozen settings dataclass from ``{PREFIX}{FIELD}`` variables, validate it, and
+    describe it for the README. Subclasses set ``PREFIX`` and implement ``validate``."""
+
+    PREFIX = PREFIX
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            key = cls.PREFIX + f.name.upper()
+            if key in environ and environ[key] != "":
+                values[f.name] = _convert(key, f.type, environ[key])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Any:
+        updated = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
+        updated.validate()
+        return updated
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.PREFIX}{name.upper()}={getattr(self, name)!r}: {why}")
+
+    def check_mqtt_url(self, name: str, allow_embedded: bool = True) -> None:
+        value = getattr(self, name)
+        if allow_embedded and value == "embedded":
+            return
+        parts = urlsplit(value)
+        try:
+            port_ok = parts.port is None or 0 < parts.port
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or not port_ok:
+            raise self.bad(name, ("expected 'embedded' or " if allow_embedded else "expected ")
+                           + "mqtt://[user:pass@]host[:port]")
+
+    def check_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise self.bad(name, "must be at least 1")
+
+    def check_not_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise self.bad(name, "must be a finite number, not negative")
+
+    def check_ports(self, *names: str) -> None:
+        for name in names:
+            if not 0 <= getattr(self, name) <= 65535:
+                raise self.bad(name, "must be a port number 0..65535")
+
+    @classmethod
+    def table(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) rows for the README's configuration tables."""
+        rows = []
+        for f in fields(cls):  # type: ignore[arg-type]
+            default = f.default if f.default is not dataclasses.MISSING else ""
+            rows.append((cls.PREFIX + f.name.upper(), "" if default in (None, ()) else str(default),
+                         f.metadata.get("doc", "")))
+        return rows
+
+
 @dataclass(frozen=True)
-class Settings:
-    """Every setting, its default, and (in ``metadata['doc']``) the README description."""
+class Settings(EnvSettings):
+    """Every bridge setting, its default, and (in ``metadata['doc']``) the README description."""
 
     mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtt://user:pass@host:port`"})
     mqtt_host: str = field(default="127.0.0.1", metadata={"doc": "bind address of the embedded broker"})
@@ -59,61 +132,24 @@ class Settings:
     ticket_seconds: int = field(default=30, metadata={"doc": "lifetime of a single-use connection ticket"})
     log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = PREFIX + f.name.upper()
-            if key in environ and environ[key] != "":
-                values[f.name] = _convert(key, f.type, environ[key])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def replace(self, **changes: Any) -> "Settings":
-        updated = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-        updated.validate()
-        return updated
-
     def validate(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)!r}: {why}")
-
-        if self.mqtt_url != "embedded":
-            parts = urlsplit(self.mqtt_url)
-            try:
-                port_ok = parts.port is None or 0 < parts.port
-            except ValueError:
-                port_ok = False
-            if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or not port_ok:
-                raise bad("mqtt_url", "expected 'embedded' or mqtt://[user:pass@]host[:port]")
+        self.check_mqtt_url("mqtt_url")
         if not self.store_url.startswith("sqlite:///") or not self.sqlite_path.strip():
-            raise bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
+            raise self.bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
         if urlsplit(self.hub_url).scheme not in ("memory", "redis", "rediss"):
-            raise bad("hub_url", "expected memory:// or redis://host:port/db")
-        for name in ("mqtt_port", "http_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise bad(name, "must be a port number 0..65535")
-        for name in ("ingest_queue_size", "batch_max", "dead_letter_bytes", "history_size", "ws_queue_size",
-                     "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be at least 1")
-        for name in ("retention_days", "device_silent_seconds", "device_offline_seconds", "escalation_seconds",
-                     "batch_linger_ms", "history_seconds", "ws_send_timeout_seconds", "ws_ping_seconds",
-                     "ws_rate_per_second"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise bad(name, "must be a finite number, not negative")
+            raise self.bad("hub_url", "expected memory:// or redis://host:port/db")
+        self.check_ports("mqtt_port", "http_port")
+        self.check_positive("ingest_queue_size", "batch_max", "dead_letter_bytes", "history_size", "ws_queue_size",
+                            "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds")
+        self.check_not_negative("retention_days", "device_silent_seconds", "device_offline_seconds",
+                                "escalation_seconds", "batch_linger_ms", "history_seconds",
+                                "ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
+            raise self.bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
         try:
             check_root(self.topic_root)
         except Exception as exc:
-            raise bad("topic_root", str(exc)) from exc
+            raise self.bad("topic_root", str(exc)) from exc
 
     @property
     def sqlite_path(self) -> str:
@@ -136,8 +172,4 @@ def _convert(key: str, type_: Any, raw: str) -> Any:
 
 def settings_table() -> list[tuple[str, str, str]]:
     """(variable, default, description) rows for the README's configuration table."""
-    rows = []
-    for f in fields(Settings):
-        default = f.default if f.default is not dataclasses.MISSING else ""
-        rows.append((PREFIX + f.name.upper(), "" if default in (None, ()) else str(default), f.metadata.get("doc", "")))
-    return rows
+    return Settings.table()

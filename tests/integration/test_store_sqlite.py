@@ -478,3 +478,24 @@ def test_database_error_becomes_store_error_and_rolls_back(store: SQLiteStore) -
             tx.save_transitions([Transition("raised", alert("a1"), T0), Transition("raised", bad, T0)])
     assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
     assert store.alert_history("a1") == []
+
+
+def test_an_existing_first_version_database_is_migrated_in_place(tmp_path) -> None:
+    import sqlite3
+
+    from bridge.store_sqlite import MIGRATIONS, SQLiteStore
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute("INSERT INTO devices (device_type, device_id, hospital_id, state) VALUES ('monitor', 'm1', 'h1', 'online')")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
+        (device,) = store.load_devices()
+        assert (device.device_id, device.state, device.status_ms) == ("m1", "online", None)
+        assert store._writer.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    finally:
+        store.close()

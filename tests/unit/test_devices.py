@@ -187,3 +187,19 @@ def test_sweep_spot_check_device(device_type: str, elapsed: int, offline_ms: int
 )
 def test_sweep_leaves_non_online_devices_alone(device: DeviceRecord) -> None:
     assert sweep(device, T0 + 100 * HOUR_MS, SILENT_MS, OFFLINE_MS) is None
+
+
+def test_a_reading_older_than_the_offline_status_does_not_bring_the_device_back() -> None:
+    offline = on_status(online(), status("offline", received_ms=T0 + 10_000))
+    backlog = Reading("h1", "monitor", "m1", 5, T0 + 5_000, T0 + 20_000, "p1", {"heart_rate": 70.0})
+    old, _ = on_reading(offline, backlog)  # taken before the offline status, forwarded after it
+    assert old.state == "offline"
+    assert old.last_seq == 5
+    fresh_reading = Reading("h1", "monitor", "m1", 6, T0 + 30_000, T0 + 30_100, "p1", {"heart_rate": 70.0})
+    assert on_reading(offline, fresh_reading)[0].state == "online"
+
+
+def test_an_older_status_arriving_late_does_not_override_a_newer_one() -> None:
+    newer = on_status(online(), status("offline", received_ms=T0 + 10_000))
+    late = on_status(newer, status("online", received_ms=T0 + 5_000))
+    assert (late.state, late.status_ms) == ("offline", T0 + 10_000)
