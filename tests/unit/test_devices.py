@@ -194,7 +194,7 @@ def test_a_reading_older_than_the_offline_status_does_not_bring_the_device_back(
     backlog = Reading("h1", "monitor", "m1", 5, T0 + 5_000, T0 + 20_000, "p1", {"heart_rate": 70.0})
     old, _ = on_reading(offline, backlog)  # taken before the offline status, forwarded after it
     assert old.state == "offline"
-    assert old.last_seq == 5
+    assert old.last_seq == max(offline.last_seq or 0, 5)
     fresh_reading = Reading("h1", "monitor", "m1", 6, T0 + 30_000, T0 + 30_100, "p1", {"heart_rate": 70.0})
     assert on_reading(offline, fresh_reading)[0].state == "online"
 
