@@ -3,6 +3,7 @@
     firstcare up [--simulate N]   broker + bridge + REST in one process, on embedded defaults
     firstcare bridge              the bridge alone, against FC_MQTT_URL
     firstcare broker              the embedded amqtt broker alone
+    firstcare edge                a hospital edge gateway (store and forward)
     firstcare simulate ...        simulated devices (QA)
     firstcare token ...           mint a JWT for a role and scope
 """
@@ -33,6 +34,10 @@ EPILOGS = {
     "broker": """examples:
   firstcare broker                   embedded amqtt broker on 127.0.0.1:1884
   firstcare broker --mqtt-host 0.0.0.0 --mqtt-port 1884""",
+    "edge": """examples:
+  firstcare edge --upstream-url mqtt://gateway:secret@uplink:1883 --hospital h1 --gateway-id ward-3
+  firstcare edge --local-port 1885 --bed-map beds.yaml --drain-rate 200
+  (devices of the ward publish to this gateway's broker, port 1885 by default)""",
     "token": """examples:
   firstcare token --role admin
   firstcare token --role clinician --hospital h1 --hospital h2 --ttl 28800
@@ -185,6 +190,28 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from edge.config import EdgeSettings
+    from edge.gateway import create_app
+    from firstcare.broker import check_port_free
+
+    keys = ("upstream_url", "local_url", "local_host", "local_port", "hospital_id", "gateway_id", "spool_path",
+            "spool_max_mb", "bed_map", "drain_rate", "http_host", "http_port", "log_level")
+    settings = EdgeSettings.from_env(**{k: getattr(args, k, None) for k in keys})
+    _configure_logging(settings.log_level)
+    if settings.local_url == "embedded":
+        check_port_free(settings.local_host, settings.local_port, "ward MQTT")
+    check_port_free(settings.http_host, settings.http_port, "HTTP")
+    print(f"edge gateway {settings.gateway_id} for hospital {settings.hospital_id}: ward broker "
+          f"{'mqtt://%s:%s (embedded)' % (settings.local_host, settings.local_port) if settings.local_url == 'embedded' else settings.local_url}, "
+          f"upstream {settings.upstream_url}, stats http://{settings.http_host}:{settings.http_port}/stats", flush=True)
+    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
+                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from firstcare.auth import mint_token
 
@@ -225,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     broker = add("broker", "run the embedded amqtt broker alone")
     _settings_flags(broker, mqtt_url=False)
     broker.set_defaults(func=cmd_broker)
+
+    edge = add("edge", "run a hospital edge gateway: ward broker -> spool on disk -> upstream broker")
+    edge.add_argument("--upstream-url", help="FC_EDGE_UPSTREAM_URL: mqtt://user:pass@host:port of the uplink broker")
+    edge.add_argument("--local-url", help="FC_EDGE_LOCAL_URL: 'embedded' (default) or mqtt://... of the ward broker")
+    edge.add_argument("--local-host", help="FC_EDGE_LOCAL_HOST: embedded ward broker bind address")
+    edge.add_argument("--local-port", type=int, help="FC_EDGE_LOCAL_PORT: embedded ward broker port (default 1885)")
+    edge.add_argument("--hospital", dest="hospital_id", help="FC_EDGE_HOSPITAL_ID: the gateway's hospital")
+    edge.add_argument("--gateway-id", help="FC_EDGE_GATEWAY_ID")
+    edge.add_argument("--spool", dest="spool_path", help="FC_EDGE_SPOOL_PATH: SQLite spool file")
+    edge.add_argument("--spool-max-mb", type=float, help="FC_EDGE_SPOOL_MAX_MB")
+    edge.add_argument("--bed-map", help="FC_EDGE_BED_MAP: YAML 'device_type/device_id: patient_id'")
+    edge.add_argument("--drain-rate", type=float, help="FC_EDGE_DRAIN_RATE: most messages/s upstream")
+    edge.add_argument("--http-host", help="FC_EDGE_HTTP_HOST")
+    edge.add_argument("--http-port", type=int, help="FC_EDGE_HTTP_PORT (default 8010)")
+    edge.add_argument("--log-level", help="FC_EDGE_LOG_LEVEL")
+    edge.set_defaults(func=cmd_edge)
 
     token = add("token", "mint a JWT (HS256) for a role and scope")
     token.add_argument("--role", required=True, choices=["admin", "clinician", "patient", "service"])

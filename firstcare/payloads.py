@@ -227,11 +227,16 @@ def decode_status(topic: Topic, payload: bytes, received_ms: int | None = None) 
     )
 
 
-def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None) -> bytes:
+def vitals_body(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None) -> dict:
+    """One reading as the contract spells it (a message of its own, or an item of a batch)."""
     body: dict = {"seq": seq, "ts": format_ts(ts_ms), "metrics": metrics}
     if patient_id is not None:
         body["patient_id"] = patient_id
-    return msgspec.json.encode(body)
+    return body
+
+
+def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None) -> bytes:
+    return msgspec.json.encode(vitals_body(seq, ts_ms, metrics, patient_id))
 
 
 def encode_batch(readings: list[dict]) -> bytes:

@@ -1,0 +1,49 @@
+"""Edge gateway settings: ``FC_EDGE_*`` variables or ``firstcare edge`` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from firstcare.settings import EnvSettings
+from firstcare.topics import check_root, is_valid_id
+
+
+@dataclass(frozen=True)
+class EdgeSettings(EnvSettings):
+    PREFIX = "FC_EDGE_"
+
+    upstream_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "the hospital's uplink broker, `mqtt://user:pass@host:port` (the bridge subscribes there)"})
+    local_url: str = field(default="embedded", metadata={"doc": "the ward's broker the devices publish to: `embedded` runs amqtt in-process, else `mqtt://...`"})
+    local_host: str = field(default="0.0.0.0", metadata={"doc": "bind address of the embedded ward broker"})
+    local_port: int = field(default=1885, metadata={"doc": "port of the embedded ward broker"})
+    hospital_id: str = field(default="h1", metadata={"doc": "the gateway's hospital: every forwarded topic carries it"})
+    gateway_id: str = field(default="gw1", metadata={"doc": "this gateway's id (MQTT client ids, status topic)"})
+    topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar"})
+    spool_path: str = field(default="data/edge-spool.db", metadata={"doc": "SQLite spool file"})
+    spool_max_mb: float = field(default=512.0, metadata={"doc": "spool size bound; beyond it the oldest vitals are discarded (counted)"})
+    spool_max_age_hours: float = field(default=72.0, metadata={"doc": "vitals older than this are discarded from the spool (counted)"})
+    bed_map: str | None = field(default=None, metadata={"doc": "YAML file `device_type/device_id: patient_id`, reloaded when it changes"})
+    drain_rate: float = field(default=1000.0, metadata={"doc": "most messages per second forwarded upstream"})
+    inflight: int = field(default=100, metadata={"doc": "most unacknowledged messages upstream at once"})
+    http_host: str = field(default="127.0.0.1", metadata={"doc": "bind address of /healthz and /stats"})
+    http_port: int = field(default=8010, metadata={"doc": "port of /healthz and /stats"})
+    dead_letter_bytes: int = field(default=4096, metadata={"doc": "raw payload kept per local dead letter"})
+    log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
+
+    def validate(self) -> None:
+        self.check_mqtt_url("upstream_url", allow_embedded=False)
+        self.check_mqtt_url("local_url")
+        self.check_ports("local_port", "http_port")
+        self.check_positive("inflight", "dead_letter_bytes")
+        self.check_not_negative("spool_max_mb", "spool_max_age_hours")
+        if not self.drain_rate > 0:
+            raise self.bad("drain_rate", "must be a positive number of messages per second")
+        for name in ("hospital_id", "gateway_id"):
+            if not is_valid_id(getattr(self, name)):
+                raise self.bad(name, "must match [A-Za-z0-9_-]{1,64}")
+        try:
+            check_root(self.topic_root)
+        except Exception as exc:
+            raise self.bad("topic_root", str(exc)) from exc
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise self.bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
