@@ -18,3 +18,15 @@ def test_every_setting_is_in_the_configuration_table() -> None:
 def test_every_metric_and_device_type_is_documented() -> None:
     assert [m for m in METRICS if f"| `{m}` |" not in README] == []
     assert [t for t in DEVICE_TYPES if f"`{t}`" not in README] == []
+
+
+def test_every_edge_setting_is_documented() -> None:
+    from edge.config import EdgeSettings
+
+    assert [key for key, _, _ in EdgeSettings.table() if f"| `{key}` |" not in README] == []
+
+
+def test_every_close_code_is_documented() -> None:
+    from bridge.realtime import CLOSE_CODES
+
+    assert [name for name, code in CLOSE_CODES.items() if f"| {code} | `{name}` |" not in README] == []
