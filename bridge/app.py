@@ -24,6 +24,7 @@ from bridge.alerts import default_rules, load_rules
 from bridge.api import Auth, install_error_handlers, router
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
+from bridge.router import rooms_for
 from bridge.realtime import Realtime
 from bridge.realtime import router as realtime_router
 from bridge.store import Store, open_store
@@ -37,6 +38,7 @@ from firstcare.topics import subscription_filter
 log = logging.getLogger("firstcare.bridge")
 
 TICK_S = 1.0
+OUTBOX_SIZE = 10_000
 PURGE_EVERY_S = 3600.0
 
 
@@ -55,6 +57,8 @@ class Runtime:
         self.ingest: AckingConsumer
         self.tasks: list[asyncio.Task[Any]] = []
         self.timer_errors = 0
+        self._outbox: asyncio.Queue[Event] = asyncio.Queue(OUTBOX_SIZE)
+        self.outbox_dropped = 0
         self.node = f"{socket.gethostname()}-{os.getpid()}"
         self.realtime: Realtime
 
@@ -85,7 +89,8 @@ class Runtime:
         self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
                                  self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms)
         self.tasks = [asyncio.create_task(self.ingest.run(), name="fc-ingest"),
-                      asyncio.create_task(self._timers(), name="fc-timers")]
+                      asyncio.create_task(self._timers(), name="fc-timers"),
+                      asyncio.create_task(self._fan_out(), name="fc-fan-out")]
 
     async def stop(self) -> None:
         if hasattr(self, "realtime"):
@@ -109,13 +114,31 @@ class Runtime:
         await self.publish(events)
 
     async def publish(self, events: Iterable[Event]) -> None:
-        """Fan out events whose data is already committed. A hub failure is counted (and the
-        rooms resynced once it is back) but never undoes or retries the stored batch."""
+        """Hand committed events to the fan-out; never blocks ingest. The backlog is bounded:
+        an event that does not fit is counted and its rooms are told to resync, since its data
+        is in the database already."""
         for event in events:
             try:
+                self._outbox.put_nowait(event)
+            except asyncio.QueueFull:
+                self.outbox_dropped += 1
+                self.hub.backend.mark_lost(rooms_for(event))
+
+    async def _fan_out(self) -> None:
+        """The one task that publishes to the hub, so a slow or absent Redis delays events but
+        never the ingest and its acknowledgements."""
+        failing = False
+        while True:
+            event = await self._outbox.get()
+            try:
                 await self.hub.publish(event)
+                if failing:
+                    log.info("fan-out restored")
+                failing = False
             except HubError as exc:
-                log.warning("event %s not fanned out: %s", event.name, exc)
+                if not failing:
+                    log.warning("fan-out failing, events are stored but not delivered live: %s", exc)
+                failing = True
 
     async def _timers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,7 +170,7 @@ class Runtime:
             "ingest": {**self.core.stats(), **self.ingest.counters, "mqtt_state": self.ingest.state,
                        "mqtt_last_error": self.ingest.last_error, "queue_depth": self.ingest.queue_depth(),
                        "queue_size": self.settings.ingest_queue_size},
-            "hub": self.hub.stats(),
+            "hub": {**self.hub.stats(), "outbox_depth": self._outbox.qsize(), "outbox_dropped": self.outbox_dropped},
             "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
         }
@@ -196,6 +219,10 @@ def create_app(settings: Settings) -> FastAPI:
         """The figures of /realtime/stats in Prometheus text format."""
         return prometheus_text(request.app.state.runtime.stats())
 
+    # the dashboard (bridge/static, no build step); mounted last so it only gets what no route matched
+    from starlette.staticfiles import StaticFiles
+
+    app.mount("/", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="dashboard")
     return app
 
 

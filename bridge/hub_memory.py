@@ -17,6 +17,7 @@ from firstcare.payloads import now_ms
 @dataclass
 class _Room:
     history: deque[tuple[int, float, Delivery]]
+    epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     offset: int = 0
 
 
@@ -29,7 +30,6 @@ class MemoryBackend:
     name = "memory"
 
     def __init__(self, history_size: int = 1000, history_age_s: float = 3600.0, presence_ttl_s: float = 60.0) -> None:
-        self.epoch = secrets.token_hex(4)
         self._history_size = history_size
         self._history_age_s = history_age_s
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
@@ -53,7 +53,7 @@ class MemoryBackend:
             if room is None:
                 room = self._rooms[name] = _Room(deque(maxlen=self._history_size))
             room.offset += 1
-            id = event_id(self.epoch, room.offset)
+            id = event_id(room.epoch, room.offset)
             delivery = Delivery(name, id, encode_envelope(event, name, id), event.is_alert, key)
             room.history.append((room.offset, now, delivery))
             deliveries.append(delivery)
@@ -67,7 +67,7 @@ class MemoryBackend:
         except ValueError:
             return None
         state = self._rooms.get(room)
-        if epoch != self.epoch or state is None or offset > state.offset:
+        if state is None or epoch != state.epoch or offset > state.offset:
             return None
         cutoff = time.monotonic() - self._history_age_s
         kept = [(o, d) for o, t, d in state.history if t >= cutoff]
@@ -109,6 +109,12 @@ class MemoryBackend:
         if entry is None or entry[1] < time.monotonic():
             return None
         return entry[0]
+
+    def mark_lost(self, rooms: list[str]) -> None:
+        """Events of these rooms were never published: start the rooms over in a new epoch, so
+        a client replaying from before is told to resync instead of silently missing them."""
+        for room in rooms:
+            self._rooms.pop(room, None)
 
     def state(self) -> str:
         return "ok"

@@ -270,6 +270,9 @@ class RedisBackend:
             raise HubError(f"Redis hub ticket failed: {exc}") from exc
         return _s(value) if value is not None else None
 
+    def mark_lost(self, rooms: list[str]) -> None:
+        self._lost_rooms.update(rooms)
+
     def state(self) -> str:
         return self._state
 
