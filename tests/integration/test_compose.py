@@ -92,20 +92,26 @@ def mosquitto_password_ok(user: str, password: str, passwd: Path = PASSWD_FILE) 
 
 
 def compose_mqtt_urls() -> dict[str, str]:
+    """The broker account each service uses on Mosquitto (see broker-config/acl)."""
     services = compose()["services"]
-    urls = {"bridge": services["bridge"]["environment"]["FC_MQTT_URL"]}
-    command = services["simulator"]["command"]
-    urls["simulator"] = command[command.index("--mqtt-url") + 1]
-    return urls
+    return {"bridge": services["bridge"]["environment"]["FC_MQTT_URL"],
+            "gateway": services["edge"]["environment"]["FC_EDGE_UPSTREAM_URL"]}
 
 
 def test_compose_credentials_are_in_passwd():
-    for service, url in compose_mqtt_urls().items():
+    for account, url in compose_mqtt_urls().items():
         parts = urlsplit(url)
         assert parts.hostname == "mosquitto" and parts.port == 1883, url
         user, password = unquote(parts.username or ""), unquote(parts.password or "")
-        assert user == service, f"{service} should log in as {service!r} (see broker-config/acl)"
-        assert mosquitto_password_ok(user, password), f"{service}: password not in passwd"
+        assert user == account, f"should log in as {account!r} (see broker-config/acl)"
+        assert mosquitto_password_ok(user, password), f"{account}: password not in passwd"
+
+
+def test_the_simulator_publishes_through_the_edge_gateway():
+    services = compose()["services"]
+    command = services["simulator"]["command"]
+    url = urlsplit(command[command.index("--mqtt-url") + 1])
+    assert (url.hostname, url.port) == ("edge", int(services["edge"]["environment"]["FC_EDGE_LOCAL_PORT"]))
 
 
 def test_passwd_holds_exactly_the_documented_dev_users():
