@@ -47,6 +47,7 @@ from firstcare.errors import AuthError, RoomError
 from firstcare.events import make_event, parse_event_id
 from firstcare.payloads import now_ms
 from firstcare.permissions import Claims, can_subscribe
+from firstcare.ratelimit import TokenBucket
 from firstcare.rooms import Room, hospital_room, parse_room, patient_room
 
 log = logging.getLogger("firstcare.realtime")
@@ -78,26 +79,6 @@ class Refused(Exception):
     def __init__(self, code: str, message: str, status: int) -> None:
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
-
-
-@dataclass
-class TokenBucket:
-    rate: float
-    burst: float
-    tokens: float = 0.0
-    stamp: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.burst
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 @dataclass

@@ -16,35 +16,15 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
 from edge.spool import Entry, Spool
 from firstcare.mqtt import MqttTarget, backoff_delay
 from firstcare.payloads import now_ms
+from firstcare.ratelimit import TokenBucket
 
 log = logging.getLogger("firstcare.edge")
-
-
-@dataclass
-class Pacer:
-    rate: float
-    burst: float
-    tokens: float = 0.0
-    stamp: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.burst
-
-    def available(self) -> int:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return int(self.tokens)
-
-    def take(self, n: int) -> None:
-        self.tokens -= n
 
 
 class Forwarder:
@@ -54,7 +34,7 @@ class Forwarder:
         self.target = target
         self.client_id = client_id
         self.status_topic = status_topic
-        self.pacer = Pacer(rate, max(1.0, min(rate, inflight)))
+        self.pacer = TokenBucket(rate, max(1.0, min(rate, inflight)))
         self.window = inflight
         self.state = "starting"
         self.last_error: str | None = None
@@ -138,7 +118,7 @@ class Forwarder:
                 break
             with self._lock:
                 self._inflight[info.mid] = entry.id
-            self.pacer.take(1)
+            self.pacer.take()
             self.counters["published"] += 1
 
     def _run(self) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,10 +19,10 @@ from bridge.hub import Delivery, Subscriber
 from firstcare.auth import mint_token
 from firstcare.settings import Settings
 from tests.support.brokers import free_port
+from tests.support.process import ChildProcess
 
 T = TypeVar("T")
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> T:
@@ -144,43 +141,22 @@ class BridgeThread:
         self.stop()
 
 
-class BridgeProcess:
+class BridgeProcess(ChildProcess):
     """``firstcare bridge`` as a child process, configured through ``FC_*`` variables."""
 
+    command = ("bridge",)
+
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env}
+        super().__init__(env, log_path)
         self.port = int(env["FC_HTTP_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "BridgeProcess":
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "firstcare.cli", "bridge"], env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        wait_until(self.ready, timeout=30, what=f"bridge process ready (log: {self.log_path})")
+        self._spawn(wait_until, "bridge process ready")
         return self
 
     def ready(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"bridge exited with {self.process.returncode}:\n{self.log_path.read_text()}")
         try:
             return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
