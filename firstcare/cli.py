@@ -17,6 +17,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,18 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
         raise FirstCareError("the server did not start; see the messages above")
 
 
+async def _report_progress(app: Any, every_s: float = 10.0) -> None:
+    """One line of what the system is doing, so a person watching the terminal sees it live."""
+    while True:
+        await asyncio.sleep(every_s)
+        s = app.state.runtime.stats()
+        ingest, rt = s["ingest"], s["realtime"]
+        print(f"[{time.strftime('%H:%M:%S')}] stored {ingest.get('readings_stored', 0)} readings, "
+              f"{ingest.get('dead_letters', 0)} dead letters, {ingest.get('alerts_active', 0)} active alerts, "
+              f"{ingest.get('devices_online', 0)}/{ingest.get('devices', 0)} devices online, "
+              f"{rt['connections']} live connections, MQTT {ingest.get('mqtt_state')}", flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from firstcare.auth import mint_token
 
@@ -116,6 +129,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_level)
     stop_sim = threading.Event()
     sim_thread: list[threading.Thread] = []
+    progress: list[asyncio.Task[None]] = []
 
     def ready(app: Any) -> None:
         base = f"http://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
@@ -124,6 +138,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   else settings.mqtt_url)
         print(f"""
 FirstCare Realtime is up.
+  dashboard     {base}/#token={token}&hospital={args.hospital}
   MQTT broker   {broker}
   REST API      {base}/api   (OpenAPI: {base}/docs)
   health        {base}/healthz   {base}/readyz
@@ -131,6 +146,7 @@ FirstCare Realtime is up.
   try           curl -H "Authorization: Bearer $TOKEN" {base}/api/devices
 Press Ctrl-C to stop.
 """, flush=True)
+        progress.append(asyncio.get_running_loop().create_task(_report_progress(app)))
         if args.simulate:
             from simulators.runner import SimulationConfig, run_simulation
 
