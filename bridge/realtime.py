@@ -372,21 +372,23 @@ class WebSocketSession:
                 if self.conn.fresh(delivery):
                     await self.send_text(ws_text(delivery))
 
-    async def keepalive(self) -> None:
-        while True:
-            await asyncio.sleep(self.rt.settings.ws_ping_seconds)
-            await self.send_json({"type": "ping", "ts": now_ms()})
-
-    async def expiry(self) -> None:
+    async def housekeeping(self) -> None:
+        """Keepalive pings, the token's expiry and server shutdown, in one task per connection
+        (every task costs memory, and a server holds thousands of connections)."""
+        interval = self.rt.settings.ws_ping_seconds
+        next_ping = time.monotonic() + interval
         while True:
             remaining = self.conn.claims.exp - time.time()
             if remaining <= 0:
                 raise _Close("token_expired", "token expired; reconnect with a fresh token")
-            await asyncio.sleep(min(remaining, 60))
-
-    async def shutdown(self) -> None:
-        await self.rt.closing.wait()
-        raise _Close("server_shutdown", "server shutting down; reconnect")
+            try:
+                await asyncio.wait_for(self.rt.closing.wait(), min(remaining, max(0.0, next_ping - time.monotonic())))
+                raise _Close("server_shutdown", "server shutting down; reconnect")
+            except asyncio.TimeoutError:
+                pass
+            if time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + interval
+                await self.send_json({"type": "ping", "ts": now_ms()})
 
 
 class _Close(Exception):
@@ -425,7 +427,7 @@ async def serve_websocket(rt: Realtime, ws: WebSocket, auto_rooms: list[str]) ->
         for room in auto_rooms:
             await session.subscribe(room, ws.query_params.get("since"))
         tasks = [asyncio.create_task(coro) for coro in
-                 (session.reader(), session.writer(), session.keepalive(), session.expiry(), session.shutdown())]
+                 (session.reader(), session.writer(), session.housekeeping())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
