@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bridge.alerts import AlertError, RuleOverride
+from bridge.core import PatientConflict
 from bridge.store import alert_json, device_json
 from firstcare.errors import AuthError
 from firstcare.permissions import Claims, can_view_hospital, can_view_patient, visible_hospitals
@@ -254,7 +255,10 @@ async def bind(request: Request, c: Auth, device_type: str, device_id: ID, body:
         raise ApiError(409, "conflict", f"device belongs to hospital {existing.hospital_id!r}")
     if not can_view_hospital(c, hospital):
         raise not_found(f"device {device_type}/{device_id}")
-    record, events = await rt.writer.run(rt.core.set_binding, device_type, device_id, body.patient_id, hospital)
+    try:
+        record, events = await rt.writer.run(rt.core.set_binding, device_type, device_id, body.patient_id, hospital)
+    except PatientConflict as exc:
+        raise ApiError(409, exc.reason, str(exc)) from exc
     await rt.publish(events)
     return device_json(record)
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from bridge import devices as dev
 from bridge.alerts import AlertBook, Rule, RuleOverride, Transition, apply_overrides
 from bridge.store import DeadLetter, DeviceRecord, SeqGap, Store, alert_json, device_json
-from firstcare.errors import TopicError
+from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
 from firstcare.payloads import (
     Reading,
@@ -35,15 +35,20 @@ from firstcare.payloads import (
     StatusReport,
     decode_status,
     decode_vitals,
+    encode_vitals,
     format_ts,
     now_ms,
 )
 from firstcare.metrics import METRICS
 from firstcare.mqtt import Inbound
-from firstcare.topics import parse_topic
+from firstcare.topics import parse_topic, vitals_topic
 
 log = logging.getLogger("firstcare.bridge")
 T = TypeVar("T")
+
+class PatientConflict(FirstCareError):
+    reason = "patient_conflict"
+
 
 PUBLISHED_ALERT_ACTIONS = frozenset({"raised", "acknowledged", "escalated", "resolved"})
 
@@ -90,6 +95,7 @@ class BridgeCore:
         self.book = AlertBook(self.rules, new_id=lambda: uuid.uuid4().hex, overrides=self.store.load_overrides())
         self.book.load_active(self.store.load_active_alerts())
         self.devices: dict[tuple[str, str], DeviceRecord] = {d.key: d for d in self.store.load_devices()}
+        self.patients: dict[str, str] = self.store.load_patients()
 
     def _committed(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(tx)`` in a transaction. If it fails, in-memory state may be ahead of the
@@ -137,7 +143,7 @@ class BridgeCore:
     def process(self, messages: Sequence[Inbound]) -> list[Event]:
         """Validate, store and evaluate one batch; return the events to publish after commit."""
         readings, statuses, dead = self._decode(messages)
-        readings = [self._with_patient(r) for r in readings]
+        readings = self._owned([self._with_patient(r) for r in readings], dead)
 
         def work(tx: Any) -> list[Event]:
             events: list[Event] = []
@@ -179,6 +185,24 @@ class BridgeCore:
         if messages:
             self.last_ingest_lag_ms = max(0, self.clock() - min(m.received_ms for m in messages))
         return events
+
+    def _owned(self, readings: list[Reading], dead: list[DeadLetter]) -> list[Reading]:
+        """Patient ids are global and belong to the first hospital that reports them; a reading
+        for that patient from another hospital is dead-lettered, never mixed into its record."""
+        kept = []
+        for r in readings:
+            if r.patient_id is not None:
+                owner = self.patients.setdefault(r.patient_id, r.hospital_id)
+                if owner != r.hospital_id:
+                    payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id)
+                    dead.append(DeadLetter(r.received_ms, vitals_topic(r.hospital_id, r.device_type, r.device_id,
+                                                                       self.settings.topic_root),
+                                           "patient_hospital_mismatch",
+                                           f"patient {r.patient_id!r} belongs to another hospital", payload,
+                                           len(payload)))
+                    continue
+            kept.append(r)
+        return kept
 
     def _with_patient(self, r: Reading) -> Reading:
         if r.patient_id is not None:
@@ -268,11 +292,17 @@ class BridgeCore:
 
     def set_binding(self, device_type: str, device_id: str, patient_id: str | None,
                     hospital_id: str | None) -> tuple[DeviceRecord, list[Event]]:
+        """Raises PatientConflict when the patient id belongs to another hospital."""
         before = self._device(device_type, device_id, hospital_id)
         after = dev.on_binding(before, patient_id, hospital_id)
+        if patient_id is not None and self.patients.get(patient_id, after.hospital_id) != after.hospital_id:
+            raise PatientConflict(f"patient id {patient_id!r} is in use by another hospital")
 
         def work(tx: Any) -> None:
             tx.upsert_devices([after])
+            if patient_id is not None and after.hospital_id is not None:
+                tx.claim_patient(patient_id, after.hospital_id, self.clock())
+                self.patients.setdefault(patient_id, after.hospital_id)
 
         self._committed(work)
         self.devices[after.key] = after

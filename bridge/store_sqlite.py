@@ -155,12 +155,7 @@ class SQLiteTransaction:
             inserted = cur.rowcount == 1
             new.append(inserted)
             if inserted and r.patient_id is not None:
-                conn.execute(
-                    "INSERT INTO patients (patient_id, hospital_id, updated_ms) VALUES (?,?,?)"
-                    " ON CONFLICT (patient_id) DO UPDATE SET hospital_id=excluded.hospital_id,"
-                    " updated_ms=excluded.updated_ms WHERE excluded.updated_ms >= patients.updated_ms",
-                    (r.patient_id, r.hospital_id, r.received_ms),
-                )
+                self.claim_patient(r.patient_id, r.hospital_id, r.received_ms)
                 conn.executemany(
                     "INSERT INTO latest_vitals (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
                     " VALUES (?,?,?,?,?,?,?) ON CONFLICT (patient_id, metric) DO UPDATE SET"
@@ -169,6 +164,11 @@ class SQLiteTransaction:
                     [(r.patient_id, m, v, r.ts_ms, r.device_type, r.device_id, r.seq) for m, v in r.metrics.items()],
                 )
         return new
+
+    def claim_patient(self, patient_id: str, hospital_id: str, at_ms: int) -> None:
+        """The first hospital to report a patient owns the id (see BridgeCore)."""
+        self._conn.execute("INSERT INTO patients (patient_id, hospital_id, updated_ms) VALUES (?,?,?)"
+                           " ON CONFLICT (patient_id) DO NOTHING", (patient_id, hospital_id, at_ms))
 
     def insert_dead_letters(self, letters: Iterable[DeadLetter]) -> None:
         self._conn.executemany(
@@ -282,6 +282,9 @@ class SQLiteStore:
     def load_active_alerts(self) -> list[Alert]:
         rows = self._writer.execute("SELECT * FROM alerts WHERE state != 'resolved'").fetchall()
         return [alert_from_row(r) for r in rows]
+
+    def load_patients(self) -> dict[str, str]:
+        return dict(self._writer.execute("SELECT patient_id, hospital_id FROM patients").fetchall())
 
     def load_overrides(self) -> dict[str, dict[str, RuleOverride]]:
         result: dict[str, dict[str, RuleOverride]] = {}
@@ -420,10 +423,6 @@ class SQLiteStore:
 
     def patient_hospital(self, patient_id: str) -> str | None:
         rows = self._query("SELECT hospital_id FROM patients WHERE patient_id=?", (patient_id,))
-        if rows:
-            return rows[0][0]
-        rows = self._query("SELECT hospital_id FROM devices WHERE patient_id=? AND hospital_id IS NOT NULL LIMIT 1",
-                           (patient_id,))
         return rows[0][0] if rows else None
 
     def counts(self) -> dict[str, int]:

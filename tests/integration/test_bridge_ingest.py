@@ -167,3 +167,20 @@ def test_silent_device_goes_silent_then_offline_by_heartbeat_timeout(bridge: Bri
         rules = {a["rule_id"]: a["state"] for a in client.get("/api/alerts").json()["items"]}
     assert rules["device.offline"] == "raised"
     device.close()
+
+
+def test_a_patient_id_used_by_another_hospital_is_dead_lettered_not_mixed_in(bridge: BridgeThread,
+                                                                              device: Device) -> None:
+    device.vitals({"spo2": 97}, patient_id="p-owned")
+    intruder = Device(bridge.mqtt_port, "ox-other", hospital_id="h2")
+    intruder.vitals({"spo2": 80}, patient_id="p-owned")
+    wait_until(lambda: bridge.runtime.core.counters["dead_letters"] == 1, what="the foreign reading refused")
+    with bridge.http() as client:
+        (letter,) = client.get("/api/dead-letters").json()["items"]
+        assert (letter["reason"], letter["topic"]) == ("patient_hospital_mismatch", "fc/v1/h2/oximeter/ox-other/vitals")
+        assert [r["hospital_id"] for r in client.get("/api/patients/p-owned/readings").json()["items"]] == ["h1"]
+    with bridge.http("clinician", hospitals=("h2",)) as other:
+        assert other.get("/api/patients/p-owned/readings").status_code == 404
+        taken = other.put("/api/devices/monitor/evil/binding", json={"patient_id": "p-owned", "hospital_id": "h2"})
+        assert (taken.status_code, taken.json()["error"]) == (409, "patient_conflict")
+    intruder.close()

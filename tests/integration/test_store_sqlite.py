@@ -419,15 +419,16 @@ def test_devices_paging(devices: SQLiteStore) -> None:
 
 @pytest.mark.parametrize(
     ("patient_id", "expected"),
-    [("p1", "h1"), ("p2", "h2"), ("p3", "h3"), ("ghost", None)],
+    [("p1", "h1"), ("p2", "h1"), ("p3", "h3"), ("ghost", None)],
 )
 def test_patient_hospital(store: SQLiteStore, patient_id: str, expected: str | None) -> None:
     with store.transaction() as tx:
         tx.insert_readings([reading(1, T0, "p1", "h1"), reading(2, T0, "p2", "h1", device=("monitor", "m2"))])
-        # p2 moved to h2: the newer reading wins
+        # a patient id belongs to the first hospital that reported it (the core refuses the rest)
         tx.insert_readings([reading(3, T0 + S, "p2", "h2", device=("monitor", "m3"))])
-        # p3 has no reading yet, only a bound device
+        # p3 has no reading yet, only a device bound to it, which claims it
         tx.upsert_devices([DeviceRecord("monitor", "m4", "h3", "p3", "online")])
+        tx.claim_patient("p3", "h3", T0)
     assert store.patient_hospital(patient_id) == expected
 
 
