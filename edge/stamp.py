@@ -15,9 +15,8 @@ from firstcare.payloads import (
     Rejection,
     decode_status,
     decode_vitals,
-    encode_batch,
+    encode_readings,
     encode_status,
-    encode_vitals,
     vitals_body,
 )
 from firstcare.mqtt import Inbound
@@ -63,10 +62,6 @@ def stamp(message: Inbound, hospital_id: str, patient_for: Callable[[str, str], 
     if not decoded.readings:
         return [], refused
     bound = patient_for(topic.device_type, topic.device_id)
-    readings = decoded.readings
-    if len(readings) == 1:
-        r = readings[0]
-        payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id or bound)
-    else:
-        payload = encode_batch([vitals_body(r.seq, r.ts_ms, r.metrics, r.patient_id or bound) for r in readings])
-    return [Outbound(out_topic, payload, PRIORITY_VITALS, device, message.received_ms)], refused
+    bodies = [vitals_body(r.seq, r.ts_ms, r.metrics, r.patient_id or bound) for r in decoded.readings]
+    return [Outbound(out_topic, payload, PRIORITY_VITALS, device, message.received_ms)
+            for payload in encode_readings(bodies)], refused

@@ -48,7 +48,7 @@ class VitalsIn(msgspec.Struct):
 class VitalsMessage(msgspec.Struct):
     """Either one reading (its fields at top level) or a batch (``readings``)."""
 
-    readings: list[VitalsIn] | None = None
+    readings: list[msgspec.Raw] | None = None  # each item validated on its own
     seq: int | None = None
     ts: int | str | None = None
     metrics: dict[str, float | Quantity] | None = None
@@ -63,6 +63,7 @@ class StatusIn(msgspec.Struct):
 
 
 _vitals_decoder = msgspec.json.Decoder(VitalsMessage)
+_item_decoder = msgspec.json.Decoder(VitalsIn)
 _status_decoder = msgspec.json.Decoder(StatusIn)
 
 
@@ -189,17 +190,25 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
             return DecodedVitals([], [Rejection("batch_empty", "'readings' is empty")])
         if len(message.readings) > MAX_BATCH:
             return DecodedVitals([], [Rejection("batch_too_large", f"{len(message.readings)} readings > {MAX_BATCH}")])
-        items = [(i, r) for i, r in enumerate(message.readings)]
+        items = []
+        early: list[Rejection] = []
+        for i, raw in enumerate(message.readings):
+            try:
+                items.append((i, _item_decoder.decode(raw)))
+            except msgspec.ValidationError as exc:
+                early.append(Rejection("schema_invalid", _schema_detail(exc).replace("$", f"$.readings[{i}]", 1), i))
     else:
+        early = []
         missing = [f for f in ("seq", "ts", "metrics") if getattr(message, f) is None]
         if missing:
             return DecodedVitals([], [Rejection("schema_invalid", f"missing required field(s): {', '.join(missing)}")])
         items = [(None, VitalsIn(message.seq, message.ts, message.metrics, message.patient_id))]  # type: ignore[arg-type]
     readings: list[Reading] = []
-    rejections: list[Rejection] = []
+    rejections: list[Rejection] = list(early)
     for index, item in items:
         result = _reading(topic, item, received_ms, index)
         (readings if isinstance(result, Reading) else rejections).append(result)  # type: ignore[arg-type]
+    rejections.sort(key=lambda r: -1 if r.index is None else r.index)
     return DecodedVitals(readings, rejections)
 
 
@@ -241,6 +250,25 @@ def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patien
 
 def encode_batch(readings: list[dict]) -> bytes:
     return msgspec.json.encode({"readings": readings})
+
+
+def encode_readings(bodies: list[dict], limit: int = MAX_PAYLOAD_BYTES) -> list[bytes]:
+    """Readings (``vitals_body`` dicts) as few messages as fit ``limit`` each: one reading is a
+    plain vitals message, several a batch. Used where re-encoding can grow a payload (the edge
+    gateway stamps ``patient_id`` and ISO times) so nothing is forwarded that the bridge refuses."""
+    encoded = [msgspec.json.encode(b) for b in bodies]
+    messages: list[bytes] = []
+    chunk: list[bytes] = []
+    size = len(b'{"readings":[]}')
+    for item in encoded:
+        if chunk and (size + len(item) + 1 > limit or len(chunk) >= MAX_BATCH):
+            messages.append(chunk[0] if len(chunk) == 1 else b'{"readings":[' + b",".join(chunk) + b"]}")
+            chunk, size = [], len(b'{"readings":[]}')
+        chunk.append(item)
+        size += len(item) + 1
+    if chunk:
+        messages.append(chunk[0] if len(chunk) == 1 else b'{"readings":[' + b",".join(chunk) + b"]}")
+    return messages
 
 
 def encode_status(state: str, battery: int | None = None, firmware: str | None = None, ts_ms: int | None = None) -> bytes:

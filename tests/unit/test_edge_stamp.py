@@ -83,3 +83,21 @@ def test_bed_map_parses(text: str, expected: dict) -> None:
 def test_bed_map_errors_name_the_entry(text: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         parse_bed_map(text)
+
+
+def test_a_batch_that_grows_past_64_kib_when_stamped_is_split_into_messages_the_bridge_accepts() -> None:
+    from firstcare.payloads import MAX_PAYLOAD_BYTES, decode_vitals
+    from firstcare.topics import parse_topic
+
+    readings = [{"seq": n, "ts": T, "metrics": {"heart_rate": 70, "spo2": 97}} for n in range(900)]
+    payload = json.dumps({"readings": readings}, separators=(",", ":")).encode()
+    assert len(payload) <= MAX_PAYLOAD_BYTES
+    outs, refused = stamp(Inbound("fc/v1/h1/monitor/m1/vitals", payload, T + 500), "h1", beds)
+    assert refused == [] and len(outs) > 1
+    seqs = []
+    for out in outs:
+        assert len(out.payload) <= MAX_PAYLOAD_BYTES
+        decoded = decode_vitals(parse_topic(out.topic), out.payload, T + 500)
+        assert decoded.rejections == []
+        seqs += [r.seq for r in decoded.readings]
+    assert seqs == list(range(900))
