@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from firstcare.errors import FirstCareError
+from firstcare.logs import install_redaction
 from firstcare.settings import Settings
 
 EPILOGS = {
@@ -83,6 +84,7 @@ def ensure_secret(settings: Settings) -> Settings:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_redaction()
 
 
 async def _serve(settings: Settings, on_ready: Any = None) -> None:
@@ -99,7 +101,20 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
                             ws_max_size=max(65536, settings.ws_max_message_bytes * 2),
                             log_level=settings.log_level.lower(), ws_per_message_deflate=False,
                             lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+    install_redaction()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # tell live streams first, so a WebSocket closes with 4001 (reconnect) rather than
+            # the bare 1012 uvicorn sends when it tears connections down
+            runtime = getattr(app.state, "runtime", None)
+            realtime = getattr(runtime, "realtime", None)
+            if realtime is not None and realtime.connections:
+                realtime.closing.set()
+                await asyncio.sleep(0.5)
+            await super().shutdown(sockets)
+
+    server = Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
@@ -223,8 +238,10 @@ def cmd_edge(args: argparse.Namespace) -> int:
     print(f"edge gateway {settings.gateway_id} for hospital {settings.hospital_id}: ward broker "
           f"{'mqtt://%s:%s (embedded)' % (settings.local_host, settings.local_port) if settings.local_url == 'embedded' else settings.local_url}, "
           f"upstream {settings.upstream_url}, stats http://{settings.http_host}:{settings.http_port}/stats", flush=True)
-    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
-                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(settings), host=settings.http_host, port=settings.http_port,
+                            log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
+    install_redaction()
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from tests.support.bridge import wait_until
 from tests.support.brokers import free_port
@@ -36,10 +40,17 @@ def test_up_with_simulated_devices_serves_readings_and_stops_cleanly_on_ctrl_c(t
             timeout=30, what="readings of p-001")
         assert readings[0]["metrics"]
         assert (tmp_path / "data" / "firstcare.db").exists()
+        live = connect(f"ws://127.0.0.1:{http_port}/realtime/ws/patient/p-001?token={match.group(1)}")
+        assert json.loads(live.recv(10))["type"] == "welcome"
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
     assert code == 0, log.read_text()
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            live.recv(10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001, "shutdown must say: reconnect"
+    assert "?token=eyJ" not in log.read_text(), "a token in a URL reached the log"
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
