@@ -63,6 +63,13 @@ def admin(c: Annotated[Claims, Depends(claims)]) -> Claims:
     return c
 
 
+def operator(c: Annotated[Claims, Depends(claims)]) -> Claims:
+    """Operations data (connection counts per user, room names) is not for every token."""
+    if not c.sees_everything:
+        raise ApiError(403, "forbidden", "admin or service role required")
+    return c
+
+
 Auth = Annotated[Claims, Depends(claims)]
 
 

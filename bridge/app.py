@@ -14,14 +14,14 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from bridge.alerts import default_rules, load_rules
-from bridge.api import Auth, install_error_handlers, router
+from bridge.api import install_error_handlers, operator, router
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
 from bridge.router import rooms_for
@@ -31,6 +31,7 @@ from bridge.store import Store, open_store
 from firstcare.auth import TokenVerifier
 from firstcare.broker import EmbeddedBroker
 from firstcare.events import Event
+from firstcare.permissions import Claims
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget
 from firstcare.settings import Settings
 from firstcare.topics import subscription_filter
@@ -159,7 +160,7 @@ class Runtime:
         checks: dict[str, Any] = {"mqtt": self.ingest.state, "hub": self.hub.backend.state()}
         try:
             self.store.ping()
-            checks["store"] = "ok"
+            checks["store"] = "ok" if self.ingest.store_error is None else f"error: {self.ingest.store_error}"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["store"] = f"error: {exc}"
         ready = checks["mqtt"] == "connected" and checks["store"] == "ok" and checks["hub"] == "ok"
@@ -168,7 +169,7 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         return {
             "ingest": {**self.core.stats(), **self.ingest.counters, "mqtt_state": self.ingest.state,
-                       "mqtt_last_error": self.ingest.last_error, "queue_depth": self.ingest.queue_depth(),
+                       "mqtt_last_error": self.ingest.last_error, "store_last_error": self.ingest.store_error, "queue_depth": self.ingest.queue_depth(),
                        "queue_size": self.settings.ingest_queue_size},
             "hub": {**self.hub.stats(), "outbox_depth": self._outbox.qsize(), "outbox_dropped": self.outbox_dropped},
             "realtime": self.realtime.stats(),
@@ -209,7 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(body, 200 if body["ready"] else 503)
 
     @app.get("/realtime/stats", tags=["operations"])
-    def stats(request: Request, c: Auth) -> dict[str, Any]:
+    def stats(request: Request, c: Annotated[Claims, Depends(operator)]) -> dict[str, Any]:
         """Ingest and fan-out counters: messages, stored, duplicates, dead letters by reason,
         alert transitions, queue depth, MQTT state, ingest lag."""
         return request.app.state.runtime.stats()

@@ -106,6 +106,7 @@ class AckingConsumer:
         self._client: mqtt.Client | None = None
         self.state = "starting"
         self.last_error: str | None = None
+        self.store_error: str | None = None  # why the last batch could not be stored, until one is
         self.counters = {"received": 0, "acked": 0, "stale_acks": 0, "connects": 0, "disconnects": 0,
                          "queue_full_waits": 0, "store_retries": 0}
 
@@ -240,12 +241,13 @@ class AckingConsumer:
                 while True:
                     try:
                         await self._handle_batch([r.inbound for r in batch])
+                        self.store_error = None
                         break
                     except Exception as exc:  # noqa: BLE001 - keep the batch; the broker holds it too
                         self.counters["store_retries"] += 1
                         if not isinstance(exc, StoreError):
                             log.exception("unexpected error processing a batch")
-                        self.last_error = str(exc)
+                        self.store_error = str(exc)
                         delay = backoff_delay(attempt, rng)
                         attempt += 1
                         log.error("store failed (%s); retrying batch of %d in %.1fs", exc, len(batch), delay)

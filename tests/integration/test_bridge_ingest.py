@@ -184,3 +184,25 @@ def test_a_patient_id_used_by_another_hospital_is_dead_lettered_not_mixed_in(bri
         taken = other.put("/api/devices/monitor/evil/binding", json={"patient_id": "p-owned", "hospital_id": "h2"})
         assert (taken.status_code, taken.json()["error"]) == (409, "patient_conflict")
     intruder.close()
+
+
+def test_a_database_that_refuses_writes_makes_the_bridge_degraded_and_loses_nothing(
+        bridge: BridgeThread, device: Device) -> None:
+    import sqlite3
+
+    import httpx
+
+    blocker = sqlite3.connect(bridge.settings.sqlite_path, timeout=1)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    try:
+        for seq in range(1, 6):
+            device.vitals({"spo2": 97}, seq=seq)
+        degraded = wait_until(lambda: (r := httpx.get(bridge.url + "/readyz")).status_code == 503 and r,
+                              timeout=90, what="degraded while the database refuses writes")
+        assert degraded.json()["checks"]["store"].startswith("error:")
+        assert stored(bridge) == 0
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_until(lambda: stored(bridge) == 5, timeout=60, what="everything stored once the database is back")
+    wait_until(lambda: httpx.get(bridge.url + "/readyz").status_code == 200, what="ready again")
