@@ -12,7 +12,9 @@ from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 
 from bridge.alerts import AlertError, RuleOverride
@@ -22,7 +24,7 @@ from firstcare.errors import AuthError
 from firstcare.permissions import Claims, can_view_hospital, can_view_patient, visible_hospitals
 from firstcare.topics import DEVICE_TYPES, ID_PATTERN
 
-ID = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
+ID = Annotated[str, Field(pattern=f"^{ID_PATTERN.pattern}$")]
 
 
 class ApiError(Exception):
@@ -36,10 +38,22 @@ def not_found(what: str) -> ApiError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error answers ``{"error": code, "detail": text}``, FastAPI's own ones included."""
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": "bad_request", "detail": problems}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": error, "detail": str(exc.detail)}, exc.status_code, headers=exc.headers)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -77,11 +91,13 @@ def time_param(value: str | None, name: str) -> int | None:
     """ISO-8601 (with zone) or epoch milliseconds."""
     if value is None:
         return None
-    if value.lstrip("-").isdigit():
+    if value.isascii() and value.lstrip("-").isdigit():
+        if len(value) > 15:
+            raise ApiError(400, "bad_request", f"{name}={value!r} is out of range")
         return int(value)
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise ApiError(400, "bad_request", f"{name}={value!r} is not ISO-8601 or epoch milliseconds") from exc
     if parsed.tzinfo is None:
         raise ApiError(400, "bad_request", f"{name}={value!r} needs a time zone")

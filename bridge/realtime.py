@@ -320,7 +320,7 @@ class WebSocketSession:
         try:
             message = json.loads(raw)
             kind = message["type"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             await self.send_json({"type": "error", "code": "bad_request",
                                   "message": "expected a JSON object with a 'type'"})
             return

@@ -112,10 +112,10 @@ def _cursor_parts(cursor: str | None, n: int) -> list[int] | None:
     if cursor is None:
         return None
     try:
-        parts = [int(p) for p in cursor.split(".")]
+        parts = [int(p) for p in cursor.split(".") if p.isascii()]
     except ValueError:
         parts = []
-    if len(parts) != n:
+    if len(parts) != n or any(abs(p) >= 2**63 for p in parts):
         raise ValueError(f"malformed cursor {cursor!r}")
     return parts
 

@@ -249,9 +249,13 @@ def cmd_token(args: argparse.Namespace) -> int:
     from firstcare.auth import mint_token
 
     settings = Settings.from_env(store_url=args.store_url)
-    secret = args.secret or ensure_secret(settings).jwt_secret
+    secret = args.secret or settings.jwt_secret
+    if not secret and secret_file(settings).exists():
+        secret = secret_file(settings).read_text().strip()
     if not secret:
-        raise FirstCareError("minting needs an HS256 secret: set FC_JWT_SECRET or pass --secret")
+        raise FirstCareError(
+            f"no signing secret: set FC_JWT_SECRET, pass --secret, or run where `firstcare up` keeps "
+            f"{secret_file(settings)} (or point --store-url at its database)")
     print(mint_token(secret, args.sub or args.role, args.role, args.hospital, args.patient, args.ttl))
     return 0
 

@@ -144,6 +144,9 @@ class Settings(EnvSettings):
         self.check_not_negative("retention_days", "device_silent_seconds", "device_offline_seconds",
                                 "escalation_seconds", "batch_linger_ms", "history_seconds",
                                 "ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second")
+        for name in ("ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second"):
+            if not getattr(self, name) > 0:
+                raise self.bad(name, "must be greater than 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise self.bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
         try:

@@ -66,8 +66,13 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_token_command_mints_a_token_the_server_accepts(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "firstcare.cli", "token", "--role", "clinician", "--hospital", "h1"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    command = [sys.executable, "-m", "firstcare.cli", "token", "--role", "clinician", "--hospital", "h1"]
+    refused = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "no signing secret" in refused.stderr
+    assert not (tmp_path / "data").exists(), "it must not invent a secret the server does not know"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "jwt-secret").write_text("a-secret-firstcare-up-would-have-made-32b")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     from firstcare.auth import TokenVerifier
 

@@ -148,3 +148,28 @@ def test_health_readiness_stats_and_openapi(bridge: BridgeThread) -> None:
     paths = httpx.get(bridge.url + "/openapi.json").json()["paths"]
     assert {"/api/patients/{patient_id}/readings", "/api/alerts/{alert_id}/ack",
             "/api/devices/{device_type}/{device_id}/binding", "/api/dead-letters"} <= set(paths)
+
+
+@pytest.mark.parametrize(("path", "params"), [
+    ("/api/patients/p-h1/readings", {"cursor": "99999999999999999999.1"}),
+    ("/api/patients/p-h1/readings", {"since": "99999999999999999999"}),
+    ("/api/patients/p-h1/readings", {"since": "²"}),
+    ("/api/alerts", {"cursor": "99999999999999999999.1"}),
+    ("/api/dead-letters", {"cursor": "99999999999999999999"}),
+])
+def test_out_of_range_numbers_are_400_not_500(bridge: BridgeThread, path: str, params: dict) -> None:
+    response = get(bridge, path, token(), **params)
+    assert (response.status_code, response.json()["error"]) == (400, "bad_request")
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "error"), [
+    ("GET", "/api/patients/p%20x/readings", None, 422, "bad_request"),
+    ("GET", "/api/alerts?limit=abc", None, 422, "bad_request"),
+    ("PUT", "/api/devices/monitor/m9/binding", {"patient_id": "bad id/../x", "hospital_id": "h1"}, 422, "bad_request"),
+    ("GET", "/api/nothing-here", None, 404, "not_found"),
+])
+def test_every_error_has_the_documented_shape(bridge: BridgeThread, method: str, path: str, body: object,
+                                               status: int, error: str) -> None:
+    response = httpx.request(method, bridge.url + path, json=body, headers={"Authorization": f"Bearer {token()}"})
+    assert response.status_code == status
+    assert response.json()["error"] == error and isinstance(response.json()["detail"], str)

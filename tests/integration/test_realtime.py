@@ -405,3 +405,17 @@ def test_presence_stats_and_metrics_follow_connections(bridge: BridgeThread) -> 
     metrics = httpx.get(f"{bridge.url}/metrics").text
     assert "firstcare_realtime_connections " in metrics and "firstcare_hub_delivered " in metrics
     assert "watcher" not in metrics and "p-001" not in metrics
+
+
+@pytest.mark.parametrize("raw", ["not json", "[1, 2]", "{\"no\": \"type\"}", "[" * 1500, "{\"type\": \"dance\"}"])
+def test_malformed_client_messages_get_an_error_and_the_connection_lives_on(bridge: BridgeThread, raw: str) -> None:
+    async def main() -> tuple[dict, dict]:
+        async with ws_client(ws_url(bridge, token=token(sub=f"odd-{len(raw)}"))) as ws:
+            await ws.send(raw)
+            error = await recv(ws)
+            await ws.send(json.dumps({"type": "ping"}))
+            return error, await recv(ws)
+
+    error, pong = asyncio.run(main())
+    assert (error["type"], error["code"]) == ("error", "bad_request")
+    assert pong["type"] == "pong"
