@@ -143,6 +143,17 @@ def _check_cursor(fn: Any, *args: Any) -> Any:
         raise ApiError(400, "bad_request", str(exc)) from exc
 
 
+@router.get("/api/patients", tags=["patients"])
+def patients(request: Request, c: Auth, hospital_id: ID | None = None,
+             limit: Annotated[int, Query(ge=1, le=5000)] = 500, cursor: str | None = None) -> dict[str, Any]:
+    """The patients of the caller's hospitals (a patient token: its own), by id."""
+    store = _runtime(request).store
+    if c.role == "patient":
+        items = [{"patient_id": p, "hospital_id": store.patient_hospital(p)} for p in sorted(c.patients)]
+        return {"items": [i for i in items if i["hospital_id"] is not None], "next": None}
+    return page(store.patients(visible_hospitals(c), hospital_id, limit, cursor))
+
+
 @router.get("/api/patients/{patient_id}/readings", tags=["patients"])
 def readings(request: Request, c: Auth, patient_id: ID, metric: str | None = None, since: str | None = None,
              until: str | None = None, limit: Annotated[int, Query(ge=1, le=5000)] = 500,

@@ -76,6 +76,10 @@ class MemoryBackend:
             return None
         return [d for o, d in kept if o > offset]
 
+    async def position(self, room: str) -> str | None:
+        state = self._rooms.get(room)
+        return event_id(state.epoch, state.offset) if state is not None and state.offset else None
+
     async def presence_join(self, room: str, member: Member) -> None:
         self._presence.setdefault(room, _Presence()).members[member.conn_id] = (member, now_ms())
 

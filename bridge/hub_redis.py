@@ -214,6 +214,14 @@ class RedisBackend:
         return [Delivery(room, f"{epoch}:{_s(entry_id).split('-')[0]}", fields[b"d"], fields[b"a"] == b"1",
                          _s(fields[b"k"]) or None) for entry_id, fields in entries]
 
+    async def position(self, room: str) -> str | None:
+        okey, ekey, _ = self._room_keys(room)
+        try:
+            epoch, offset = await self._redis.mget(ekey, okey)
+        except RedisError as exc:
+            raise HubError(f"Redis hub position failed: {exc}") from exc
+        return f"{_s(epoch)}:{int(offset)}" if epoch is not None and offset is not None else None
+
     async def presence_join(self, room: str, member: Member) -> None:
         await self.presence_refresh([(room, member)])
 

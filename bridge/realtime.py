@@ -295,7 +295,15 @@ class WebSocketSession:
                                   "message": "unknown room or not allowed"})
             return
         async with self.lock:
+            answer: dict[str, Any] = {"type": "subscribed", "room": room}
+            if since is None:
+                # The room's position before joining, so a client with nothing to replay still
+                # gets a cursor; whatever is published while joining follows as a replay.
+                since = answer["last_id"] = await self._position(room)
             await self.rt.join(self.conn, room)
+            if since is None:
+                position = await self._position(room)
+                since = f"{position.rpartition(':')[0]}:0" if position else None
             missed: list[Delivery] | None = []
             if since is not None:
                 missed = await self.rt.replay(self.conn, room, str(since))
@@ -303,10 +311,17 @@ class WebSocketSession:
                 await self.send_text(json.dumps({"type": "resync", "room": room,
                                                  "message": "history does not reach back that far; reload from the REST API"}))
                 return
-            await self.send_text(json.dumps({"type": "subscribed", "room": room, "replayed": len(missed)}))
+            answer["replayed"] = len(missed)
+            await self.send_text(json.dumps(answer))
             for delivery in missed:
                 if self.conn.fresh(delivery):
                     await self.send_text(ws_text(delivery))
+
+    async def _position(self, room: str) -> str | None:
+        try:
+            return await self.rt.hub.backend.position(room)
+        except HubError:
+            return None
 
     async def handle(self, raw: str) -> None:
         if not self.bucket.take():

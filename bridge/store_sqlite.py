@@ -425,6 +425,24 @@ class SQLiteStore:
         rows = self._query("SELECT hospital_id FROM patients WHERE patient_id=?", (patient_id,))
         return rows[0][0] if rows else None
 
+    def patients(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int,
+                 cursor: str | None) -> Page:
+        limit = _limit(limit)
+        sql = "SELECT patient_id, hospital_id, updated_ms FROM patients WHERE 1=1"
+        params: list[Any] = []
+        sql = self._scoped(sql, params, "hospital_id", hospitals)
+        if hospital_id is not None:
+            sql += " AND hospital_id=?"
+            params.append(hospital_id)
+        if cursor is not None:
+            sql += " AND patient_id > ?"
+            params.append(cursor)
+        sql += " ORDER BY patient_id LIMIT ?"
+        params.append(limit + 1)
+        rows = self._query(sql, params)
+        items = [{"patient_id": r[0], "hospital_id": r[1], "since": format_ts(r[2])} for r in rows[:limit]]
+        return Page(items, rows[limit - 1][0] if len(rows) > limit else None)
+
     def counts(self) -> dict[str, int]:
         return {
             table: self._query(f"SELECT count(*) FROM {table}")[0][0]

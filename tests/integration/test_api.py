@@ -173,3 +173,12 @@ def test_every_error_has_the_documented_shape(bridge: BridgeThread, method: str,
     response = httpx.request(method, bridge.url + path, json=body, headers={"Authorization": f"Bearer {token()}"})
     assert response.status_code == status
     assert response.json()["error"] == error and isinstance(response.json()["detail"], str)
+
+
+def test_patient_list_is_scoped_to_the_callers_hospitals(bridge: BridgeThread) -> None:
+    listed = get(bridge, "/api/patients", token("clinician", hospitals=("h2",))).json()["items"]
+    assert [(p["patient_id"], p["hospital_id"]) for p in listed] == [("p-h2", "h2")]
+    everyone = {p["patient_id"] for p in get(bridge, "/api/patients", token()).json()["items"]}
+    assert {"p-h1", "p-h2"} <= everyone
+    mine = get(bridge, "/api/patients", token("patient", patients=("p-h1",))).json()["items"]
+    assert [p["patient_id"] for p in mine] == ["p-h1"]

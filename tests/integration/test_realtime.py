@@ -90,7 +90,9 @@ def publish_readings(bridge: BridgeThread, n: int, spo2: int = 96) -> list[int]:
 def test_patient_websocket_auto_subscribes_and_gets_the_patients_events_only(bridge: BridgeThread) -> None:
     async def main() -> None:
         async with ws_client(ws_url(bridge, "/realtime/ws/patient/p-001", token=token(**CLINICIAN_H1))) as ws:
-            assert (await recv(ws)) == {"type": "subscribed", "room": "patient:p-001", "replayed": 0}
+            answer = await recv(ws)
+            assert (answer["type"], answer["room"], answer["replayed"]) == ("subscribed", "patient:p-001", 0)
+            assert answer["last_id"] is None or ":" in answer["last_id"]
             await asyncio.to_thread(bridge.other.vitals, {"spo2": 90}, patient_id="p-h2")  # type: ignore[attr-defined]
             seq = await asyncio.to_thread(bridge.device.vitals, {"spo2": 95}, patient_id="p-001")  # type: ignore[attr-defined]
             event = await recv(ws)
@@ -419,3 +421,19 @@ def test_malformed_client_messages_get_an_error_and_the_connection_lives_on(brid
     error, pong = asyncio.run(main())
     assert (error["type"], error["code"]) == ("error", "bad_request")
     assert pong["type"] == "pong"
+
+
+def test_subscribing_without_since_gives_the_rooms_position_as_a_cursor(bridge: BridgeThread) -> None:
+    async def main() -> None:
+        url = ws_url(bridge, token=token(**CLINICIAN_H1))
+        async with ws_client(url) as ws:
+            await asyncio.to_thread(publish_readings, bridge, 1)
+            answer = await subscribe(ws, "patient:p-001:vitals")
+            cursor = answer["last_id"]
+            assert answer["replayed"] == 0 and cursor
+        missed = await asyncio.to_thread(publish_readings, bridge, 2)
+        async with ws_client(url) as ws:
+            assert (await subscribe(ws, "patient:p-001:vitals", since=cursor))["replayed"] == 2
+            assert [(await recv(ws))["data"]["seq"] for _ in missed] == missed
+
+    asyncio.run(main())
