@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     raise_nofile()
+    import signal
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through stop_all(): nothing we started is left behind
+
+    signal.signal(signal.SIGTERM, _terminate)
     workdir = Path(tempfile.mkdtemp(prefix="fc-bench-"))
     ctx = Ctx(workdir=workdir, quick=args.quick, duration=args.duration,
               sizes=[int(s) for s in args.sizes.split(",") if s.strip()], node_red=not args.no_node_red)

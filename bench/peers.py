@@ -210,7 +210,9 @@ def mosquitto_sub(args: argparse.Namespace) -> dict[str, Any]:
         subprocess.run(argv + ["-E"], check=True, timeout=30, capture_output=True)
         return {"registered": True}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=0)
-    time.sleep(0.5)  # mosquitto_sub says nothing when its SUBACK arrives
+    if not args.persistent:
+        time.sleep(0.5)  # live: mosquitto_sub says nothing when its SUBACK arrives
+    # (a backlog drain starts at once: read from the first byte, or the pipe hides the start)
     print(json.dumps({"event": "subscribed"}), flush=True)
     import psutil
 

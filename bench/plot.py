@@ -62,8 +62,9 @@ def draw(results: Path, out: Path) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=COLORS[server], label=NAMES[server],
                     linewidth=2.5 if server == "product-ws" else 1.5)
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("clients in the room (N)")
-    ax.set_ylabel("deliveries/s")
+    ax.set_ylabel("deliveries/s (log)")
     ax.set_title("Fan-out at full speed")
     ax.legend(fontsize=8)
 
@@ -87,7 +88,8 @@ def draw(results: Path, out: Path) -> Path:
     ax.bar([x + 0.2 for x in xs], p99, 0.4, label="p99", color=PRODUCT)
     ax.axhline(50, color="#8f2d2d", linestyle="--", linewidth=1, label="target p99 50 ms")
     ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_ylabel("ms, publish → receive")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms, publish → receive (log)")
     plan = res.get("e2e", {}).get("data", {}).get("plan", {})
     ax.set_title(f"End to end: {plan.get('rate', '?')} readings/s, {plan.get('clients', '?')} clients")
     ax.legend(fontsize=8)
