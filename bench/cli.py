@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import report
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(workdir=workdir, quick=args.quick, duration=args.duration,
               sizes=[int(s) for s in args.sizes.split(",") if s.strip()], node_red=not args.no_node_red)
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.monotonic()
     results: dict[str, ScenarioResult] = {}
     failed = []

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 _MINUTE_CACHE: dict[bytes, float] = {}
@@ -45,7 +45,7 @@ def parse_ts(raw: bytes) -> float:
     minute = raw[:16]
     base = _MINUTE_CACHE.get(minute)
     if base is None:
-        base = datetime.strptime(minute.decode(), "%Y-%m-%dT%H:%M").replace(tzinfo=timezone.utc).timestamp()
+        base = datetime.strptime(minute.decode(), "%Y-%m-%dT%H:%M").replace(tzinfo=UTC).timestamp()
         _MINUTE_CACHE[minute] = base
     value = base + float(raw[17:23])
     if len(_TS_CACHE) > 20000:
@@ -72,7 +72,7 @@ class Stats:
             self.other += 1
             return
         start = body.find(b'"data":')
-        i = body.find(b'"ts":"', start if start >= 0 else 0)
+        i = body.find(b'"ts":"', max(start, 0))
         if i < 0:
             self.other += 1
             return
@@ -81,8 +81,7 @@ class Stats:
         if not self.first:
             self.first = now
         self.last = now
-        if latency_ms > self.max_ms:
-            self.max_ms = latency_ms
+        self.max_ms = max(self.max_ms, latency_ms)
         self.hist[int(latency_ms * 10) if latency_ms < 100 else int(latency_ms) * 10] += 1
 
     def report(self) -> dict[str, Any]:
@@ -271,15 +270,15 @@ async def connect_all(spec: dict[str, Any], stats: Stats) -> tuple[list[Any], Co
                 done: asyncio.Future = loop.create_future()
                 try:
                     if kind == "ws":
-                        factory = lambda: WsClient(host, port, entry["path"], entry.get("send", []),  # noqa: E731
-                                                   ready_on_b, stats, done)
+                        factory = lambda done=done: WsClient(host, port, entry["path"], entry.get("send", []),
+                                                             ready_on_b, stats, done)
                     else:
-                        factory = lambda: SseClient(host, port, entry["path"], stats, done)  # noqa: E731
+                        factory = lambda done=done: SseClient(host, port, entry["path"], stats, done)
                     transport, _ = await asyncio.wait_for(loop.create_connection(factory, host, port), 30)
                     await asyncio.wait_for(done, 60)
                     clients.append(transport)
                     return
-                except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                except (TimeoutError, OSError, ConnectionError) as exc:
                     if attempt == 2:
                         errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
                     else:

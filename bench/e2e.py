@@ -19,10 +19,20 @@ import time
 from typing import Any
 
 from bench.common import Ctx, ScenarioResult, Table, fmt, fx, ratio
-from bench.measure import ClientPool, CpuMeter, loadgen_result, rss_bytes, start_loadgen
-from bench.procs import (PY, Proc, accepts, free_port, node_red_installed, start_bridge, start_mosquitto,
-                         start_node_red, token, wait_for)
 from bench.loadgen import hospital_of, patient_id
+from bench.measure import ClientPool, CpuMeter, loadgen_result, rss_bytes, start_loadgen
+from bench.procs import (
+    PY,
+    Proc,
+    accepts,
+    free_port,
+    node_red_installed,
+    start_bridge,
+    start_mosquitto,
+    start_node_red,
+    token,
+    wait_for,
+)
 
 LABELS = {"floor": "Mosquitto → paho subscriber (the floor)", "product": "**FirstCare** (bridge, WebSocket)",
           "websockets": "bare websockets broadcast() (rooms as paths)", "node-red": "Node-RED (mqtt in → websocket out per room)"}

@@ -24,9 +24,19 @@ import time
 from typing import Any
 
 from bench.common import Ctx, ScenarioResult, Table, fmt, fx, ratio
-from bench.measure import ClientPool, CpuMeter, run_loadgen, rss_bytes
-from bench.procs import (PY, Proc, accepts, free_port, node_red_installed, start_bridge, start_mosquitto,
-                         start_node_red, token, wait_for)
+from bench.measure import ClientPool, CpuMeter, rss_bytes, run_loadgen
+from bench.procs import (
+    PY,
+    Proc,
+    accepts,
+    free_port,
+    node_red_installed,
+    start_bridge,
+    start_mosquitto,
+    start_node_red,
+    token,
+    wait_for,
+)
 
 SERVERS = ("product-ws", "product-sse", "websockets", "fastapi", "node-red")
 LABELS = {

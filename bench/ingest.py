@@ -25,7 +25,14 @@ from typing import Any
 
 from bench.common import Ctx, ScenarioResult, Table, fmt, fx, ratio
 from bench.measure import CpuMeter, loadgen_result, run_loadgen, start_loadgen
-from bench.procs import PY, Proc, start_amqtt, start_bridge, start_mosquitto, stored_count
+from bench.procs import (
+    PY,
+    Proc,
+    start_amqtt,
+    start_bridge,
+    start_mosquitto,
+    stored_count,
+)
 
 _run = [0]
 

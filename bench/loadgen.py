@@ -20,7 +20,7 @@ import json
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import paho.mqtt.client as mqtt
 
@@ -31,7 +31,7 @@ def iso_now() -> str:
     ms = int(time.time() * 1000)
     if _ts_cache[0] != ms:
         _ts_cache[0] = ms
-        _ts_cache[1] = datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+        _ts_cache[1] = datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
             f"{ms % 1000:03d}Z"
     return _ts_cache[1]
 

@@ -153,7 +153,7 @@ class CpuMeter:
                 pass
         return total
 
-    def start(self) -> "CpuMeter":
+    def start(self) -> CpuMeter:
         self.t0, self.c0 = time.monotonic(), self._cpu()
         return self
 

@@ -29,7 +29,11 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect  # module level: annotations are resolved here
+from fastapi import (  # module level: annotations are resolved here
+    FastAPI,
+    WebSocket,
+    WebSocketDisconnect,
+)
 
 
 def envelope(topic: str, payload: bytes) -> tuple[str, str, str]:

@@ -29,7 +29,7 @@ BROKER_CONFIG = REPO_ROOT / "broker-config"
 SECRET = "bench-secret-that-is-long-enough-for-hs256"
 PY = sys.executable
 
-_STARTED: list["Proc"] = []
+_STARTED: list[Proc] = []
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -163,9 +163,7 @@ def start_mosquitto(workdir: Path, name: str = "mosquitto") -> tuple[Proc, int]:
             lines.append(f"listener {port} 127.0.0.1")
         elif key == "persistence_location":
             lines.append(f"persistence_location {workdir / 'data'}/")
-        elif key in ("log_dest", "user", "pid_file", "connection_messages"):
-            continue
-        elif key == "log_type":
+        elif key in ("log_dest", "user", "pid_file", "connection_messages") or key == "log_type":
             continue
         else:
             lines.append(line)
