@@ -6,6 +6,7 @@
     firstcare edge                a hospital edge gateway (store and forward)
     firstcare simulate ...        simulated devices (QA)
     firstcare token ...           mint a JWT for a role and scope
+    firstcare bench ...           benchmarks (ingest, fan-out, end to end, peers)
 """
 
 from __future__ import annotations
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
 
     add("simulate", "simulated devices publishing over MQTT (see `firstcare simulate --help`)")
+    add("bench", "benchmarks side by side with the limits and the peers (see `firstcare bench --help`)")
     return parser
 
 
@@ -324,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "simulate":
         return cmd_simulate(argv[1:])
+    if argv and argv[0] == "bench":
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
