@@ -65,8 +65,18 @@ def coalesce_key(event: Event) -> str | None:
     return None
 
 
+class _Slot:
+    """A queue entry whose delivery a newer one from the same device may replace in place."""
+
+    __slots__ = ("delivery",)
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+
+
 class Subscriber:
-    """A bounded, non-blocking inbox for one connection."""
+    """A bounded, non-blocking inbox for one connection. Every operation is O(1): the newest
+    queued vitals slot of each (room, device) is indexed, so coalescing never scans the queue."""
 
     def __init__(self, maxsize: int = DEFAULT_QUEUE, owner: str = "") -> None:
         self.maxsize = maxsize
@@ -75,20 +85,22 @@ class Subscriber:
         self.overflowed = False
         self.dropped = 0
         self.coalesced = 0
-        self._items: deque[Delivery] = deque()
+        self._items: deque[_Slot] = deque()
+        self._latest: dict[tuple[str, str], _Slot] = {}
+        self._coalesce_from = maxsize * COALESCE_FROM
         self._ready = asyncio.Event()
 
     def offer(self, delivery: Delivery) -> str:
         """Queue without ever blocking the publisher. Returns ``queued``, ``coalesced``,
         ``dropped`` or ``overflow`` (an alert that did not fit: close the connection)."""
         items = self._items
-        if delivery.coalesce_key is not None and len(items) >= self.maxsize * COALESCE_FROM:
-            for i in range(len(items) - 1, -1, -1):
-                queued = items[i]
-                if queued.coalesce_key == delivery.coalesce_key and queued.room == delivery.room:
-                    items[i] = delivery
-                    self.coalesced += 1
-                    return "coalesced"
+        key = (delivery.room, delivery.coalesce_key) if delivery.coalesce_key is not None else None
+        if key is not None and len(items) >= self._coalesce_from:
+            slot = self._latest.get(key)
+            if slot is not None:
+                slot.delivery = delivery
+                self.coalesced += 1
+                return "coalesced"
         if len(items) >= self.maxsize:
             if delivery.is_alert:
                 self.overflowed = True
@@ -96,7 +108,10 @@ class Subscriber:
                 return "overflow"
             self.dropped += 1
             return "dropped"
-        items.append(delivery)
+        slot = _Slot(delivery)
+        items.append(slot)
+        if key is not None:
+            self._latest[key] = slot
         self._ready.set()
         return "queued"
 
@@ -107,7 +122,13 @@ class Subscriber:
         if not self._items:
             self._ready.clear()
             return None
-        return self._items.popleft()
+        slot = self._items.popleft()
+        delivery = slot.delivery
+        if delivery.coalesce_key is not None:
+            key = (delivery.room, delivery.coalesce_key)
+            if self._latest.get(key) is slot:
+                del self._latest[key]
+        return delivery
 
     async def get(self) -> Delivery:
         """The next delivery; raises :class:`HubError` once the subscriber has overflowed."""
@@ -210,22 +231,26 @@ class Hub:
         return publication
 
     def _dispatch(self, publication: Publication) -> None:
-        reached: set[Subscriber] = set()
         c = self.counters
-        for delivery in publication.deliveries:
-            for subscriber in self._rooms.get(delivery.room, ()):
-                if subscriber in reached:
-                    continue
-                reached.add(subscriber)
-                outcome = subscriber.offer(delivery)
-                if outcome == "queued":
-                    c.delivered.add()
-                elif outcome == "coalesced":
-                    c.coalesced += 1
-                elif outcome == "dropped":
-                    c.dropped += 1
-                else:
-                    c.overflowed += 1
+        deliveries = publication.deliveries
+        rooms = self._rooms
+        outcomes: dict[str, int] = {"queued": 0, "coalesced": 0, "dropped": 0, "overflow": 0}
+        if len(deliveries) == 1:
+            delivery = deliveries[0]
+            for subscriber in rooms.get(delivery.room, ()):
+                outcomes[subscriber.offer(delivery)] += 1
+        else:
+            reached: set[Subscriber] = set()
+            for delivery in deliveries:
+                for subscriber in rooms.get(delivery.room, ()):
+                    if subscriber not in reached:
+                        reached.add(subscriber)
+                        outcomes[subscriber.offer(delivery)] += 1
+        if outcomes["queued"]:
+            c.delivered.add(outcomes["queued"])
+        c.coalesced += outcomes["coalesced"]
+        c.dropped += outcomes["dropped"]
+        c.overflowed += outcomes["overflow"]
 
     def join(self, subscriber: Subscriber, room: str) -> None:
         self._rooms.setdefault(room, set()).add(subscriber)

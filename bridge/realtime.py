@@ -281,7 +281,8 @@ class WebSocketSession:
         self.close_reason: str | None = None
 
     async def send_text(self, text: str) -> None:
-        await asyncio.wait_for(self.ws.send_text(text), self.rt.settings.ws_send_timeout_seconds)
+        async with asyncio.timeout(self.rt.settings.ws_send_timeout_seconds):  # no task per send
+            await self.ws.send_text(text)
         self.rt.counters.sent += 1
 
     async def send_json(self, message: dict[str, Any]) -> None:

@@ -88,6 +88,16 @@ def _configure_logging(level: str) -> None:
     install_redaction()
 
 
+def run_loop(main: Any) -> Any:
+    """uvloop when it is installed (it is a dependency on Linux): the fan-out and the MQTT
+    hand-over are event-loop bound, and uvloop runs them measurably faster."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 async def _serve(settings: Settings, on_ready: Any = None) -> None:
     import uvicorn
 
@@ -181,7 +191,7 @@ Press Ctrl-C to stop.
             sim_thread.append(t)
 
     try:
-        asyncio.run(_serve(settings, ready))
+        run_loop(_serve(settings, ready))
     except KeyboardInterrupt:
         pass
     finally:
@@ -195,7 +205,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
     try:
-        asyncio.run(_serve(settings))
+        run_loop(_serve(settings))
     except KeyboardInterrupt:
         pass
     return 0

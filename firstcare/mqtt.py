@@ -17,11 +17,11 @@ connection is discarded (the broker resends that message and (device, seq) dedup
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -97,7 +97,11 @@ class AckingConsumer:
         self._linger_s = linger_ms / 1000
         self._slots = threading.Semaphore(queue_size)
         self._queue_size = queue_size
-        self._queue: asyncio.Queue[_Received] = asyncio.Queue()
+        # Filled by the paho thread (deque appends are thread-safe); the event loop is woken once
+        # per burst rather than once per message.
+        self._inbox: deque[_Received] = deque()
+        self._ready: asyncio.Event | None = None
+        self._wakeup_pending = False
         self._acks: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         self._generation = 0
         self._stop = threading.Event()
@@ -115,7 +119,7 @@ class AckingConsumer:
         return self.state == "connected"
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._inbox)
 
     # --- network thread -----------------------------------------------------------------
 
@@ -162,7 +166,10 @@ class AckingConsumer:
                     return
         self.counters["received"] += 1
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, received)
+        self._inbox.append(received)
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            self._loop.call_soon_threadsafe(self._wake)
 
     def _send_acks(self, client: mqtt.Client) -> None:
         while True:
@@ -209,28 +216,29 @@ class AckingConsumer:
 
     # --- event loop ---------------------------------------------------------------------
 
+    def _wake(self) -> None:
+        self._wakeup_pending = False
+        assert self._ready is not None
+        self._ready.set()
+
     async def _next_batch(self) -> list[_Received]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self._linger_s
-        while len(batch) < self._batch_max:
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        """Wait for a message, linger a moment so a burst commits together, take a batch."""
+        assert self._ready is not None
+        while not self._inbox:
+            self._ready.clear()
+            if self._inbox:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
+            await self._ready.wait()
+        if len(self._inbox) < self._batch_max and self._linger_s > 0:
+            await asyncio.sleep(self._linger_s)
+        inbox = self._inbox
+        return [inbox.popleft() for _ in range(min(len(inbox), self._batch_max))]
 
     async def run(self) -> None:
         """Consume until cancelled. A failing store is retried with backoff, holding the batch
         (and the broker's copy) until it commits."""
         self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._network, name=f"fc-mqtt-{self.client_id}", daemon=True)
         self._thread.start()
         rng = random.Random()
