@@ -276,6 +276,13 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"query failed: {exc}") from exc
 
+    def _page_rows(self, sql: str, params: list[Any], order: str, limit: int
+                   ) -> tuple[list[sqlite3.Row], sqlite3.Row | None]:
+        """One page of ``sql`` in ``order``, and its last row when another page follows (the
+        row the next cursor is made from)."""
+        rows = self._query(f"{sql} ORDER BY {order} LIMIT ?", [*params, limit + 1])
+        return rows[:limit], rows[limit - 1] if len(rows) > limit else None
+
     def load_devices(self) -> list[DeviceRecord]:
         return [_device_from_row(r) for r in self._writer.execute("SELECT * FROM devices").fetchall()]
 
@@ -311,11 +318,9 @@ class SQLiteStore:
         if after is not None:
             sql += " AND (ts_ms, id) > (?, ?)"
             params.extend(after)
-        sql += " ORDER BY ts_ms, id LIMIT ?"
-        params.append(limit + 1)
-        rows = self._query(sql, params)
+        rows, last = self._page_rows(sql, params, "ts_ms, id", limit)
         items = []
-        for row in rows[:limit]:
+        for row in rows:
             metrics = json.loads(row["metrics"])
             if metric is not None:
                 metrics = {metric: metrics[metric]}
@@ -324,7 +329,7 @@ class SQLiteStore:
                 "device_type": row["device_type"], "device_id": row["device_id"], "seq": row["seq"],
                 "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]), "metrics": metrics,
             })
-        next_cursor = f"{rows[limit - 1]['ts_ms']}.{rows[limit - 1]['id']}" if len(rows) > limit else None
+        next_cursor = f"{last['ts_ms']}.{last['id']}" if last else None
         return Page(items, next_cursor)
 
     def latest_vitals(self, patient_id: str) -> dict[str, dict[str, Any]]:
@@ -360,11 +365,9 @@ class SQLiteStore:
         if before is not None:
             sql += " AND (raised_ms, rowid) < (?, ?)"
             params.extend(before)
-        sql += " ORDER BY raised_ms DESC, rowid DESC LIMIT ?"
-        params.append(limit + 1)
-        rows = self._query(sql, params)
-        items = [alert_json(alert_from_row(r)) for r in rows[:limit]]
-        next_cursor = f"{rows[limit - 1]['raised_ms']}.{rows[limit - 1]['rid']}" if len(rows) > limit else None
+        rows, last = self._page_rows(sql, params, "raised_ms DESC, rowid DESC", limit)
+        items = [alert_json(alert_from_row(r)) for r in rows]
+        next_cursor = f"{last['raised_ms']}.{last['rid']}" if last else None
         return Page(items, next_cursor)
 
     def alert(self, alert_id: str) -> Alert | None:
@@ -388,11 +391,8 @@ class SQLiteStore:
             device_type, _, device_id = cursor.partition(".")
             sql += " AND (device_type, device_id) > (?, ?)"
             params.extend([device_type, device_id])
-        sql += " ORDER BY device_type, device_id LIMIT ?"
-        params.append(limit + 1)
-        rows = self._query(sql, params)
-        items = [device_json(_device_from_row(r)) for r in rows[:limit]]
-        last = rows[limit - 1] if len(rows) > limit else None
+        rows, last = self._page_rows(sql, params, "device_type, device_id", limit)
+        items = [device_json(_device_from_row(r)) for r in rows]
         return Page(items, f"{last['device_type']}.{last['device_id']}" if last else None)
 
     def device(self, device_type: str, device_id: str) -> DeviceRecord | None:
@@ -410,16 +410,14 @@ class SQLiteStore:
         if before is not None:
             sql += " AND id < ?"
             params.extend(before)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit + 1)
-        rows = self._query(sql, params)
+        rows, last = self._page_rows(sql, params, "id DESC", limit)
         items = [{
             "id": r["id"], "received_ts": format_ts(r["received_ms"]), "topic": r["topic"], "reason": r["reason"],
             "detail": r["detail"], "index": r["item_index"], "payload_size": r["payload_size"],
             "payload": bytes(r["payload"]).decode("utf-8", "replace"),
             "truncated": len(r["payload"]) < r["payload_size"],
-        } for r in rows[:limit]]
-        return Page(items, str(rows[limit - 1]["id"]) if len(rows) > limit else None)
+        } for r in rows]
+        return Page(items, str(last["id"]) if last else None)
 
     def patient_hospital(self, patient_id: str) -> str | None:
         rows = self._query("SELECT hospital_id FROM patients WHERE patient_id=?", (patient_id,))
@@ -437,11 +435,9 @@ class SQLiteStore:
         if cursor is not None:
             sql += " AND patient_id > ?"
             params.append(cursor)
-        sql += " ORDER BY patient_id LIMIT ?"
-        params.append(limit + 1)
-        rows = self._query(sql, params)
-        items = [{"patient_id": r[0], "hospital_id": r[1], "since": format_ts(r[2])} for r in rows[:limit]]
-        return Page(items, rows[limit - 1][0] if len(rows) > limit else None)
+        rows, last = self._page_rows(sql, params, "patient_id", limit)
+        items = [{"patient_id": r[0], "hospital_id": r[1], "since": format_ts(r[2])} for r in rows]
+        return Page(items, last[0] if last else None)
 
     def counts(self) -> dict[str, int]:
         return {
