@@ -411,9 +411,6 @@ class AlertBook:
             if alert.kind == "clinical" and alert.subject == subject and alert.rule_id not in in_force
         ]
 
-    def overrides_for(self, patient_id: str) -> dict[str, RuleOverride]:
-        return dict(self._overrides.get(patient_id, {}))
-
     # ------------------------------------------------------------------------- state access
 
     def load_active(self, alerts: Iterable[Alert]) -> list[Alert]:
