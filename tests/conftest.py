@@ -51,3 +51,16 @@ def redis_url() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return url
+
+
+# --------------------------------------------------------------------------
+# Product processes (tests/support/process.py): none outlives its test
+# --------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_processes() -> Iterator[None]:
+    yield
+    from tests.support.process import ChildProcess
+
+    for child in list(ChildProcess.live):
+        child.stop()

@@ -13,7 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ChildProcess:
+    """``live`` holds every started child until it is stopped, so a fixture can stop what a
+    failed test left running."""
+
     command: tuple[str, ...] = ()
+    live: set["ChildProcess"] = set()
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
         self.env = {**os.environ, **env}
@@ -27,6 +31,7 @@ class ChildProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "firstcare.cli", *self.command], env=self.env,
                                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        ChildProcess.live.add(self)
         wait(self._ready_or_raise, timeout=30, what=f"{what} (log: {self.log_path})")
 
     def _ready_or_raise(self) -> bool:
@@ -40,6 +45,7 @@ class ChildProcess:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
             self.process = None
+        ChildProcess.live.discard(self)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -50,3 +56,4 @@ class ChildProcess:
                 self.process.kill()
                 self.process.wait()
             self.process = None
+        ChildProcess.live.discard(self)
