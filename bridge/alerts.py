@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 from firstcare.errors import FirstCareError
-from firstcare.metrics import METRICS
+from firstcare.metrics import DERIVED, METRICS, rule_metric
 from firstcare.payloads import Reading
 
 PRIORITIES = ("high", "medium", "low")  # IEC 60601-1-8
@@ -140,9 +140,9 @@ def validate_rule(rule: Rule) -> Rule:
         raise _fail(rid, "id", "must be dotted lower-case words, e.g. 'spo2.low'")
     if rid.startswith("device."):
         raise _fail(rid, "id", "'device.' is reserved for technical alarms")
-    metric = METRICS.get(rule.metric) if isinstance(rule.metric, str) else None
+    metric = rule_metric(rule.metric) if isinstance(rule.metric, str) else None
     if metric is None:
-        raise _fail(rid, "metric", f"unknown metric {rule.metric!r} (one of {', '.join(METRICS)})")
+        raise _fail(rid, "metric", f"unknown metric {rule.metric!r} (one of {', '.join([*METRICS, *DERIVED])})")
     if rule.op not in OPS:
         raise _fail(rid, "op", f"{rule.op!r} is not one of {', '.join(OPS)}")
     if rule.priority not in PRIORITIES:
@@ -201,7 +201,8 @@ def _rule_from_mapping(index: int, raw: object) -> Rule:
 
 
 def _default_message(rule: Rule) -> str:
-    metric = METRICS[rule.metric]
+    metric = rule_metric(rule.metric)
+    assert metric is not None  # validated
     return f"{metric.label} {rule.op} {rule.threshold:g} {metric.unit}"
 
 
@@ -468,6 +469,27 @@ class AlertBook:
                 transitions += self._step(rule, ctx, float(value), reading.ts_ms, now)
         return transitions
 
+    def evaluate_derived(self, patient_id: str, hospital_id: str, values: Mapping[str, float], ts_ms: int,
+                         now_ms: int, *, lower_bound: bool = False) -> list[Transition]:
+        """Run the patient's rules over values derived from several readings (NEWS2), exactly
+        like a reading's metrics: same delay, hysteresis, latching and escalation.
+
+        ``lower_bound`` says the values may grow once missing inputs are known (an incomplete
+        NEWS2). Such a value can prove an ``above`` condition but never its absence: it may
+        raise or re-trigger an alarm, and is ignored otherwise, so a score that drops because
+        an input went missing never clears or resets an alarm.
+        """
+        ctx = _Context("clinical", patient_subject(patient_id), patient_id, hospital_id, None, None)
+        transitions: list[Transition] = []
+        for rule in self.rules_for(patient_id):
+            value = values.get(rule.metric)
+            if value is None:
+                continue
+            if lower_bound and (rule.op != "above" or rule.classify(float(value)) != "abnormal"):
+                continue
+            transitions += self._step(rule, ctx, float(value), ts_ms, now_ms)
+        return transitions
+
     def _step(self, rule: Rule, ctx: _Context, value: float, ts_ms: int, now_ms: int) -> list[Transition]:
         """One value against one threshold rule: the heart of the state machine."""
         key = (ctx.subject, rule.id)
@@ -613,7 +635,7 @@ class AlertBook:
             device_type=ctx.device_type, device_id=ctx.device_id,
             metric=rule.metric if rule.metric else None, value=value,
             threshold=rule.threshold if rule.metric else None,
-            message=rule.message or (_default_message(rule) if rule.metric in METRICS else rule.id),
+            message=rule.message or (_default_message(rule) if rule_metric(rule.metric) else rule.id),
             latching=bool(rule.latching), condition_active=condition_active, raised_ms=now_ms,
             updated_ms=now_ms, count=count,
         )

@@ -49,6 +49,22 @@ METRICS: dict[str, Metric] = {
 }
 
 
+DERIVED: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("news2", "{score}", 0, 20, "NEWS2"),
+        Metric("news2_max", "{score}", 0, 3, "NEWS2 highest single-parameter score"),
+    )
+}
+"""Values the bridge derives from readings and observations (bridge.news2_state). Alarm rules
+may use them like metrics; a device can never send them (they are not in METRICS)."""
+
+
+def rule_metric(name: str) -> Metric | None:
+    """A metric an alarm rule may watch: a measured one or a derived one."""
+    return METRICS.get(name) or DERIVED.get(name)
+
+
 class MetricRejected(ValueError):
     """A metric value that cannot be accepted; ``reason`` is machine-readable."""
 

@@ -22,7 +22,7 @@ from bridge.alerts import (
     default_rules,
     load_rules,
 )
-from firstcare.metrics import METRICS
+from firstcare.metrics import DERIVED, METRICS, MetricRejected, to_canonical
 from firstcare.payloads import Reading
 
 T0 = 1_800_000_000_000
@@ -471,7 +471,7 @@ def test_default_rules_load_and_are_sane():
     by_id = {r.id: r for r in rules}
     assert len(by_id) == len(rules) >= 19
     for rule in rules:
-        assert rule.metric in METRICS and rule.priority in PRIORITIES and rule.message
+        assert (rule.metric in METRICS or rule.metric in DERIVED) and rule.priority in PRIORITIES and rule.message
         assert rule.latching is (rule.priority == "high")
     expected = {
         "heart_rate.high": ("above", 120, "medium"), "heart_rate.high.critical": ("above", 150, "high"),
@@ -642,3 +642,51 @@ def test_transitions_use_known_actions_and_states():
     assert {t.action for t in transitions} == set(ACTIONS)
     assert all(t.alert.state in STATES for t in transitions)
     assert book.active() == []
+
+
+# ------------------------------------------------------------------- derived values (NEWS2)
+
+NEWS2_RULES = [r for r in default_rules() if r.metric in DERIVED]
+
+
+def test_news2_rules_are_defaults_over_derived_values():
+    assert {r.id: (r.metric, r.priority) for r in NEWS2_RULES} == {
+        "news2.high": ("news2", "high"), "news2.medium": ("news2", "medium"),
+        "news2.low_medium": ("news2_max", "low")}
+
+
+def test_a_device_can_never_send_a_derived_value():
+    with pytest.raises(MetricRejected) as caught:
+        to_canonical("news2", 9)
+    assert caught.value.reason == "metric_unknown"
+
+
+def test_derived_values_raise_with_the_rule_delay_and_no_device():
+    book = AlertBook(NEWS2_RULES, new_ids())
+    assert book.evaluate_derived("p1", "h1", {"news2": 8, "news2_max": 3}, T0, T0) == []
+    transitions = book.evaluate_derived("p1", "h1", {"news2": 8, "news2_max": 3}, T0 + 1000, T0 + 1000)
+    raised = [t.alert for t in transitions if t.action == "raised"]
+    assert [a.rule_id for a in raised] == ["news2.high"]
+    assert raised[0].metric == "news2" and raised[0].value == 8 and raised[0].device_type is None
+    assert raised[0].subject == "patient:p1" and raised[0].kind == "clinical"
+
+
+def test_a_lower_bound_raises_but_never_clears_or_resets():
+    book = AlertBook([r for r in NEWS2_RULES if r.id == "news2.medium"], new_ids())
+    for i in range(3):
+        transitions = book.evaluate_derived("p1", "h1", {"news2": 6}, T0 + i * 5000, T0 + i * 5000, lower_bound=True)
+    assert [t.action for t in transitions] == ["raised"]
+    # inputs went missing: the partial score falls to 2, which proves nothing
+    assert book.evaluate_derived("p1", "h1", {"news2": 2}, T0 + 20_000, T0 + 20_000, lower_bound=True) == []
+    assert book.active()[0].condition_active
+    # a complete score of 2 does clear it (medium: not latching)
+    cleared = book.evaluate_derived("p1", "h1", {"news2": 2}, T0 + 30_000, T0 + 30_000)
+    assert [t.action for t in cleared] == ["resolved"]
+
+
+def test_a_lower_bound_below_threshold_does_not_break_a_pending_run():
+    book = AlertBook([r for r in NEWS2_RULES if r.id == "news2.high"], new_ids())
+    book.evaluate_derived("p1", "h1", {"news2": 7}, T0, T0, lower_bound=True)
+    book.evaluate_derived("p1", "h1", {"news2": 3}, T0 + 1, T0 + 1, lower_bound=True)
+    transitions = book.evaluate_derived("p1", "h1", {"news2": 7}, T0 + 2, T0 + 2, lower_bound=True)
+    assert [t.action for t in transitions] == ["raised"]
