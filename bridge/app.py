@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from bridge.alerts import default_rules, load_rules
 from bridge.api import install_error_handlers, operator, router
+from bridge.api_clinical import router as clinical_router
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
 from bridge.router import rooms_for
@@ -197,6 +198,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(realtime_router)
+    app.include_router(clinical_router)  # NEWS2 observations and scores, alarm report
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 from bridge import devices as dev
 from bridge.alerts import AlertBook, Rule, RuleOverride, Transition, apply_overrides
+from bridge.news2_state import News2State
+from bridge.store_clinical import ObservationRecord
 from bridge.store import DeadLetter, DeviceRecord, SeqGap, Store, alert_json, device_json
 from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
@@ -96,6 +98,7 @@ class BridgeCore:
         self.book.load_active(self.store.load_active_alerts())
         self.devices: dict[tuple[str, str], DeviceRecord] = {d.key: d for d in self.store.load_devices()}
         self.patients: dict[str, str] = self.store.load_patients()
+        self.news2 = News2State.load(self.store)  # NEWS2 inputs and scores (bridge/news2_state.py)
 
     def _committed(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(tx)`` in a transaction. If it fails, in-memory state may be ahead of the
@@ -161,6 +164,8 @@ class BridgeCore:
                     transitions += self.book.seq_gap(r.hospital_id, r.device_type, r.device_id, after.patient_id,
                                                      gap.last_missing - gap.first_missing + 1, r.received_ms)
                 transitions += self.book.evaluate(r)
+                if self.news2.on_reading(r):  # NEWS2: a new input, score again (bridge/news2_state.py)
+                    transitions += self.news2.evaluate(tx, self.book, r.patient_id or "", r.ts_ms, self.clock(), events)
                 if before.state != after.state:
                     events.append(device_event(after, r.received_ms))
                 events.append(vitals_event(r))
@@ -263,6 +268,7 @@ class BridgeCore:
                 if after.state != before.state:
                     events.append(device_event(after, now))
             escalation = self.settings.escalation_ms
+            transitions += self.news2.expire(tx, self.book, now, events)  # NEWS2 inputs gone stale
             transitions += self.book.escalate_due(now, {"high": escalation, "medium": escalation})
             tx.upsert_devices(changed)
             tx.save_transitions(transitions)
@@ -317,6 +323,20 @@ class BridgeCore:
         self._committed(work)
         self.book.set_overrides(patient_id, overrides)
         return rules
+
+    def observe(self, records: Sequence[ObservationRecord]) -> tuple[list[int], list[Event]]:
+        """Clinician observations (NEWS2 inputs): stored, scored, alarms evaluated, one commit."""
+        now = self.clock()
+
+        def work(tx: Any) -> tuple[list[int], list[Event]]:
+            events: list[Event] = []
+            ids, transitions = self.news2.observe(tx, self.book, records, now, events)
+            tx.save_transitions(transitions)
+            for t in transitions:
+                self.counters[f"alerts_{t.action}"] += 1
+            return ids, events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
+
+        return self._committed(work)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -2,6 +2,7 @@
 
     patient.vitals.update   -> patient:{pid}:vitals, patient:{pid}, hospital:{hid}, device:{type}:{id}
     device.data.update      -> device:{type}:{id}                (a reading with no patient)
+    patient.news2.update    -> patient:{pid}, hospital:{hid}
     patient.alert.*         -> patient:{pid}:alerts, patient:{pid}, hospital:{hid}:alerts
                                (+ hospital:{hid} when escalated; + device room for technical alarms)
     device.status.change    -> device:{type}:{id}, hospital:{hid}, patient:{pid} when bound
@@ -45,6 +46,10 @@ def rooms_for(event: Event) -> list[str]:
             out.append(rooms.hospital_room(hid))
         if pid:
             out.append(rooms.patient_room(pid))
+    elif name == "patient.news2.update":
+        out.append(rooms.patient_room(pid))
+        if hid:
+            out.append(rooms.hospital_room(hid))
     elif name == "patient.status.change":
         out.append(rooms.patient_room(pid))
         if hid:

@@ -17,6 +17,7 @@ from typing import Any
 
 from bridge.alerts import Alert, RuleOverride, Transition
 from bridge.store import MAX_PAGE, DeadLetter, DeviceRecord, Page, SeqGap, alert_json, device_json
+from bridge.store_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError
 from firstcare.payloads import Reading, format_ts
 
@@ -76,6 +77,22 @@ MIGRATIONS: list[str] = [
     );
     """,
     "ALTER TABLE devices ADD COLUMN status_ms INTEGER;",
+    # clinical: NEWS2 observations and scores (bridge/store_clinical.py), the alarm report's window
+    """
+    CREATE TABLE observations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, patient_id TEXT NOT NULL, hospital_id TEXT NOT NULL,
+        kind TEXT NOT NULL, value TEXT NOT NULL, ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL,
+        recorded_by TEXT NOT NULL, note TEXT
+    );
+    CREATE INDEX observations_patient ON observations (patient_id, kind, ts_ms, id);
+    CREATE TABLE news2_scores (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, patient_id TEXT NOT NULL, hospital_id TEXT NOT NULL,
+        computed_ms INTEGER NOT NULL, total INTEGER NOT NULL, band TEXT NOT NULL, complete INTEGER NOT NULL,
+        max_part INTEGER NOT NULL, spo2_scale INTEGER NOT NULL, signature TEXT NOT NULL, body TEXT NOT NULL
+    );
+    CREATE INDEX news2_scores_patient ON news2_scores (patient_id, computed_ms, id);
+    CREATE INDEX alerts_raised ON alerts (raised_ms);
+    """,
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
@@ -137,7 +154,7 @@ def _device_from_row(row: sqlite3.Row) -> DeviceRecord:
     return DeviceRecord(**values)
 
 
-class SQLiteTransaction:
+class SQLiteTransaction(ClinicalTransactionMixin):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
@@ -216,7 +233,7 @@ class SQLiteTransaction:
         )
 
 
-class SQLiteStore:
+class SQLiteStore(ClinicalStoreMixin):
     def __init__(self, path: str) -> None:
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
@@ -448,7 +465,10 @@ class SQLiteStore:
     def purge(self, older_than_ms: int) -> int:
         with self.transaction() as tx:
             conn = tx._conn
-            removed = conn.execute("DELETE FROM readings WHERE received_ms < ?", (older_than_ms,)).rowcount
+            # the newest reading always stays: SQLite would otherwise hand out its id again once the
+            # table is empty, and a reading id is the stable id of its FHIR Observations
+            removed = conn.execute("DELETE FROM readings WHERE received_ms < ? AND id < (SELECT max(id) FROM readings)",
+                                   (older_than_ms,)).rowcount
             removed += conn.execute("DELETE FROM dead_letters WHERE received_ms < ?", (older_than_ms,)).rowcount
             removed += conn.execute("DELETE FROM seq_gaps WHERE detected_ms < ?", (older_than_ms,)).rowcount
         return removed

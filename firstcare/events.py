@@ -25,6 +25,7 @@ EVENT_TYPES: dict[str, str] = {
     "patient.alert.resolved": "alert_resolved",
     "patient.alert.escalated": "alert_escalated",
     "patient.status.change": "patient_status",
+    "patient.news2.update": "news2_update",
     "device.data.update": "device_data",
     "device.status.change": "device_status",
     "hospital.alert": "hospital_alert",

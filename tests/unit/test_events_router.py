@@ -30,6 +30,7 @@ DESIGN_NAMES = [
     "patient.alert.resolved",
     "patient.alert.escalated",
     "patient.status.change",
+    "patient.news2.update",  # added with NEWS2 (a patient's early-warning score changed)
     "device.data.update",
     "device.status.change",
     "hospital.alert",
@@ -47,7 +48,7 @@ DESIGN_NAMES = [
 def test_every_design_name_maps_to_a_type(name: str) -> None:
     event = make_event(name, {}, T0)
     assert event.type == EVENT_TYPES[name]
-    assert re.fullmatch(r"[a-z_]+", event.type)
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", event.type)
 
 
 def test_event_types_are_exactly_the_design_names_and_unique() -> None:
@@ -162,6 +163,7 @@ TECH_NO_PATIENT = {**ALERT, "kind": "technical", "patient_id": None}
         ("device.status.change", {**DEVICE, "patient_id": "p"}, ["device:monitor:m1", "hospital:h", "patient:p"]),
         ("device.status.change", {**DEVICE, "hospital_id": None}, ["device:monitor:m1"]),
         ("patient.status.change", {"patient_id": "p", "hospital_id": "h"}, ["patient:p", "hospital:h"]),
+        ("patient.news2.update", {"patient_id": "p", "hospital_id": "h", "total": 7}, ["patient:p", "hospital:h"]),
         ("system.maintenance", {"message": "upgrade at 02:00"}, ["system"]),
         ("system.alert", {"message": "broker down"}, ["system"]),
         ("hospital.alert", {"hospital_id": "h"}, ["hospital:h"]),
