@@ -66,9 +66,12 @@ def bearer_token(request: Request) -> str | None:
 
 def claims(request: Request) -> Claims:
     try:
-        return request.app.state.runtime.verifier.verify(bearer_token(request))
+        verified = request.app.state.runtime.verifier.verify(bearer_token(request))
     except AuthError as exc:
+        request.state.audit_detail = exc.reason
         raise ApiError(401, exc.reason, str(exc)) from exc
+    request.state.audit_claims = verified  # who, for the audit trail (bridge/audit_http.py)
+    return verified
 
 
 def admin(c: Annotated[Claims, Depends(claims)]) -> Claims:
@@ -132,6 +135,7 @@ def _runtime(request: Request) -> Any:
 
 def _check_patient(request: Request, c: Claims, patient_id: str) -> None:
     hospital = _runtime(request).store.patient_hospital(patient_id)
+    request.state.audit_hospital = hospital
     if not can_view_patient(c, patient_id, hospital):
         raise not_found(f"patient {patient_id!r}")
 
@@ -190,6 +194,7 @@ async def set_patient_rules(request: Request, c: Auth, patient_id: ID,
     """Replace the patient's overrides (rule id -> threshold / clear / enabled)."""
     rt = _runtime(request)
     hospital = rt.store.patient_hospital(patient_id)
+    request.state.audit_hospital = hospital
     if not can_view_patient(c, patient_id, hospital):
         raise not_found(f"patient {patient_id!r}")
     if c.role == "patient":
@@ -225,6 +230,7 @@ def _visible_alert(request: Request, c: Claims, alert_id: str) -> Any:
     alert = _runtime(request).store.alert(alert_id)
     if alert is None:
         raise not_found(f"alert {alert_id!r}")
+    request.state.audit_patient, request.state.audit_hospital = alert.patient_id, alert.hospital_id
     visible = (can_view_patient(c, alert.patient_id, alert.hospital_id) if alert.patient_id
                else can_view_hospital(c, alert.hospital_id))
     if not visible:
@@ -283,6 +289,8 @@ async def bind(request: Request, c: Auth, device_type: str, device_id: ID, body:
     if existing is not None and not can_view_hospital(c, existing.hospital_id):
         raise not_found(f"device {device_type}/{device_id}")
     hospital = existing.hospital_id if existing and existing.hospital_id else body.hospital_id
+    request.state.audit_patient = body.patient_id or (existing.patient_id if existing else None)
+    request.state.audit_hospital = hospital
     if hospital is None:
         raise ApiError(400, "bad_request", "device has never been seen: hospital_id is required")
     if body.hospital_id is not None and existing is not None and existing.hospital_id not in (None, body.hospital_id):

@@ -23,6 +23,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from bridge.alerts import default_rules, load_rules
 from bridge.api import install_error_handlers, operator, router
 from bridge.api_clinical import router as clinical_router
+from bridge.audit_http import AuditMiddleware
+from bridge.audit_http import router as audit_router
+from bridge.audit_log import AuditLog, audit_path
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
 from bridge.router import rooms_for
@@ -63,6 +66,7 @@ class Runtime:
         self.outbox_dropped = 0
         self.node = f"{socket.gethostname()}-{os.getpid()}"
         self.realtime: Realtime
+        self.audit: AuditLog | None = None  # the audit trail (bridge/audit_log.py)
 
     @property
     def mqtt_target(self) -> MqttTarget:
@@ -74,6 +78,8 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
+        self.audit.start()
         if s.mqtt_url == "embedded":
             self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port)
             await self.broker.start()
@@ -110,6 +116,8 @@ class Runtime:
             self.store.close()
         if self.broker is not None:
             await self.broker.stop()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.stop)  # writes every record still queued
 
     async def handle_batch(self, batch: list[Inbound]) -> None:
         events = await self.writer.run(self.core.process, batch)
@@ -175,6 +183,7 @@ class Runtime:
             "hub": {**self.hub.stats(), "outbox_depth": self._outbox.qsize(), "outbox_dropped": self.outbox_dropped},
             "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
+            "audit": self.audit.stats() if self.audit is not None else {},
         }
 
 
@@ -196,9 +205,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
                            allow_methods=["GET", "POST", "PUT"], allow_headers=["Authorization", "Content-Type"])
     install_error_handlers(app)
+    app.add_middleware(AuditMiddleware)  # every /api, /fhir, /realtime request (bridge/audit_http.py)
     app.include_router(router)
     app.include_router(realtime_router)
     app.include_router(clinical_router)  # NEWS2 observations and scores, alarm report
+    app.include_router(audit_router)  # GET /api/audit
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from bridge.api import ApiError, Auth, admin
+from bridge.audit_http import audit_stream, audited_room
 from bridge.hub import Delivery, HubError, Member, Subscriber
 from firstcare.auth import claims_from_payload
 from firstcare.errors import AuthError, RoomError
@@ -226,6 +227,9 @@ class Realtime:
             missed = await self.hub.history(room, since)
         except HubError:
             missed = None
+        if audited_room(room):  # who replayed what (bridge/audit_http.py)
+            audit_stream(self.runtime, None, None, conn.claims, "realtime.replay", room, "success",
+                         detail=f"since {since}: {'resync' if missed is None else f'{len(missed)} events'}")
         if missed is None:
             self.counters.replay_resync += 1
             return None
@@ -292,6 +296,7 @@ class WebSocketSession:
     async def subscribe(self, room: str | None, since: str | None) -> None:
         if not isinstance(room, str) or await self.rt.room_allowed(self.conn.claims, room) is None:
             self.rt.counters.subscribe_refused += 1
+            self.audit("realtime.subscribe", str(room), "denied", CLOSE_CODES["forbidden"])
             await self.send_json({"type": "error", "code": "forbidden", "room": room,
                                   "message": "unknown room or not allowed"})
             return
@@ -302,6 +307,8 @@ class WebSocketSession:
                 # gets a cursor; whatever is published while joining follows as a replay.
                 since = answer["last_id"] = await self._position(room)
             await self.rt.join(self.conn, room)
+            if audited_room(room):
+                self.audit("realtime.subscribe", room, "success")
             if since is None:
                 position = await self._position(room)
                 since = f"{position.rpartition(':')[0]}:0" if position else None
@@ -317,6 +324,10 @@ class WebSocketSession:
             for delivery in missed:
                 if self.conn.fresh(delivery):
                     await self.send_text(ws_text(delivery))
+
+    def audit(self, action: str, resource: str, outcome: str, status: int | None = None) -> None:
+        audit_stream(self.rt.runtime, self.ws.headers, self.ws.client, self.conn.claims, action, resource, outcome,
+                     status)
 
     async def _position(self, room: str) -> str | None:
         try:
@@ -427,6 +438,9 @@ async def serve_websocket(rt: Realtime, ws: WebSocket, auto_rooms: list[str]) ->
         conn = rt.admit("ws", claims)
     except Refused as refused:
         rt.counters.refused[refused.code] += 1
+        audit_stream(rt.runtime, ws.headers, ws.client, None, "realtime.connect", ws.url.path,
+                     "denied" if refused.code != "server_shutdown" else "error", CLOSE_CODES[refused.code],
+                     detail=refused.code)
         # accept first: a browser sees a refusal before accept() only as 1006, with no reason
         await ws.accept(subprotocol=subprotocol)
         await _close(ws, refused.code, refused.message)
@@ -437,6 +451,7 @@ async def serve_websocket(rt: Realtime, ws: WebSocket, auto_rooms: list[str]) ->
         for room in auto_rooms:
             if await rt.room_allowed(claims, room) is None:
                 rt.counters.subscribe_refused += 1
+                session.audit("realtime.subscribe", room, "denied", CLOSE_CODES["forbidden"])
                 raise _Close("forbidden", f"room {room!r}: unknown room or not allowed")
         await session.send_json({"type": "welcome", "conn_id": conn.id, "user": claims.sub,
                                  "expires_at": claims.exp, "close_codes": CLOSE_CODES})
@@ -494,12 +509,14 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
     try:
         rt.check_origin(request.headers)
         claims = await rt.authenticate(token, request.query_params.get("ticket"))
+        request.state.audit_claims, request.state.audit_resource = claims, room  # bridge/audit_http.py
         if await rt.room_allowed(claims, room) is None:
             rt.counters.subscribe_refused += 1
             raise Refused("forbidden", "unknown room or not allowed", 403)
         conn = rt.admit("sse", claims)
     except Refused as refused:
         rt.counters.refused[refused.code] += 1
+        request.state.audit_detail = refused.code
         return _sse_error(refused)
     since = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     await rt.join(conn, room)

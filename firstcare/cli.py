@@ -6,6 +6,7 @@
     firstcare edge                a hospital edge gateway (store and forward)
     firstcare simulate ...        simulated devices (QA)
     firstcare token ...           mint a JWT for a role and scope
+    firstcare audit verify        check the audit trail's hash chain
     firstcare bench ...           benchmarks (ingest, fan-out, end to end, peers)
 """
 
@@ -45,6 +46,11 @@ EPILOGS = {
   firstcare token --role admin
   firstcare token --role clinician --hospital h1 --hospital h2 --ttl 28800
   firstcare token --role patient --patient p-001 --sub alice""",
+    "audit": """examples:
+  firstcare audit verify                           the trail beside FC_STORE_URL's database
+  firstcare audit verify --audit-url sqlite:////var/lib/firstcare/firstcare-audit.db
+  firstcare audit verify --anchor 1042:9f86d08...  also prove record 1042 still has that hash
+exit status: 0 intact, 1 tampered (each problem is named), 2 no trail or bad arguments""",
 }
 
 
@@ -271,6 +277,27 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from bridge.audit import parse_anchor
+    from bridge.audit_log import audit_path, verify_file
+
+    settings = Settings.from_env(store_url=args.store_url, audit_url=args.audit_url)
+    try:
+        anchors = [parse_anchor(a) for a in args.anchor]
+    except ValueError as exc:
+        raise FirstCareError(str(exc)) from exc
+    path = audit_path(settings.audit_url, settings.sqlite_path)
+    result = verify_file(path, anchors)
+    if result.ok:
+        print(f"audit trail {path}: {result.records} records, hash chain intact")
+        print(f"head {result.head_seq}:{result.head_hash}  (keep it; check later with --anchor)")
+        return 0
+    print(f"audit trail {path}: TAMPERED ({len(result.problems)} problem(s) in {result.records} records)")
+    for problem in result.problems:
+        print(f"  {problem.kind}: {problem.message}")
+    return 1
+
+
 def cmd_simulate(argv: list[str]) -> int:
     from simulators.runner import main as simulate_main
 
@@ -326,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--secret", help="HS256 secret (default FC_JWT_SECRET, else the one `up` created)")
     token.add_argument("--store-url", help="locates the secret `up` created (FC_STORE_URL)")
     token.set_defaults(func=cmd_token)
+
+    audit = add("audit", "the audit trail: verify its hash chain")
+    audit.add_argument("action", choices=["verify"], help="verify: detect edited, deleted or reordered records")
+    audit.add_argument("--store-url", help="FC_STORE_URL: the trail is <store file>-audit.db unless --audit-url")
+    audit.add_argument("--audit-url", help="FC_AUDIT_URL: sqlite:///path of the audit trail")
+    audit.add_argument("--anchor", action="append", default=[], metavar="SEQ:HASH",
+                       help="a head printed earlier (repeat): proves the trail was not rewritten since")
+    audit.set_defaults(func=cmd_audit)
 
     add("simulate", "simulated devices publishing over MQTT (see `firstcare simulate --help`)")
     add("bench", "benchmarks side by side with the limits and the peers (see `firstcare bench --help`)")

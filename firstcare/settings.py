@@ -130,6 +130,9 @@ class Settings(EnvSettings):
     ws_rate_per_second: float = field(default=20.0, metadata={"doc": "client messages per second per WebSocket (burst twice that)"})
     max_connections_per_user: int = field(default=20, metadata={"doc": "concurrent WebSocket + SSE connections per token subject, per process"})
     ticket_seconds: int = field(default=30, metadata={"doc": "lifetime of a single-use connection ticket"})
+    audit_url: str | None = field(default=None, metadata={"doc": "where the audit trail is kept, `sqlite:///path.db`; empty: `<store file>-audit.db` beside the store"})
+    audit_queue_size: int = field(default=10000, metadata={"doc": "audit records held in memory before they are written (beyond: counted as `overflowed` and noted in the trail)"})
+    audit_flush_seconds: float = field(default=1.0, metadata={"doc": "how often queued audit records are written (and at shutdown, always)"})
     log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
 
     def validate(self) -> None:
@@ -140,7 +143,11 @@ class Settings(EnvSettings):
             raise self.bad("hub_url", "expected memory:// or redis://host:port/db")
         self.check_ports("mqtt_port", "http_port")
         self.check_positive("ingest_queue_size", "batch_max", "dead_letter_bytes", "history_size", "ws_queue_size",
-                            "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds")
+                            "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds", "audit_queue_size")
+        if not (math.isfinite(self.audit_flush_seconds) and self.audit_flush_seconds > 0):
+            raise self.bad("audit_flush_seconds", "must be greater than 0")
+        if self.audit_url and (not self.audit_url.startswith("sqlite:///") or not self.audit_url[10:].strip()):
+            raise self.bad("audit_url", "expected sqlite:///path")
         self.check_not_negative("retention_days", "device_silent_seconds", "device_offline_seconds",
                                 "escalation_seconds", "batch_linger_ms", "history_seconds",
                                 "ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second")
