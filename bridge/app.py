@@ -26,6 +26,7 @@ from bridge.api_clinical import router as clinical_router
 from bridge.audit_http import AuditMiddleware
 from bridge.audit_http import router as audit_router
 from bridge.audit_log import AuditLog, audit_path
+from bridge.fhir_api import router as fhir_router
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
 from bridge.router import rooms_for
@@ -210,6 +211,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(realtime_router)
     app.include_router(clinical_router)  # NEWS2 observations and scores, alarm report
     app.include_router(audit_router)  # GET /api/audit
+    app.include_router(fhir_router)  # /fhir: the FHIR R4 read API (bridge/fhir_api.py)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
