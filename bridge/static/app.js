@@ -82,7 +82,7 @@ function setAttr(el, name, value) {
 
 function formatValue(metric, value) {
   if (value === null || value === undefined || Number.isNaN(value)) return '–';
-  return Number(value).toFixed((METRICS[metric] || {digits: 1}).digits);
+  return Number(value).toFixed((METRICS[metric] || {digits: String(metric).startsWith('news2') ? 0 : 1}).digits);
 }
 
 function unitLabel(unit) {
@@ -367,6 +367,9 @@ function applyEvent(envelope) {
     case 'device_status':
       upsertDevice(data);
       return;
+    case 'news2_update':
+      if (data.patient_id) setNews2(data.patient_id, data);
+      return;
     case 'patient_status':
       if (data.patient_id) { ensurePatient(data.patient_id).status = data; touch(data.patient_id); }
       return;
@@ -423,6 +426,9 @@ async function hydrate(p, generation) {
     }
   }
   touch(p.id);
+  const news2 = await api(`/api/patients/${pid}/news2?limit=1`);
+  if (generation !== S.generation) return;
+  if (news2.current) setNews2(p.id, news2.current);
   const since = new Date(Date.now() - SPARK_MS).toISOString();
   const readings = await api(`/api/patients/${pid}/readings?since=${since}&limit=2000`);
   if (generation !== S.generation) return;
@@ -651,6 +657,7 @@ function buildTile(p) {
   h('header', {class: 'tile-head'},
     h('span', {class: 'pid'}, p.id),
     h('span', {class: 'chip', hidden: true}),
+    h('span', {class: 'news2', 'data-testid': `news2-${p.id}`, hidden: true}),
     h('span', {class: 'devices'})),
   h('div', {class: 'rows'}),
   h('footer', {class: 'tile-alarm', hidden: true}));
@@ -712,6 +719,7 @@ function renderTile(p, now) {
     setText(chip, top.priority.toUpperCase());
     setAttr(chip, 'data-priority', top.priority);
   }
+  renderNews2(p, el);
   const footer = $('.tile-alarm', el);
   const shown = highest(open) || top;
   footer.hidden = !shown;
@@ -777,6 +785,31 @@ function renderTile(p, now) {
     toggle(badge, 'batt-low', battery !== null && battery !== undefined && battery < 20);
     badge.title = `${type} ${id}: ${state}${battery != null ? `, battery ${battery} %` : ''}${d?.last_seen_at ? `, last seen ${clock(Date.parse(d.last_seen_at))}` : ''}`;
   });
+}
+
+/** The NEWS2 badge: total and risk band; an incomplete score (inputs missing or stale) is a
+ *  lower bound, shown as "≥ n" with a dashed outline and the missing inputs in its tooltip. */
+function renderNews2(p, el) {
+  const badge = $('.news2', el);
+  const s = p.news2;
+  badge.hidden = !s || !Object.keys(s.parameters || {}).length;
+  if (badge.hidden) return;
+  setText(badge, `NEWS2 ${s.complete ? '' : '≥'}${s.total}`);
+  setAttr(badge, 'data-band', s.band);
+  setAttr(badge, 'data-complete', s.complete ? 'true' : 'false');
+  const absent = [...(s.missing || []).map((n) => `${NEWS2_LABELS[n] || n} missing`),
+    ...(s.stale || []).map((n) => `${NEWS2_LABELS[n] || n} out of date`)];
+  badge.title = `NEWS2 ${s.total}, ${s.band} clinical risk` + (s.complete ? '' : ` (incomplete: ${absent.join(', ')}; at least this score)`);
+}
+
+const NEWS2_LABELS = {respiratory_rate: 'RR', spo2: 'SpO₂', supplemental_oxygen: 'air/O₂', systolic_bp: 'systolic BP',
+  heart_rate: 'pulse', consciousness: 'ACVPU', temperature: 'temperature'};
+
+function setNews2(pid, score) {
+  const p = ensurePatient(pid);
+  if (p.news2 && Date.parse(p.news2.computed_at) > Date.parse(score.computed_at)) return;
+  p.news2 = score;
+  touch(pid);
 }
 
 function renderAlarms(now) {
