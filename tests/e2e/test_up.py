@@ -79,3 +79,48 @@ def test_token_command_mints_a_token_the_server_accepts(tmp_path: Path) -> None:
     secret = (tmp_path / "data" / "jwt-secret").read_text().strip()
     claims = TokenVerifier(secret).verify(result.stdout.strip())
     assert (claims.role, claims.hospitals) == ("clinician", frozenset({"h1"}))
+
+
+def test_up_the_sepsis_patient_scores_high_raises_its_alarm_and_every_look_is_audited(tmp_path: Path) -> None:
+    """The README's promise, as a user runs it: `firstcare up --simulate 5` deals the sepsis
+    scenario to p-005, whose NEWS2 reaches the high band and raises news2.high; a FHIR client
+    reads the readings and the score back; the audit trail shows who looked; verify passes."""
+    from firstcare.auth import mint_token
+
+    http_port, mqtt_port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "firstcare.cli", "up", "--simulate", "5", "--http-port", str(http_port),
+             "--mqtt-port", str(mqtt_port)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        match = wait_until(lambda: re.search(r"admin token\s+(\S+)", log.read_text()), timeout=60,
+                           what="the printed admin token")
+        admin = {"Authorization": f"Bearer {match.group(1)}"}
+        secret = (tmp_path / "data" / "jwt-secret").read_text().strip()
+        nurse = {"Authorization": f"Bearer {mint_token(secret, 'nurse-jo', 'clinician', ['h1'])}"}
+        base = f"http://127.0.0.1:{http_port}"
+
+        def news2_alarm() -> dict | None:
+            items = httpx.get(f"{base}/api/alerts", headers=nurse, params={"patient_id": "p-005"}).json()["items"]
+            return next((a for a in items if a["rule_id"] == "news2.high"), None)
+
+        alarm = wait_until(news2_alarm, timeout=150, interval=1, what="p-005's NEWS2 high alarm")
+        assert alarm["priority"] == "high" and alarm["value"] >= 7
+        score = httpx.get(f"{base}/api/patients/p-005/news2", headers=nurse).json()
+        assert any(s["band"] == "high" for s in score["items"])
+        fhir = httpx.get(f"{base}/fhir/Observation", headers=nurse,
+                         params={"patient": "p-005", "code": "http://loinc.org|9279-1", "_count": 5})
+        assert fhir.status_code == 200 and fhir.json()["entry"]
+        def looked() -> set[str]:
+            audit = httpx.get(f"{base}/api/audit", headers=admin, params={"patient_id": "p-005", "subject": "nurse-jo"})
+            return {r["action"] for r in audit.json()["items"]}
+
+        wait_until(lambda: {"patient.news2.read", "fhir.observation.search"} <= looked(), what="the audit records")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
+    verified = subprocess.run([sys.executable, "-m", "firstcare.cli", "audit", "verify"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and "hash chain intact" in verified.stdout, verified.stdout + verified.stderr
