@@ -164,11 +164,11 @@ class BridgeCore:
                     transitions += self.book.seq_gap(r.hospital_id, r.device_type, r.device_id, after.patient_id,
                                                      gap.last_missing - gap.first_missing + 1, r.received_ms)
                 transitions += self.book.evaluate(r)
-                if self.news2.on_reading(r):  # NEWS2: a new input, score again (bridge/news2_state.py)
-                    transitions += self.news2.evaluate(tx, self.book, r.patient_id or "", r.ts_ms, self.clock(), events)
                 if before.state != after.state:
                     events.append(device_event(after, r.received_ms))
                 events.append(vitals_event(r))
+                if self.news2.on_reading(r):  # NEWS2: a new input, score again (bridge/news2_state.py)
+                    transitions += self.news2.evaluate(tx, self.book, r.patient_id or "", r.ts_ms, self.clock(), events)
             for s in statuses:
                 before = self._device(s.device_type, s.device_id, s.hospital_id)
                 after = dev.on_status(before, s)
