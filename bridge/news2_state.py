@@ -34,12 +34,17 @@ def news2_event(patient_id: str, hospital_id: str, score_id: int, s: news2.Score
     return make_event("patient.news2.update", data, s.computed_ms)
 
 
+def _json(signature: tuple[Any, ...]) -> str:
+    return json.dumps(signature, separators=(",", ":"))
+
+
 class News2State:
     def __init__(self, patients: dict[str, PatientInputs], signatures: dict[str, str]) -> None:
         self._inputs: dict[str, dict[str, news2.Input]] = {p: dict(v.inputs) for p, v in patients.items()}
         self._scales: dict[str, int] = {p: v.spo2_scale for p, v in patients.items()}
         self._hospitals: dict[str, str] = {p: v.hospital_id for p, v in patients.items() if v.hospital_id}
-        self._signatures = dict(signatures)
+        self._stored = dict(signatures)  # JSON signature of each patient's last stored score (from the store)
+        self._signatures: dict[str, tuple[Any, ...]] = {}  # ... and as computed since start (cheaper to compare)
         self._expiry: dict[str, int] = {}
         self._initial_expiry = True
 
@@ -96,10 +101,15 @@ class News2State:
         s = news2.score(inputs, now_ms, self._scales.get(patient_id, 1))
         transitions = book.evaluate_derived(patient_id, hospital_id, {"news2": s.total, "news2_max": s.max_part},
                                             ts_ms, now_ms, lower_bound=not s.complete)
-        signature = json.dumps(s.signature(), separators=(",", ":"))
-        if signature != self._signatures.get(patient_id):
-            score_id = tx.insert_news2(patient_id, hospital_id, s, signature)
-            self._signatures[patient_id] = signature
+        signature = s.signature()
+        known = self._signatures.get(patient_id)
+        if known is None:
+            changed = _json(signature) != self._stored.get(patient_id)
+        else:
+            changed = signature != known
+        self._signatures[patient_id] = signature
+        if changed:
+            score_id = tx.insert_news2(patient_id, hospital_id, s, _json(signature))
             events.append(news2_event(patient_id, hospital_id, score_id, s))
         expiry = news2.next_expiry(inputs, now_ms)
         if expiry is None:
