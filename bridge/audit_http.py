@@ -99,7 +99,7 @@ def _source(scope: dict[str, Any]) -> str | None:
 def _patient_param(value: str | None) -> str | None:
     if value is None:
         return None
-    return value.removeprefix("Patient/") or None
+    return value.removeprefix("Patient/").replace(".", "_") or None  # a FHIR id writes our "_" as "."
 
 
 def http_entry(scope: dict[str, Any], status: int, request_id: str) -> Entry:

@@ -190,3 +190,23 @@ def test_another_hospitals_observation_is_not_found(bridge: BridgeThread) -> Non
 def test_writes_are_refused(bridge: BridgeThread) -> None:
     response = httpx.post(bridge.url + "/fhir/Observation", headers=NURSE, json={"resourceType": "Observation"})
     validated(response, "OperationOutcome", 405)
+
+
+def test_fhir_reads_are_audited_with_their_patient(bridge: BridgeThread) -> None:
+    resource = search_all(bridge, code="8867-4")[0]
+    response = get(bridge, f"/fhir/Observation/{resource['id']}", {**NURSE, "X-Request-ID": "req-fhir-read"})
+    assert response.status_code == 200 and response.headers["x-request-id"] == "req-fhir-read"
+    admin = {"Authorization": f"Bearer {token('admin')}"}
+
+    def record() -> dict | None:
+        items = httpx.get(f"{bridge.url}/api/audit", headers=admin, params={"subject": "nurse-fhir"}).json()["items"]
+        return next((r for r in items if r["request_id"] == "req-fhir-read"), None)
+
+    found = wait_until(record, what="the audit record of the FHIR read")
+    assert (found["action"], found["patient_id"], found["outcome"]) == ("fhir.observation.read", "p_f1", "success")
+    refused = get(bridge, "/fhir/Observation", {"X-Request-ID": "req-fhir-401"}, patient="p.f1")
+    assert refused.status_code == 401
+    denied = wait_until(lambda: next((r for r in httpx.get(f"{bridge.url}/api/audit", headers=admin,
+                                                           params={"outcome": "denied"}).json()["items"]
+                                      if r["request_id"] == "req-fhir-401"), None), what="the refused FHIR search")
+    assert denied["patient_id"] == "p_f1" and denied["subject"] is None
