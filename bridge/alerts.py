@@ -61,13 +61,16 @@ DEVICE_OFFLINE = "device.offline"
 DEVICE_SILENT = "device.silent"
 DEVICE_BATTERY_LOW = "device.battery_low"
 DEVICE_SEQ_GAP = "device.seq_gap"
+INGEST_SESSION_LOST = "ingest.session_lost"
 TECHNICAL_PRIORITY = {
+    INGEST_SESSION_LOST: "medium",  # readings of a whole hospital may be gone: someone must look
     DEVICE_OFFLINE: "medium",  # no data at all: someone must look, but it is not a clinical emergency
     DEVICE_SILENT: "medium",
     DEVICE_BATTERY_LOW: "low",  # minutes to hours left: a task, not an emergency
     DEVICE_SEQ_GAP: "low",  # data already lost: worth knowing, nothing to rush for
 }
 TECHNICAL_MESSAGES = {
+    INGEST_SESSION_LOST: "Readings may be lost: the MQTT broker lost the bridge's session and its queue",
     DEVICE_OFFLINE: "Device offline: no connection to the device",
     DEVICE_SILENT: "Device silent: no data within its expected interval",
     DEVICE_BATTERY_LOW: "Device battery low",
@@ -312,6 +315,7 @@ class Transition:
     action: str  # "raised" | "updated" | "acknowledged" | "escalated" | "resolved"
     alert: Alert  # the alert AFTER the transition
     at_ms: int
+    device_ms: int | None = None  # the device's own time of the reading behind it (latency metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +332,12 @@ def patient_subject(patient_id: str) -> str:
 
 def device_subject(device_type: str, device_id: str) -> str:
     return f"device:{device_type}:{device_id}"
+
+
+def ingest_subject(hospital_id: str) -> str:
+    """System alarms about ingest are raised once per hospital, so each hospital's staff see
+    (and acknowledge) their own."""
+    return f"ingest:{hospital_id}"
 
 
 # A threshold rule for the battery, so low battery gets the same delay/hysteresis logic as
@@ -439,6 +449,9 @@ class AlertBook:
     def active(self) -> list[Alert]:
         return list(self._active.values())
 
+    def active_count(self) -> int:
+        return len(self._active)
+
     def get(self, alert_id: str) -> Alert | None:
         """An active alert, or a recently resolved one."""
         key = self._by_id.get(alert_id)
@@ -467,7 +480,7 @@ class AlertBook:
             value = reading.metrics.get(rule.metric)
             if value is not None:
                 transitions += self._step(rule, ctx, float(value), reading.ts_ms, now)
-        return transitions
+        return [replace(t, device_ms=reading.ts_ms) for t in transitions]
 
     def evaluate_derived(self, patient_id: str, hospital_id: str, values: Mapping[str, float], ts_ms: int,
                          now_ms: int, *, lower_bound: bool = False) -> list[Transition]:
@@ -619,6 +632,16 @@ class AlertBook:
         updated = replace(alert, value=float(missing), count=alert.count + missing, updated_ms=now_ms)
         return [self._put("updated", updated, now_ms)]
 
+    def session_lost(self, hospital_id: str, detail: str, now_ms: int) -> list[Transition]:
+        """The broker lost the bridge's session: an event like a sequence gap, latched until
+        acknowledged; another loss while it is active adds to ``count``."""
+        ctx = _Context("technical", ingest_subject(hospital_id), None, hospital_id, None, None)
+        alert = self._active.get((ctx.subject, INGEST_SESSION_LOST))
+        if alert is None:
+            rule = replace(_technical_rule(INGEST_SESSION_LOST, latching=True), message=f"{TECHNICAL_MESSAGES[INGEST_SESSION_LOST]}: {detail}")
+            return [self._raise(rule, ctx, None, now_ms, condition_active=False, count=1)]
+        return [self._put("updated", replace(alert, count=alert.count + 1, updated_ms=now_ms), now_ms)]
+
     def _raise_technical(self, rule_id: str, ctx: _Context, now_ms: int) -> list[Transition]:
         if (ctx.subject, rule_id) in self._active:
             return []
@@ -685,6 +708,6 @@ def _technical_rule(rule_id: str, latching: bool = False) -> Rule:
 
 __all__ = [
     "ACTIONS", "AlertBook", "AlertError", "Alert", "BATTERY_CLEAR_AT", "BATTERY_LOW_BELOW", "DEVICE_BATTERY_LOW",
-    "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT", "PRIORITIES", "Rule", "RuleOverride", "STATES",
+    "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT", "INGEST_SESSION_LOST", "PRIORITIES", "Rule", "RuleOverride", "STATES",
     "Transition", "apply_overrides", "default_rules", "load_rules", "validate_rule",
 ]

@@ -1,8 +1,16 @@
 """Composition: settings in, a running bridge out (broker, store, writer, hub, ingest, API).
 
     create_app(settings) -> FastAPI whose lifespan starts, in order:
-      embedded broker (FC_MQTT_URL=embedded) -> store -> writer/core -> hub -> ingest -> timers
-    and stops them in reverse.
+      embedded broker (FC_MQTT_URL=embedded) -> store (locked: one bridge per database)
+        -> writer/core -> hub -> client-id lease on the broker -> ingest -> timers
+    and stops them in reverse. A refusal at start (database in use, client id in use, a
+    session that cannot be persistent) stops the process with a message saying what to change.
+
+Threads: the event loop owns the Runtime, the outbox and the hub; the writer thread owns the
+core (read elsewhere only through ``core.snapshot``); the paho threads own the MQTT consumer's
+and the lease's connections. ``/realtime/stats`` and ``/metrics`` are async, so they read the
+loop's state on the loop and everybody else's through snapshots; ``/readyz`` reads only
+single attributes and pings the store from a pool thread.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -18,7 +27,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from bridge.alerts import default_rules, load_rules
 from bridge.api import install_error_handlers, operator, router
@@ -33,11 +44,14 @@ from bridge.router import rooms_for
 from bridge.realtime import Realtime
 from bridge.realtime import router as realtime_router
 from bridge.store import Store, open_store
+from bridge.telemetry import LatencyTracker, Marks, StatsCollector, Telemetry
 from firstcare.auth import TokenVerifier
 from firstcare.broker import EmbeddedBroker
+from firstcare.errors import FirstCareError, StoreError
 from firstcare.events import Event
+from firstcare.lease import BrokerUnreachable, LeaseError, LeaseHeld, LeaseKeeper
 from firstcare.permissions import Claims
-from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget
+from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, backoff_delay
 from firstcare.settings import Settings
 from firstcare.topics import subscription_filter
 
@@ -63,11 +77,18 @@ class Runtime:
         self.ingest: AckingConsumer
         self.tasks: list[asyncio.Task[Any]] = []
         self.timer_errors = 0
-        self._outbox: asyncio.Queue[Event] = asyncio.Queue(OUTBOX_SIZE)
+        self.tick_store_error: str | None = None  # the last timer tick's store failure, until one succeeds
+        self._outbox: asyncio.Queue[tuple[Event, Marks | None]] = asyncio.Queue(OUTBOX_SIZE)
         self.outbox_dropped = 0
         self.node = f"{socket.gethostname()}-{os.getpid()}"
         self.realtime: Realtime
         self.audit: AuditLog | None = None  # the audit trail (bridge/audit_log.py)
+        self.lease: LeaseKeeper | None = None
+        self.start_error: str | None = None
+        self.telemetry = Telemetry()
+        self.latency: LatencyTracker
+        self._metrics_figures: dict[str, Any] = {}
+        self.telemetry.registry.register(StatsCollector(lambda: self._metrics_figures))
 
     @property
     def mqtt_target(self) -> MqttTarget:
@@ -77,6 +98,12 @@ class Runtime:
                               s.mqtt_port, "bridge", None)
         return MqttTarget.parse(s.mqtt_url)
 
+    @property
+    def broker_key(self) -> str:
+        """Names the broker in the store's record of established sessions."""
+        target = self.mqtt_target
+        return f"{target.host}:{target.port}"
+
     async def start(self) -> None:
         s = self.settings
         self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
@@ -85,7 +112,7 @@ class Runtime:
             self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port)
             await self.broker.start()
         rules = load_rules(Path(s.alert_rules).read_text()) if s.alert_rules else default_rules()
-        self.store = open_store(s.store_url)
+        self.store = open_store(s.store_url, s.store_busy_timeout_seconds)
         self.core = BridgeCore(self.store, rules, CoreSettings(
             topic_root=s.topic_root, silent_ms=int(s.device_silent_seconds * 1000),
             offline_ms=int(s.device_offline_seconds * 1000), escalation_ms=int(s.escalation_seconds * 1000),
@@ -93,13 +120,75 @@ class Runtime:
         self.writer = Writer(self.core)
         self.hub = open_hub(s.hub_url, s.history_size, s.history_seconds, self.node)
         await self.hub.start()
+        self.latency = LatencyTracker(self.telemetry, synchronous=self.hub.backend.name == "memory")
+        self.hub.on_dispatch = self.latency.dispatched
         self.realtime = Realtime(self)
         self.realtime.start()
+        target = self.mqtt_target
+        # The embedded broker lives and dies with this process: no session outlives a restart.
+        expected = s.mqtt_url != "embedded" and self.store.session_established(s.mqtt_client_id, self.broker_key)
         self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
-                                 self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms)
-        self.tasks = [asyncio.create_task(self.ingest.run(), name="fc-ingest"),
-                      asyncio.create_task(self._timers(), name="fc-timers"),
+                                 self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms,
+                                 protocol=s.mqtt_protocol, session_expiry_s=s.mqtt_session_expiry_seconds,
+                                 session_expected=expected, on_session_lost=self._session_lost,
+                                 on_session_established=self._session_established)
+        loop = asyncio.get_running_loop()
+        self.lease = LeaseKeeper(target.host, target.port, target.username, target.password, s.mqtt_client_id,
+                                 on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message))
+        self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
                       asyncio.create_task(self._fan_out(), name="fc-fan-out")]
+        try:
+            await asyncio.to_thread(self.lease.acquire)
+        except BrokerUnreachable as exc:
+            log.warning("%s; ingest starts once the broker answers and the lease is taken", exc)
+            self.tasks.append(asyncio.create_task(self._acquire_then_ingest(), name="fc-lease"))
+        else:
+            self.tasks.append(asyncio.create_task(self.ingest.run(), name="fc-ingest"))
+
+    async def _acquire_then_ingest(self) -> None:
+        """The broker was down at start: keep trying to take the lease, then ingest."""
+        assert self.lease is not None
+        rng = random.Random()
+        attempt = 0
+        while True:
+            await asyncio.sleep(backoff_delay(attempt, rng))
+            attempt += 1
+            try:
+                await asyncio.to_thread(self.lease.acquire)
+                break
+            except LeaseHeld as exc:
+                self.ingest.yield_session(str(exc))
+                return
+            except LeaseError as exc:
+                self.ingest.last_error = str(exc)
+        await self.ingest.run()
+
+    def _session_established(self) -> None:
+        if self.settings.mqtt_url != "embedded":
+            self.tasks.append(asyncio.create_task(self._remember_session(), name="fc-session"))
+
+    async def _remember_session(self) -> None:
+        try:
+            await self.writer.run(self.core.remember_session, self.settings.mqtt_client_id, self.broker_key)
+        except Exception as exc:  # noqa: BLE001 - retried at the next connect
+            log.warning("could not record the MQTT session in the store: %s", exc)
+
+    def _session_lost(self) -> None:
+        self.tasks.append(asyncio.create_task(self._raise_session_lost(), name="fc-session-lost"))
+
+    async def _raise_session_lost(self) -> None:
+        """Store the alarm (retrying while the store fails: it must not be lost), then publish it."""
+        rng = random.Random()
+        attempt = 0
+        while True:
+            try:
+                events = await self.writer.run(self.core.session_lost, self.settings.mqtt_client_id, self.broker_key)
+                break
+            except Exception as exc:  # noqa: BLE001 - keep trying
+                log.error("could not store the session-lost alarm (%s); retrying", exc)
+                await asyncio.sleep(backoff_delay(attempt, rng))
+                attempt += 1
+        await self.publish(events)
 
     async def stop(self) -> None:
         if hasattr(self, "realtime"):
@@ -109,6 +198,10 @@ class Runtime:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if hasattr(self, "ingest"):
+            await self.ingest.stop()
+        if self.lease is not None:
+            await asyncio.to_thread(self.lease.release)
         if hasattr(self, "writer"):
             await asyncio.to_thread(self.writer.close)
         if hasattr(self, "hub"):
@@ -130,7 +223,7 @@ class Runtime:
         is in the database already."""
         for event in events:
             try:
-                self._outbox.put_nowait(event)
+                self._outbox.put_nowait((event, self.latency.committed(event)))
             except asyncio.QueueFull:
                 self.outbox_dropped += 1
                 self.hub.backend.mark_lost(rooms_for(event))
@@ -140,13 +233,15 @@ class Runtime:
         never the ingest and its acknowledgements."""
         failing = False
         while True:
-            event = await self._outbox.get()
+            event, marks = await self._outbox.get()
+            self.latency.publishing(marks)
             try:
-                await self.hub.publish(event)
+                self.latency.published(await self.hub.publish(event))
                 if failing:
                     log.info("fan-out restored")
                 failing = False
             except HubError as exc:
+                self.latency.publishing(None)
                 if not failing:
                     log.warning("fan-out failing, events are stored but not delivered live: %s", exc)
                 failing = True
@@ -157,7 +252,12 @@ class Runtime:
         while True:
             await asyncio.sleep(TICK_S)
             try:
-                await self.publish(await self.writer.run(self.core.tick))
+                try:
+                    await self.publish(await self.writer.run(self.core.tick))
+                    self.tick_store_error = None
+                except StoreError as exc:
+                    self.tick_store_error = str(exc)  # the store refuses writes: readiness says so
+                    raise
                 if self.settings.retention_days > 0 and loop.time() >= next_purge:
                     next_purge = loop.time() + PURGE_EVERY_S
                     cutoff = self.core.clock() - int(self.settings.retention_days * 86_400_000)
@@ -166,26 +266,50 @@ class Runtime:
                 self.timer_errors += 1
                 log.exception("timer tick failed")
 
+    def mqtt_check(self) -> str:
+        if self.ingest.conflict is not None:
+            return f"conflict: {self.ingest.conflict}"
+        if self.lease is not None and self.lease.state == "acquiring":
+            return "waiting for the client-id lease"
+        return self.ingest.state
+
     def readiness(self) -> dict[str, Any]:
-        checks: dict[str, Any] = {"mqtt": self.ingest.state, "hub": self.hub.backend.state()}
+        """Single attribute reads plus a store ping: safe from a pool thread. The store is
+        failing while a batch is being retried or the last timer tick could not write."""
+        checks: dict[str, Any] = {"mqtt": self.mqtt_check(), "hub": self.hub.backend.state()}
         try:
             self.store.ping()
-            checks["store"] = "ok" if self.ingest.store_error is None else f"error: {self.ingest.store_error}"
+            failure = self.ingest.store_error or self.tick_store_error
+            checks["store"] = "ok" if failure is None else f"error: {failure}"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["store"] = f"error: {exc}"
         ready = checks["mqtt"] == "connected" and checks["store"] == "ok" and checks["hub"] == "ok"
         return {"ready": ready, "checks": checks}
 
     def stats(self) -> dict[str, Any]:
+        """Call on the event loop: the hub's and realtime's figures are the loop's own; the
+        writer's come from its snapshot, the MQTT thread's from a one-step copy."""
+        lease = self.lease
         return {
-            "ingest": {**self.core.stats(), **self.ingest.counters, "mqtt_state": self.ingest.state,
-                       "mqtt_last_error": self.ingest.last_error, "store_last_error": self.ingest.store_error, "queue_depth": self.ingest.queue_depth(),
-                       "queue_size": self.settings.ingest_queue_size},
+            "ingest": {**self.core.stats(), **self.ingest.counters.copy(), "mqtt_state": self.ingest.state,
+                       "mqtt_last_error": self.ingest.last_error, "store_last_error": self.ingest.store_error,
+                       "mqtt_conflict": self.ingest.conflict, "queue_depth": self.ingest.queue_depth(),
+                       "queue_size": self.settings.ingest_queue_size,
+                       "lease_state": lease.state if lease is not None else None,
+                       "lease_rivals": lease.rivals if lease is not None else 0},
             "hub": {**self.hub.stats(), "outbox_depth": self._outbox.qsize(), "outbox_dropped": self.outbox_dropped},
             "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
             "audit": self.audit.stats() if self.audit is not None else {},
         }
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus exposition: figures gathered on the loop, readiness in a pool thread."""
+        readiness = await run_in_threadpool(self.readiness)
+        figures = self.stats()
+        figures["realtime"]["users"] = len(figures["realtime"].get("connections_per_user", {}))
+        self._metrics_figures = {**figures, "readiness": readiness}
+        return generate_latest(self.telemetry.registry)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -194,7 +318,12 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await runtime.start()
+            try:
+                await runtime.start()
+            except FirstCareError as exc:
+                runtime.start_error = str(exc)
+                log.error("refusing to start: %s", exc)
+                raise
             yield
         finally:
             await runtime.stop()
@@ -225,47 +354,19 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(body, 200 if body["ready"] else 503)
 
     @app.get("/realtime/stats", tags=["operations"])
-    def stats(request: Request, c: Annotated[Claims, Depends(operator)]) -> dict[str, Any]:
+    async def stats(request: Request, c: Annotated[Claims, Depends(operator)]) -> dict[str, Any]:
         """Ingest and fan-out counters: messages, stored, duplicates, dead letters by reason,
         alert transitions, queue depth, MQTT state, ingest lag."""
         return request.app.state.runtime.stats()
 
-    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    def metrics(request: Request) -> str:
-        """The figures of /realtime/stats in Prometheus text format."""
-        return prometheus_text(request.app.state.runtime.stats())
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition (text format 0.0.4): counters, gauges and latency histograms.
+        No label carries a patient, user, device or room id."""
+        return Response(await request.app.state.runtime.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     # the dashboard (bridge/static, no build step); mounted last so it only gets what no route matched
     from starlette.staticfiles import StaticFiles
 
     app.mount("/", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="dashboard")
     return app
-
-
-PRIVATE_STATS = frozenset({"connections_per_user", "rooms"})  # user and patient ids: not for /metrics
-
-
-def prometheus_text(stats: dict[str, Any], prefix: str = "firstcare") -> str:
-    """Flatten numeric stats to Prometheus gauges; counters keyed by reason become labels.
-    /metrics is unauthenticated, so nothing naming a user or a patient is exported."""
-    lines: list[str] = []
-
-    def walk(name: str, value: Any, labels: str) -> None:
-        if name.rsplit("_", 1)[-1] in PRIVATE_STATS or any(name.endswith("_" + p) for p in PRIVATE_STATS):
-            return
-        if isinstance(value, bool):
-            value = int(value)
-        if isinstance(value, (int, float)):
-            lines.append(f"{name}{labels} {value}")
-        elif isinstance(value, dict):
-            for key, inner in value.items():
-                if isinstance(inner, (int, float)) and not isinstance(inner, bool) and name.endswith(
-                        ("_reasons", "_per_user", "_disconnects", "_opened", "refused", "_rooms")):
-                    label = str(key).replace("\\", "\\\\").replace('"', '\\"')
-                    lines.append(f'{name}{{key="{label}"}} {inner}')
-                else:
-                    walk(f"{name}_{key}", inner, labels)
-
-    for section, values in stats.items():
-        walk(f"{prefix}_{section}", values, "")
-    return "\n".join(lines) + "\n"

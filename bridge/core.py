@@ -10,6 +10,11 @@ readings around it. One batch is one transaction::
 Only after the commit does the caller acknowledge the batch to the broker, so a crash at any
 point leaves the broker holding whatever was not stored. Alert transitions commit in the same
 transaction as the readings that caused them: an alarm is persisted before it is fanned out.
+
+Threads: the writer thread owns everything here (the book, ``devices``, ``patients``,
+``counters``). Other threads (the stats and metrics endpoints) read only :attr:`snapshot`, a
+frozen :class:`CoreSnapshot` the writer builds after each operation and swaps in by one
+assignment, so a reader never iterates a dictionary the writer is changing.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import dataclasses
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from bridge import devices as dev
-from bridge.alerts import AlertBook, Rule, RuleOverride, Transition, apply_overrides
+from bridge.alerts import INGEST_SESSION_LOST, TECHNICAL_MESSAGES, TECHNICAL_PRIORITY, AlertBook, Rule, RuleOverride, Transition, apply_overrides
 from bridge.news2_state import News2State
 from bridge.store_clinical import ObservationRecord
 from bridge.store import DeadLetter, DeviceRecord, SeqGap, Store, alert_json, device_json
@@ -64,17 +70,47 @@ class CoreSettings:
     dead_letter_bytes: int = 4096
 
 
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSnapshot:
+    """What the writer publishes for other threads: immutable, replaced whole."""
+
+    counters: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    dead_letter_reasons: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    devices: int = 0
+    devices_online: int = 0
+    alerts_active: int = 0
+    ingest_lag_ms: int = 0
+
+
+class DeviceTable(dict[tuple[str, str], DeviceRecord]):
+    """The writer's device registry; keeps the number online as devices are put, so a
+    snapshot after every batch costs nothing per device."""
+
+    def __init__(self, devices: Sequence[DeviceRecord] = ()) -> None:
+        super().__init__((d.key, d) for d in devices)
+        self.online = sum(1 for d in devices if d.state == "online")
+
+    def __setitem__(self, key: tuple[str, str], device: DeviceRecord) -> None:
+        before = self.get(key)
+        self.online += (device.state == "online") - (before is not None and before.state == "online")
+        super().__setitem__(key, device)
+
+
 def vitals_event(r: Reading) -> Event:
     data = {
         "patient_id": r.patient_id, "hospital_id": r.hospital_id, "device_type": r.device_type,
         "device_id": r.device_id, "seq": r.seq, "ts": format_ts(r.ts_ms), "received_ts": format_ts(r.received_ms),
         "metrics": r.metrics, "units": {m: METRICS[m].unit for m in r.metrics},
     }
-    return make_event("patient.vitals.update" if r.patient_id else "device.data.update", data, r.received_ms)
+    return make_event("patient.vitals.update" if r.patient_id else "device.data.update", data, r.received_ms,
+                      device_ms=r.ts_ms)
 
 
 def alert_event(t: Transition) -> Event:
-    return make_event(f"patient.alert.{t.action}", alert_json(t.alert), t.at_ms)
+    return make_event(f"patient.alert.{t.action}", alert_json(t.alert), t.at_ms, device_ms=t.device_ms)
 
 
 def device_event(d: DeviceRecord, at_ms: int) -> Event:
@@ -91,24 +127,34 @@ class BridgeCore:
         self.counters: Counter[str] = Counter()
         self.dead_letter_reasons: Counter[str] = Counter()
         self.last_ingest_lag_ms = 0
+        self.snapshot = CoreSnapshot()
         self._load()
 
     def _load(self) -> None:
         self.book = AlertBook(self.rules, new_id=lambda: uuid.uuid4().hex, overrides=self.store.load_overrides())
         self.book.load_active(self.store.load_active_alerts())
-        self.devices: dict[tuple[str, str], DeviceRecord] = {d.key: d for d in self.store.load_devices()}
+        self.devices: DeviceTable = DeviceTable(self.store.load_devices())
         self.patients: dict[str, str] = self.store.load_patients()
         self.news2 = News2State.load(self.store)  # NEWS2 inputs and scores (bridge/news2_state.py)
+        self._publish_snapshot()
+
+    def _publish_snapshot(self) -> None:
+        self.snapshot = CoreSnapshot(
+            MappingProxyType(dict(self.counters)), MappingProxyType(dict(self.dead_letter_reasons)),
+            len(self.devices), self.devices.online, self.book.active_count(), self.last_ingest_lag_ms)
 
     def _committed(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(tx)`` in a transaction. If it fails, in-memory state may be ahead of the
-        database, so it is reloaded from the database before the error propagates."""
+        database, so it is reloaded from the database before the error propagates. Either
+        way a fresh snapshot is published."""
         try:
             with self.store.transaction() as tx:
                 return fn(tx)
         except BaseException:
             self._load()
             raise
+        finally:
+            self._publish_snapshot()
 
     def _device(self, device_type: str, device_id: str, hospital_id: str | None) -> DeviceRecord:
         return self.devices.get((device_type, device_id)) or dev.new_device(device_type, device_id, hospital_id)
@@ -189,6 +235,7 @@ class BridgeCore:
         events = self._committed(work)
         if messages:
             self.last_ingest_lag_ms = max(0, self.clock() - min(m.received_ms for m in messages))
+            self._publish_snapshot()
         return events
 
     def _owned(self, readings: list[Reading], dead: list[DeadLetter]) -> list[Reading]:
@@ -294,6 +341,7 @@ class BridgeCore:
         transitions = self._committed(work)
         for t in transitions:
             self.counters[f"alerts_{t.action}"] += 1
+        self._publish_snapshot()
         return alert_json(transitions[-1].alert), [alert_event(t) for t in transitions]
 
     def set_binding(self, device_type: str, device_id: str, patient_id: str | None,
@@ -312,6 +360,7 @@ class BridgeCore:
 
         self._committed(work)
         self.devices[after.key] = after
+        self._publish_snapshot()
         return after, [device_event(after, self.clock())]
 
     def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> list[Rule]:
@@ -338,14 +387,48 @@ class BridgeCore:
 
         return self._committed(work)
 
+    # --- MQTT session --------------------------------------------------------------------
+
+    def remember_session(self, client_id: str, broker: str) -> None:
+        """The broker granted this bridge a session: after a restart, one is expected there."""
+        self._committed(lambda tx: tx.remember_session(client_id, broker, self.clock()))
+
+    def session_lost(self, client_id: str, broker: str) -> list[Event]:
+        """The broker had no session where one was expected: readings it queued for the bridge
+        may be gone. A technical alarm for every hospital the bridge knows (one with an empty
+        hospital id when it knows none), stored like any alarm, plus a ``system.alert``."""
+        now = self.clock()
+        hospitals = sorted({d.hospital_id for d in self.devices.values() if d.hospital_id}
+                           | set(self.patients.values())) or [""]
+        detail = (f"the MQTT broker {broker} had no session for client id {client_id!r}; readings it held for the"
+                  " bridge may be lost (missing ones show as sequence gaps)")
+
+        def work(tx: Any) -> list[Transition]:
+            transitions = [t for h in hospitals for t in self.book.session_lost(h, detail, now)]
+            tx.save_transitions(transitions)
+            return transitions
+
+        transitions = self._committed(work)
+        for t in transitions:
+            self.counters[f"alerts_{t.action}"] += 1
+        self._publish_snapshot()
+        system = make_event("system.alert", {
+            "kind": "technical", "rule_id": INGEST_SESSION_LOST, "priority": TECHNICAL_PRIORITY[INGEST_SESSION_LOST],
+            "message": TECHNICAL_MESSAGES[INGEST_SESSION_LOST], "detail": detail, "client_id": client_id,
+            "broker": broker, "hospitals": [h for h in hospitals if h], "alert_ids": [t.alert.id for t in transitions],
+            "raised_at": format_ts(now)}, now)
+        return [alert_event(t) for t in transitions] + [system]
+
     def stats(self) -> dict[str, Any]:
+        """From the snapshot: safe to call from any thread."""
+        snap = self.snapshot
         return {
-            **self.counters,
-            "dead_letter_reasons": dict(self.dead_letter_reasons),
-            "devices": len(self.devices),
-            "devices_online": sum(1 for d in self.devices.values() if d.state == "online"),
-            "alerts_active": len(self.book.active()),
-            "ingest_lag_ms": self.last_ingest_lag_ms,
+            **snap.counters,
+            "dead_letter_reasons": dict(snap.dead_letter_reasons),
+            "devices": snap.devices,
+            "devices_online": snap.devices_online,
+            "alerts_active": snap.alerts_active,
+            "ingest_lag_ms": snap.ingest_lag_ms,
         }
 
 

@@ -14,6 +14,10 @@ Subscribers have bounded queues. Under pressure a vitals delivery replaces the o
 from the same device in the same room (coalesced) or, failing that, is dropped; an alert is
 never dropped: the subscriber is marked ``overflowed`` and its connection must be closed so the
 client recovers through replay. Every drop, coalesce and overflow is counted.
+
+Threads: the event loop owns the hub, its rooms, subscribers and counters; read them (stats)
+on the loop only. ``on_dispatch`` (optional) is told, on the loop, how many local subscribers
+each publication reached: the latency metrics' "first delivery".
 """
 
 from __future__ import annotations
@@ -212,6 +216,7 @@ class Hub:
         self.backend = backend
         self._rooms: dict[str, set[Subscriber]] = {}
         self.counters = HubCounters()
+        self.on_dispatch: Callable[[Publication, int], None] | None = None
 
     async def start(self) -> None:
         await self.backend.start(self._dispatch)
@@ -251,6 +256,8 @@ class Hub:
         c.coalesced += outcomes["coalesced"]
         c.dropped += outcomes["dropped"]
         c.overflowed += outcomes["overflow"]
+        if self.on_dispatch is not None:
+            self.on_dispatch(publication, outcomes["queued"] + outcomes["coalesced"])
 
     def join(self, subscriber: Subscriber, room: str) -> None:
         self._rooms.setdefault(room, set()).add(subscriber)

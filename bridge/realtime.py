@@ -17,6 +17,9 @@ then skips anything at or below the offset already sent for that room.
 
 Close codes (also in the README): 4000-4099 mean "reconnect, with ``since``"; 4400-4499 mean
 "do not reconnect without changing something" (a new token, another room, fewer connections).
+
+Threads: the event loop owns the connection registry, ``by_user`` and the counters; the stats
+are read on the loop (``/realtime/stats`` and ``/metrics`` are async endpoints).
 """
 
 from __future__ import annotations

@@ -2,11 +2,20 @@
 
 ``synchronous=FULL`` because a message is acknowledged to the broker once its transaction
 commits: the commit has to survive a power cut, not only a crash of the process.
+
+One process owns a database: :class:`SQLiteStore` holds an exclusive ``flock`` on
+``<database>.lock`` from open to close (the kernel drops it when the process dies, even by
+SIGKILL), so a second bridge on the same file is refused at start instead of interleaving its
+own in-memory alarm and device state with the first one's writes. Connections wait at most
+``busy_timeout_s`` for a lock held by someone else (a backup, a sqlite3 shell), so a batch
+that cannot be written fails within seconds and readiness says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -93,14 +102,50 @@ MIGRATIONS: list[str] = [
     CREATE INDEX news2_scores_patient ON news2_scores (patient_id, computed_ms, id);
     CREATE INDEX alerts_raised ON alerts (raised_ms);
     """,
+    # the MQTT sessions this database's bridge has established, so that after a restart it
+    # knows whether the broker ought to still hold one (and a missing one means lost readings)
+    """
+    CREATE TABLE mqtt_sessions (
+        client_id TEXT NOT NULL, broker TEXT NOT NULL, established_ms INTEGER NOT NULL,
+        PRIMARY KEY (client_id, broker)
+    );
+    """,
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
 _DEVICE_FIELDS = [f.name for f in dataclasses.fields(DeviceRecord)]
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+DEFAULT_BUSY_TIMEOUT_S = 2.0
+
+
+class DatabaseInUse(StoreError):
+    """Another process holds the database's lock file."""
+
+    reason = "store_in_use"
+
+
+def _lock(path: str) -> int:
+    """Take the exclusive lock beside the database; raise DatabaseInUse naming the holder."""
+    lock_path = os.path.abspath(path) + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DatabaseInUse(
+                f"the database {path!r} is in use by {holder} (lock {lock_path!r}): one bridge per SQLite database."
+                " Stop the other bridge, or give this one its own FC_STORE_URL") from exc
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    return fd
+
+
+def _connect(path: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -225,6 +270,11 @@ class SQLiteTransaction(ClinicalTransactionMixin):
             [(g.device_type, g.device_id, g.first_missing, g.last_missing, g.detected_ms) for g in gaps],
         )
 
+    def remember_session(self, client_id: str, broker: str, at_ms: int) -> None:
+        self._conn.execute("INSERT INTO mqtt_sessions (client_id, broker, established_ms) VALUES (?,?,?)"
+                           " ON CONFLICT (client_id, broker) DO UPDATE SET established_ms=excluded.established_ms",
+                           (client_id, broker, at_ms))
+
     def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> None:
         self._conn.execute("DELETE FROM alert_overrides WHERE patient_id=?", (patient_id,))
         self._conn.executemany(
@@ -234,14 +284,20 @@ class SQLiteTransaction(ClinicalTransactionMixin):
 
 
 class SQLiteStore(ClinicalStoreMixin):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
         directory = os.path.dirname(os.path.abspath(path))
+        self._lock_fd: int | None = None
         try:
             os.makedirs(directory, exist_ok=True)
-            self._writer = _connect(path)
+            self._lock_fd = _lock(path)
+            self._writer = _connect(path, busy_timeout_s)
             migrate(self._writer)
+        except DatabaseInUse:
+            raise
         except (OSError, sqlite3.Error) as exc:
+            self._unlock()
             raise StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -250,7 +306,7 @@ class SQLiteStore(ClinicalStoreMixin):
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = _connect(self.path, self.busy_timeout_s)
             conn.execute("PRAGMA query_only=ON")
             self._local.conn = conn
             with self._readers_lock:
@@ -280,6 +336,17 @@ class SQLiteStore(ClinicalStoreMixin):
                 conn.close()
             self._readers.clear()
         self._writer.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def session_established(self, client_id: str, broker: str) -> bool:
+        """Whether this database's bridge has held an MQTT session with this id on this broker."""
+        return self._writer.execute("SELECT 1 FROM mqtt_sessions WHERE client_id=? AND broker=?",
+                                    (client_id, broker)).fetchone() is not None
 
     def ping(self) -> None:
         try:

@@ -139,7 +139,8 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
         on_ready(app)
     await serving
     if not server.started:
-        raise FirstCareError("the server did not start; see the messages above")
+        start_error = getattr(getattr(app.state, "runtime", None), "start_error", None)
+        raise FirstCareError(start_error or "the server did not start; see the messages above")
 
 
 async def _report_progress(app: Any, every_s: float = 10.0) -> None:

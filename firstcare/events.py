@@ -43,6 +43,8 @@ class Event:
     name: str
     data: dict[str, Any]
     ts_ms: int
+    # Not on the wire: the device's own time of the reading behind the event, for latency metrics.
+    device_ms: int | None = None
 
     @property
     def type(self) -> str:
@@ -54,10 +56,10 @@ class Event:
         return self.name in ALERT_EVENTS
 
 
-def make_event(name: str, data: dict[str, Any], ts_ms: int | None = None) -> Event:
+def make_event(name: str, data: dict[str, Any], ts_ms: int | None = None, device_ms: int | None = None) -> Event:
     if name not in EVENT_TYPES:
         raise ValueError(f"unknown event {name!r} (one of {', '.join(EVENT_TYPES)})")
-    return Event(name, data, now_ms() if ts_ms is None else ts_ms)
+    return Event(name, data, now_ms() if ts_ms is None else ts_ms, device_ms)
 
 
 def event_id(epoch: str, offset: int) -> str:

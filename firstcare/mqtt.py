@@ -12,6 +12,20 @@ the reconnect loop, outside the client, with exponential backoff and full jitter
 
 A message redelivered after a reconnect carries a new packet id; an ack meant for an old
 connection is discarded (the broker resends that message and (device, seq) dedup absorbs it).
+
+A session is only worth something if the broker really kept it. ``session_expected`` says
+whether one ought to exist (the caller remembers across restarts that it established one);
+a CONNACK with ``session present: false`` when one was expected means the broker lost the
+queue (restarted without persistence, session expired): ``on_session_lost`` is called, on the
+event loop, so the caller can raise an alarm. ``on_session_established`` is called once the
+subscription of a new session is granted. With MQTT 5 the session gets a Session Expiry
+Interval (without one it would end at every disconnect), and a broker that says "session
+taken over" three times within a minute makes the consumer stop fighting (state ``conflict``).
+
+Threads: the paho thread owns the connection, ``state``, ``last_error`` and the counters it
+increments; the event loop owns the batches and ``store_error``. ``counters`` has a fixed set
+of keys made here and never added to, so any thread may copy it (``dict.copy`` runs under
+the GIL in one step); readers never iterate it live.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -35,6 +50,9 @@ log = logging.getLogger("firstcare.mqtt")
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
+TAKEOVER_LIMIT = 3
+TAKEOVER_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +106,23 @@ class AckingConsumer:
         queue_size: int = 10000,
         batch_max: int = 500,
         linger_ms: float = 5.0,
+        protocol: str = "3.1.1",
+        session_expiry_s: int = 0,
+        session_expected: bool = False,
+        on_session_lost: Callable[[], None] | None = None,
+        on_session_established: Callable[[], None] | None = None,
     ) -> None:
         self.target = target
+        self.protocol = protocol
+        self.session_expiry_s = session_expiry_s
+        self.session_expected = session_expected
+        self._on_session_lost = on_session_lost
+        self._on_session_established = on_session_established
+        self._takeovers: deque[float] = deque()
+        self.conflict: str | None = None
         self.client_id = client_id
         self.topic_filter = topic_filter
+        self._match_filter = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
         self._handle_batch = handle_batch
         self._batch_max = batch_max
         self._linger_s = linger_ms / 1000
@@ -112,7 +143,7 @@ class AckingConsumer:
         self.last_error: str | None = None
         self.store_error: str | None = None  # why the last batch could not be stored, until one is
         self.counters = {"received": 0, "acked": 0, "stale_acks": 0, "connects": 0, "disconnects": 0,
-                         "queue_full_waits": 0, "store_retries": 0}
+                         "queue_full_waits": 0, "store_retries": 0, "sessions_lost": 0, "taken_over": 0, "foreign": 0}
 
     @property
     def connected(self) -> bool:
@@ -124,16 +155,37 @@ class AckingConsumer:
     # --- network thread -----------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-            protocol=mqtt.MQTTv311, manual_ack=True,
-        )
+        if self.protocol == "5":
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                 protocol=mqtt.MQTTv5, manual_ack=True)
+        else:
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+                protocol=mqtt.MQTTv311, manual_ack=True,
+            )
         if self.target.username:
             client.username_pw_set(self.target.username, self.target.password)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
+
+    def _connect(self, client: mqtt.Client) -> None:
+        if self.protocol == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
+            client.connect(self.target.host, self.target.port, keepalive=30, clean_start=False,
+                           properties=properties)
+        else:
+            client.connect(self.target.host, self.target.port, keepalive=30)
+
+    def _call_soon(self, callback: Callable[[], None] | None) -> None:
+        if callback is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(callback)
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                     reason: mqtt.ReasonCode, properties: object) -> None:
@@ -146,6 +198,21 @@ class AckingConsumer:
         client.subscribe(self.topic_filter, qos=1)
         log.info("MQTT connected to %s:%s (session present: %s)", self.target.host, self.target.port,
                  flags.session_present)
+        if self.session_expected and not flags.session_present:
+            self.counters["sessions_lost"] += 1
+            log.warning("MQTT session %r lost: the broker at %s:%s answered 'session present: false' where it"
+                        " should have kept the session; readings it held for the bridge may be lost",
+                        self.client_id, self.target.host, self.target.port)
+            self._call_soon(self._on_session_lost)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[mqtt.ReasonCode],
+                      properties: object) -> None:
+        if any(r.is_failure for r in reasons):
+            self.last_error = f"subscription to {self.topic_filter} refused: {reasons[0]}"
+            log.error("MQTT %s", self.last_error)
+            return
+        self.session_expected = True
+        self._call_soon(self._on_session_established)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason: mqtt.ReasonCode, properties: object) -> None:
@@ -153,8 +220,33 @@ class AckingConsumer:
         if self.state == "connected":
             log.warning("MQTT disconnected: %s", reason)
         self.state = "disconnected"
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self.counters["taken_over"] += 1
+            now = time.monotonic()
+            self._takeovers.append(now)
+            while self._takeovers and self._takeovers[0] < now - TAKEOVER_WINDOW_S:
+                self._takeovers.popleft()
+            if len(self._takeovers) >= TAKEOVER_LIMIT:
+                self.yield_session(f"the broker gave MQTT session {self.client_id!r} to another client"
+                                   f" {len(self._takeovers)} times within {TAKEOVER_WINDOW_S:.0f} s: another process"
+                                   " uses this client id; this bridge stops its session instead of fighting over it")
+
+    def yield_session(self, message: str) -> None:
+        """Stop fighting over a client id another process holds: disconnect and stay down
+        (``state`` ``conflict``), leaving the session and its queue to the other process."""
+        if self.conflict is None:
+            self.conflict = message
+            log.error("%s", message)
+        self._stop.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if not mqtt.topic_matches_sub(self._match_filter, msg.topic):
+            # Not ours: amqtt sends a connecting client the retained messages of every client's
+            # subscriptions (e.g. another process's lease topic). Counted, acknowledged, skipped.
+            self.counters["foreign"] += 1
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            return
         received = _Received(Inbound(msg.topic, bytes(msg.payload), now_ms(), bool(msg.retain)),
                              self._generation, msg.mid, msg.qos)
         if not self._slots.acquire(blocking=False):
@@ -191,7 +283,7 @@ class AckingConsumer:
             self.state = "connecting"
             self._generation += 1
             try:
-                client.connect(self.target.host, self.target.port, keepalive=30)
+                self._connect(client)
             except OSError as exc:
                 self.last_error = f"cannot connect to {self.target.host}:{self.target.port}: {exc}"
             else:
@@ -212,7 +304,7 @@ class AckingConsumer:
             self._stop.wait(delay)
         self._send_acks(client)
         client.disconnect()
-        self.state = "stopped"
+        self.state = "conflict" if self.conflict is not None else "stopped"
 
     # --- event loop ---------------------------------------------------------------------
 

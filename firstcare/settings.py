@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -18,6 +19,10 @@ from firstcare.errors import ConfigError
 from firstcare.topics import check_root
 
 PREFIX = "FC_"
+MQTT_PROTOCOLS = ("3.1.1", "5")
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
 
 
 class EnvSettings:
@@ -100,9 +105,13 @@ class Settings(EnvSettings):
     mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtt://user:pass@host:port`"})
     mqtt_host: str = field(default="127.0.0.1", metadata={"doc": "bind address of the embedded broker"})
     mqtt_port: int = field(default=1884, metadata={"doc": "port of the embedded broker (1884 so it can sit beside a system Mosquitto on 1883)"})
-    mqtt_client_id: str = field(default="firstcare-bridge", metadata={"doc": "fixed client id of the bridge's persistent MQTT session"})
+    mqtt_client_id: str = field(default="firstcare-bridge", metadata={"doc": "fixed client id of the bridge's persistent MQTT session (`[A-Za-z0-9_.-]`, at most 128); one bridge per client id and broker (see Delivery guarantee)"})
+    mqtt_protocol: str = field(default="3.1.1", metadata={"doc": "MQTT version of the bridge's session: `3.1.1` or `5` (the embedded broker speaks 3.1.1 only)"})
+    mqtt_session_expiry_seconds: int = field(default=1209600, metadata={"doc": "MQTT 5 only: how long the broker keeps the bridge's session and queue while it is away (14 days; 0 is refused: the session would end at every disconnect)"})
+    mqtt_allow_anonymous: bool = field(default=False, metadata={"doc": "`true` lets `FC_MQTT_URL` carry no username; only for a broker that keeps anonymous sessions (Mosquitto does, amqtt discards their queue)"})
     topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar"})
     store_url: str = field(default="sqlite:///data/firstcare.db", metadata={"doc": "`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`"})
+    store_busy_timeout_seconds: float = field(default=2.0, metadata={"doc": "how long a write waits for a locked SQLite database before the batch counts as failed (retried, `/readyz` 503); keep it under 4 s so readiness turns within 5 s"})
     hub_url: str = field(default="memory://", metadata={"doc": "fan-out hub: `memory://` (one process) or `redis://host:port/db` (several processes share rooms; `?prefix=` namespaces the keys)"})
     jwt_secret: str | None = field(default=None, metadata={"doc": "HS256 shared secret (`firstcare up` makes one in the data folder when unset)"})
     jwt_public_key: str | None = field(default=None, metadata={"doc": "PEM public key for RS256/ES256 tokens"})
@@ -141,6 +150,9 @@ class Settings(EnvSettings):
             raise self.bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
         if urlsplit(self.hub_url).scheme not in ("memory", "redis", "rediss"):
             raise self.bad("hub_url", "expected memory:// or redis://host:port/db")
+        self.check_mqtt_session()
+        if not (math.isfinite(self.store_busy_timeout_seconds) and 0 < self.store_busy_timeout_seconds <= 60):
+            raise self.bad("store_busy_timeout_seconds", "must be greater than 0 and at most 60 (seconds)")
         self.check_ports("mqtt_port", "http_port")
         self.check_positive("ingest_queue_size", "batch_max", "dead_letter_bytes", "history_size", "ws_queue_size",
                             "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds", "audit_queue_size")
@@ -161,6 +173,33 @@ class Settings(EnvSettings):
         except Exception as exc:
             raise self.bad("topic_root", str(exc)) from exc
 
+    def check_mqtt_session(self) -> None:
+        """Refuse a configuration whose MQTT session could not be persistent: the broker would
+        then drop what it queued for the bridge while it was away, without telling anyone."""
+        if not CLIENT_ID_PATTERN.fullmatch(self.mqtt_client_id):
+            raise self.bad("mqtt_client_id", "expected 1 to 128 of A-Z a-z 0-9 _ . - (it also names the"
+                                              " bridge's lease topic, firstcare/lease/<client id>)")
+        if self.mqtt_protocol not in MQTT_PROTOCOLS:
+            raise self.bad("mqtt_protocol", "expected 3.1.1 or 5")
+        if self.mqtt_url == "embedded":
+            if self.mqtt_protocol != "3.1.1":
+                raise self.bad("mqtt_protocol", "the embedded broker (FC_MQTT_URL=embedded) speaks MQTT 3.1.1 only;"
+                                                " set FC_MQTT_PROTOCOL=3.1.1 or use Mosquitto")
+            return
+        if self.mqtt_protocol == "5" and self.mqtt_session_expiry_seconds < 1:
+            raise self.bad("mqtt_session_expiry_seconds",
+                           "with FC_MQTT_PROTOCOL=5 a session without an expiry ends at every disconnect, and the"
+                           " broker drops what it queued for the bridge; set it to how long the broker must keep"
+                           " the queue (e.g. 1209600, 14 days) or use FC_MQTT_PROTOCOL=3.1.1")
+        if self.mqtt_session_expiry_seconds < 0 or self.mqtt_session_expiry_seconds > 0xFFFFFFFF:
+            raise self.bad("mqtt_session_expiry_seconds", "must be 0..4294967295 seconds")
+        if not urlsplit(self.mqtt_url).username and not self.mqtt_allow_anonymous:
+            raise self.bad("mqtt_url", "no username: the bridge's session would be anonymous, and the amqtt broker"
+                                       " (`firstcare broker`) discards the queue of anonymous sessions, so readings"
+                                       " published while the bridge is away would be lost. Put the bridge's user in"
+                                       " the URL (mqtt://bridge:password@host:port) or, for a broker that keeps"
+                                       " anonymous sessions (Mosquitto), set FC_MQTT_ALLOW_ANONYMOUS=true")
+
     @property
     def sqlite_path(self) -> str:
         return self.store_url[len("sqlite:///"):]
@@ -168,6 +207,12 @@ class Settings(EnvSettings):
 
 def _convert(key: str, type_: Any, raw: str) -> Any:
     type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    if type_name.startswith("bool"):
+        if raw.strip().lower() in TRUE:
+            return True
+        if raw.strip().lower() in FALSE:
+            return False
+        raise ConfigError(f"{key}={raw!r}: expected true or false")
     try:
         if type_name.startswith("int"):
             return int(raw)

@@ -28,9 +28,15 @@ def is_valid_id(value: object) -> bool:
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
+ROOT_FORBIDDEN = "+#$/"
+
+
 def check_root(root: str) -> str:
-    if not root or any(c in root for c in "+#") or root.startswith("/") or root.endswith("/"):
-        raise TopicError(f"invalid topic root {root!r}", "topic_root_invalid")
+    """The root is one topic level: no wildcard (``+``, ``#``) that would make the bridge
+    subscribe to more than it parses, no ``$`` (broker-reserved topics), no ``/``."""
+    if not root or any(c in root for c in ROOT_FORBIDDEN) or root != root.strip() or "\0" in root:
+        raise TopicError(f"invalid topic root {root!r}: one topic level, without '+', '#', '$', '/' or spaces"
+                         " around it", "topic_root_invalid")
     return root
 
 

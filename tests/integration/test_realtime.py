@@ -405,7 +405,7 @@ def test_presence_stats_and_metrics_follow_connections(bridge: BridgeThread) -> 
 
     asyncio.run(main())
     metrics = httpx.get(f"{bridge.url}/metrics").text
-    assert "firstcare_realtime_connections " in metrics and "firstcare_hub_delivered " in metrics
+    assert 'firstcare_realtime_connections{transport="ws"} ' in metrics and "firstcare_hub_delivered_total " in metrics
     assert "watcher" not in metrics and "p-001" not in metrics
 
 

@@ -216,9 +216,17 @@ def test_defaults() -> None:
         ({"FC_ALLOWED_ORIGINS": "https://a.example"}, "allowed_origins", ("https://a.example",)),
         ({"FC_JWT_SECRET": SECRET}, "jwt_secret", SECRET),
         ({"FC_MQTT_URL": "mqtt://user:pw@broker:1883"}, "mqtt_url", "mqtt://user:pw@broker:1883"),
-        ({"FC_MQTT_URL": "tcp://broker"}, "mqtt_url", "tcp://broker"),
+        ({"FC_MQTT_URL": "tcp://bridge@broker"}, "mqtt_url", "tcp://bridge@broker"),
+        ({"FC_MQTT_URL": "mqtt://broker", "FC_MQTT_ALLOW_ANONYMOUS": "true"}, "mqtt_url", "mqtt://broker"),
+        ({"FC_MQTT_ALLOW_ANONYMOUS": "yes"}, "mqtt_allow_anonymous", True),
+        ({"FC_MQTT_ALLOW_ANONYMOUS": "0"}, "mqtt_allow_anonymous", False),
+        ({"FC_MQTT_URL": "mqtt://u@b", "FC_MQTT_PROTOCOL": "5"}, "mqtt_protocol", "5"),
+        ({"FC_MQTT_URL": "mqtt://u@b", "FC_MQTT_PROTOCOL": "5", "FC_MQTT_SESSION_EXPIRY_SECONDS": "3600"},
+         "mqtt_session_expiry_seconds", 3600),
+        ({"FC_STORE_BUSY_TIMEOUT_SECONDS": "0.5"}, "store_busy_timeout_seconds", 0.5),
+        ({"FC_MQTT_CLIENT_ID": "bridge.ward-3_a"}, "mqtt_client_id", "bridge.ward-3_a"),
         ({"FC_STORE_URL": "sqlite:////var/lib/fc.db"}, "store_url", "sqlite:////var/lib/fc.db"),
-        ({"FC_TOPIC_ROOT": "org/fc"}, "topic_root", "org/fc"),
+        ({"FC_TOPIC_ROOT": "org-fc_2"}, "topic_root", "org-fc_2"),
         ({"FC_LOG_LEVEL": "debug"}, "log_level", "debug"),
         ({"FC_HTTP_PORT": ""}, "http_port", 8000),  # empty means unset
         ({"HTTP_PORT": "1", "fc_http_port": "2"}, "http_port", 8000),  # only the exact FC_ prefix
@@ -279,6 +287,23 @@ def test_bad_numbers_name_the_key(env: dict, key: str) -> None:
         ({"FC_LOG_LEVEL": "LOUD"}, "FC_LOG_LEVEL"),
         ({"FC_TOPIC_ROOT": "fc/#"}, "FC_TOPIC_ROOT"),
         ({"FC_TOPIC_ROOT": "/fc"}, "FC_TOPIC_ROOT"),
+        ({"FC_TOPIC_ROOT": "org/fc"}, "FC_TOPIC_ROOT"),
+        ({"FC_TOPIC_ROOT": "+"}, "FC_TOPIC_ROOT"),
+        ({"FC_TOPIC_ROOT": "fc+"}, "FC_TOPIC_ROOT"),
+        ({"FC_TOPIC_ROOT": "#"}, "FC_TOPIC_ROOT"),
+        ({"FC_TOPIC_ROOT": "$SYS"}, "FC_TOPIC_ROOT"),
+        ({"FC_TOPIC_ROOT": "f$c"}, "FC_TOPIC_ROOT"),
+        # a session that cannot be persistent is refused, with what to change
+        ({"FC_MQTT_URL": "mqtt://broker:1883"}, "FC_MQTT_ALLOW_ANONYMOUS=true"),
+        ({"FC_MQTT_URL": "mqtt://b", "FC_MQTT_PROTOCOL": "5", "FC_MQTT_SESSION_EXPIRY_SECONDS": "0"},
+         "FC_MQTT_SESSION_EXPIRY_SECONDS"),
+        ({"FC_MQTT_URL": "embedded", "FC_MQTT_PROTOCOL": "5"}, "FC_MQTT_PROTOCOL"),
+        ({"FC_MQTT_PROTOCOL": "4"}, "FC_MQTT_PROTOCOL"),
+        ({"FC_MQTT_ALLOW_ANONYMOUS": "maybe"}, "FC_MQTT_ALLOW_ANONYMOUS"),
+        ({"FC_MQTT_CLIENT_ID": "fc/bridge"}, "FC_MQTT_CLIENT_ID"),
+        ({"FC_MQTT_CLIENT_ID": "bridge#1"}, "FC_MQTT_CLIENT_ID"),
+        ({"FC_STORE_BUSY_TIMEOUT_SECONDS": "0"}, "FC_STORE_BUSY_TIMEOUT_SECONDS"),
+        ({"FC_STORE_BUSY_TIMEOUT_SECONDS": "nan"}, "FC_STORE_BUSY_TIMEOUT_SECONDS"),
     ],
     ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else "key",
 )
@@ -286,6 +311,14 @@ def test_bad_values_raise_config_error_naming_the_key(env: dict, key: str) -> No
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert key in str(info.value)
+
+
+def test_an_anonymous_session_is_refused_with_what_to_change() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"FC_MQTT_URL": "mqtt://127.0.0.1:1884"})
+    message = str(info.value)
+    assert message.startswith("FC_MQTT_URL=") and "anonymous" in message
+    assert "mqtt://bridge:password@host:port" in message and "FC_MQTT_ALLOW_ANONYMOUS=true" in message
 
 
 @pytest.mark.parametrize(

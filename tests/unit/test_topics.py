@@ -150,7 +150,7 @@ def test_make_topic_validates_like_parse(args: tuple[str, str, str, str], reason
 
 @pytest.mark.parametrize(
     ("root", "expected"),
-    [("fc", "fc/v1/#"), ("org/fc", "org/fc/v1/#"), ("a-b_c", "a-b_c/v1/#")],
+    [("fc", "fc/v1/#"), ("org-fc", "org-fc/v1/#"), ("a-b_c", "a-b_c/v1/#")],
 )
 def test_subscription_filter(root: str, expected: str) -> None:
     assert subscription_filter(root) == expected
@@ -160,7 +160,7 @@ def test_subscription_filter_default_root() -> None:
     assert subscription_filter() == "fc/v1/#"
 
 
-@pytest.mark.parametrize("root", ["", "fc/+", "fc/#", "+", "/fc", "fc/"])
+@pytest.mark.parametrize("root", ["", "fc/+", "fc/#", "+", "/fc", "fc/", "org/fc", "$SYS", "f$c", " fc"])
 def test_subscription_filter_rejects_bad_roots(root: str) -> None:
     with pytest.raises(TopicError) as info:
         subscription_filter(root)
