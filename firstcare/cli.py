@@ -132,7 +132,15 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
             await super().shutdown(sockets)
 
     server = Server(config)
-    serving = asyncio.create_task(server.serve())
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits 3 when the lifespan fails: say why below, with our status
+            if server.started:
+                raise
+
+    serving = asyncio.create_task(serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
     if server.started and on_ready is not None:
