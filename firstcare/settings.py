@@ -109,7 +109,7 @@ class Settings(EnvSettings):
     mqtt_protocol: str = field(default="3.1.1", metadata={"doc": "MQTT version of the bridge's session: `3.1.1` or `5` (the embedded broker speaks 3.1.1 only)"})
     mqtt_session_expiry_seconds: int = field(default=1209600, metadata={"doc": "MQTT 5 only: how long the broker keeps the bridge's session and queue while it is away (14 days; 0 is refused: the session would end at every disconnect)"})
     mqtt_allow_anonymous: bool = field(default=False, metadata={"doc": "`true` lets `FC_MQTT_URL` carry no username; only for a broker that keeps anonymous sessions (Mosquitto does, amqtt discards their queue)"})
-    topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar"})
+    topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar: one topic level, without `+`, `#`, `$` or `/`"})
     store_url: str = field(default="sqlite:///data/firstcare.db", metadata={"doc": "`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`"})
     store_busy_timeout_seconds: float = field(default=2.0, metadata={"doc": "how long a write waits for a locked SQLite database before the batch counts as failed (retried, `/readyz` 503); keep it under 4 s so readiness turns within 5 s"})
     hub_url: str = field(default="memory://", metadata={"doc": "fan-out hub: `memory://` (one process) or `redis://host:port/db` (several processes share rooms; `?prefix=` namespaces the keys)"})

@@ -30,3 +30,27 @@ def test_every_close_code_is_documented() -> None:
     from bridge.realtime import CLOSE_CODES
 
     assert [name for name, code in CLOSE_CODES.items() if f"| {code} | `{name}` |" not in README] == []
+
+
+def test_the_stated_outage_fits_the_mosquitto_queue() -> None:
+    """The README's outage length and rate are what broker-config/mosquitto.conf is sized for."""
+    import re
+
+    conf = (Path(__file__).resolve().parents[2] / "broker-config" / "mosquitto.conf").read_text()
+    values = dict(line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#"))
+    minutes, rate = re.search(r"outage of \*\*(\d+) minutes at ([\d,]+) readings/s\*\*", README).groups()
+    needed = int(minutes) * 60 * int(rate.replace(",", ""))
+    assert needed <= int(values["max_queued_messages"]) < 2**31
+    assert int(values["max_queued_bytes"]) < 2**31
+    assert f"max_queued_messages {values['max_queued_messages'].strip()}" in README
+
+
+def test_every_metric_family_is_in_the_metrics_table() -> None:
+    from bridge.telemetry import StatsCollector, Telemetry
+
+    figures = {"ingest": {}, "hub": {}, "realtime": {}, "readiness": {}}
+    names = {m.name for m in StatsCollector(lambda: figures).collect()}
+    names |= {m.name for m in Telemetry().registry.collect()}
+    table = README[README.index("### Metrics"):]
+    missing = [n for n in sorted(names) if n.removeprefix("firstcare_") not in table]
+    assert missing == []
