@@ -90,18 +90,16 @@ def test_metrics_and_stats_hammered_while_500_new_devices_appear(tmp_path: Path)
                     scrapes[0] += 1
 
         threads = [threading.Thread(target=hammer, args=(path, path != "/metrics"), daemon=True)
-                   for path in ("/metrics", "/metrics", "/realtime/stats", "/realtime/stats")]
+                   for path in ("/metrics", "/realtime/stats") * 4]
         for t in threads:
             t.start()
-        infos = []
-        for i in range(500):
+        for i in range(500):  # one device at a time, so the registry grows while the readers run
             topic = status_topic("h1", "monitor", f"mon-{i:03d}")
-            infos.append(publisher.publish(topic, encode_status("online", battery=80), qos=1, retain=True))
-            infos.append(publisher.publish(topic.replace("/status", "/vitals"), json.dumps(
-                {"seq": 1, "ts": 1790000000000 + i, "patient_id": f"p-{i:03d}", "metrics": {"heart_rate": 70}}), qos=1))
-        for info in infos:
-            info.wait_for_publish(30)
-        wait_until(lambda: bridge.runtime.core.snapshot.devices == 500, timeout=90, what="500 devices registered")
+            publisher.publish(topic, encode_status("online", battery=80), qos=1, retain=True).wait_for_publish(30)
+            publisher.publish(topic.replace("/status", "/vitals"), json.dumps(
+                {"seq": 1, "ts": 1790000000000 + i, "patient_id": f"p-{i:03d}", "metrics": {"heart_rate": 70}}),
+                qos=1).wait_for_publish(30)
+        wait_until(lambda: bridge.runtime.store.counts()["devices"] == 500, timeout=90, what="500 devices registered")
         stop.set()
         for t in threads:
             t.join(30)
