@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from bridge.alerts import default_rules, load_rules
+from bridge.apidocs import install_docs
 from bridge.api import install_error_handlers, operator, router
 from bridge.api_clinical import router as clinical_router
 from bridge.audit_http import AuditMiddleware
@@ -328,7 +329,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="FirstCare Realtime", version="1", lifespan=lifespan,
+    app = FastAPI(title="FirstCare Realtime", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Readings, alerts and devices of the remote patient-monitoring platform.")
     app.state.runtime = runtime
     if settings.allowed_origins:
@@ -364,6 +365,8 @@ def create_app(settings: Settings) -> FastAPI:
         """Prometheus exposition (text format 0.0.4): counters, gauges and latency histograms.
         No label carries a patient, user, device or room id."""
         return Response(await request.app.state.runtime.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    install_docs(app)  # /docs and /redoc from bundled assets, no CDN
 
     # the dashboard (bridge/static, no build step); mounted last so it only gets what no route matched
     from starlette.staticfiles import StaticFiles
