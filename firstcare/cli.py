@@ -163,6 +163,22 @@ async def _report_progress(app: Any, every_s: float = 10.0) -> None:
               f"{rt['connections']} live connections, MQTT {ingest.get('mqtt_state')}", flush=True)
 
 
+async def _bind_simulated(runtime: Any, bindings: list[tuple[str, str, str]], hospital_id: str) -> None:
+    """Bind each simulated device to its patient through the core, as ward staff do with
+    ``PUT /api/devices/{type}/{id}/binding``: a patient whose monitor goes offline keeps their
+    tile, and the device's technical alarms name the patient."""
+    from bridge.core import PatientConflict
+
+    for device_type, device_id, patient_id in bindings:
+        try:
+            _, events = await runtime.writer.run(runtime.core.set_binding, device_type, device_id, patient_id,
+                                                 hospital_id)
+        except PatientConflict as exc:
+            print(f"firstcare up: {device_type}/{device_id} not bound: {exc}", file=sys.stderr, flush=True)
+            continue
+        await runtime.publish(events)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from firstcare.auth import mint_token
 
@@ -201,9 +217,14 @@ Press Ctrl-C to stop.
                 except FirstCareError as exc:
                     print(f"firstcare up: simulated devices stopped: {exc}", file=sys.stderr, flush=True)
 
-            t = threading.Thread(target=simulate, name="fc-simulate", daemon=True)
-            t.start()
-            sim_thread.append(t)
+            async def bind_then_simulate() -> None:
+                await _bind_simulated(app.state.runtime, config.bindings(), config.hospital_id)
+                if not stop_sim.is_set():
+                    t = threading.Thread(target=simulate, name="fc-simulate", daemon=True)
+                    t.start()
+                    sim_thread.append(t)
+
+            progress.append(asyncio.get_running_loop().create_task(bind_then_simulate()))
 
     try:
         run_loop(_serve(settings, ready))

@@ -96,6 +96,12 @@ class SimulationConfig:
     def device_id(self, device_type: str, number: int) -> str:
         return f"{self.device_prefix}{device_type}-{number:03d}"
 
+    def bindings(self) -> list[tuple[str, str, str]]:
+        """``(device_type, device_id, patient_id)`` of every simulated device: what ward staff
+        would bind (``PUT /api/devices/{type}/{id}/binding``) so a patient keeps their devices,
+        and their place on the dashboard, while a device is offline."""
+        return [(t, self.device_id(t, n), self.patient_id(n)) for n in range(1, self.patients + 1) for t in self.devices]
+
     def scenario_for(self, number: int) -> str:
         """The scenario of patient ``number`` (1-based)."""
         if self.mix:

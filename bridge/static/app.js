@@ -33,6 +33,8 @@ const ROWS = [
 const ROW_OF = Object.fromEntries(ROWS.flatMap((row) => row.metrics.map((m) => [m, row])));
 const UNIT_LABELS = {'/min': '/min', '%': '%', 'mm[Hg]': 'mmHg', Cel: '°C', '[degF]': '°F', 'mg/dL': 'mg/dL', kg: 'kg'};
 const DEVICE_LABELS = {monitor: 'MON', oximeter: 'OX', bp: 'BP', thermometer: 'THERM', glucometer: 'GLU', scale: 'SCALE'};
+// streaming devices: one of these offline leaves the patient unwatched (spot-check devices go offline between uses)
+const CONTINUOUS = new Set(['monitor', 'oximeter']);
 const PRIORITY_RANK = {high: 3, medium: 2, low: 1};
 const STREAMED = new Set(['heart_rate', 'spo2', 'respiratory_rate']);
 
@@ -660,6 +662,7 @@ function buildTile(p) {
     h('span', {class: 'news2', 'data-testid': `news2-${p.id}`, hidden: true}),
     h('span', {class: 'devices'})),
   h('div', {class: 'rows'}),
+  h('p', {class: 'tile-offline', 'data-testid': `offline-${p.id}`, hidden: true}),
   h('footer', {class: 'tile-alarm', hidden: true}));
   p.el = el;
   p.rows = new Map();
@@ -785,6 +788,13 @@ function renderTile(p, now) {
     toggle(badge, 'batt-low', battery !== null && battery !== undefined && battery < 20);
     badge.title = `${type} ${id}: ${state}${battery != null ? `, battery ${battery} %` : ''}${d?.last_seen_at ? `, last seen ${clock(Date.parse(d.last_seen_at))}` : ''}`;
   });
+  // the tile stays when its monitor goes offline, and says so: the patient is no longer watched
+  const down = [...new Set(keys.map((k) => k.split(':')[0])
+    .filter((type, i) => CONTINUOUS.has(type) && S.devices.get(keys[i])?.state === 'offline'))];
+  const marker = $('.tile-offline', el);
+  marker.hidden = !down.length;
+  setText(marker, down.length ? `${down.join(' and ')} offline` : '');
+  setAttr(el, 'data-offline', down.length ? 'true' : null);
 }
 
 /** The NEWS2 badge: total and risk band; an incomplete score (inputs missing or stale) is a
@@ -856,7 +866,8 @@ function alarmRow(a) {
   setText($('.prio', row), a.priority.toUpperCase());
   setText($('.who', row), pid || (a.device_id ? `${a.device_type} ${a.device_id}` : a.hospital_id));
   $('.who', row).disabled = !pid;
-  setText($('.msg', row), a.message + (a.rule_id === 'device.seq_gap' && a.count ? ` · ${a.count} missing` : ''));
+  const device = pid && a.kind === 'technical' && a.device_id ? ` · ${a.device_type} ${a.device_id}` : '';
+  setText($('.msg', row), a.message + (a.rule_id === 'device.seq_gap' && a.count ? ` · ${a.count} missing` : '') + device);
   const unit = a.metric ? unitLabel(METRICS[a.metric]?.unit) : '';
   setText($('.val', row), a.value !== null && a.value !== undefined ? `${formatValue(a.metric, a.value)} ${unit}`.trim() : '');
   const at = Date.parse(a.raised_at);

@@ -134,7 +134,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     http_port, mqtt_port = free_port(), free_port()
     log = tmp / "up.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "firstcare.cli", "up", "--simulate", "4", "--http-port",
+        # six simulated patients: p-006 plays `device-offline` (its monitor dies for good ~10 s in)
+        proc = subprocess.Popen([sys.executable, "-m", "firstcare.cli", "up", "--simulate", "6", "--http-port",
                                  str(http_port), "--mqtt-port", str(mqtt_port)], cwd=tmp, stdout=out,
                                 stderr=subprocess.STDOUT)
     proxy = None
@@ -190,6 +191,38 @@ def test_a_tile_shows_a_reading_published_over_mqtt(up: Up, device: Any) -> None
         expect(page.locator('[data-testid="tile-p-001"] .dev[data-state="online"]')).to_contain_text("%")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "ward.png"), full_page=True)
+
+
+def test_a_patient_whose_monitor_goes_offline_keeps_the_tile_marked_monitor_offline(up: Up) -> None:
+    from playwright.sync_api import expect
+
+    token = up.token("nurse-gu")
+    with chromium_page() as page, up.api(token) as api:
+        open_ward(page, up, token)
+        tile, marker = page.get_by_test_id("tile-p-006"), page.get_by_test_id("offline-p-006")
+        expect(tile).to_be_visible(timeout=TIMEOUT_MS)
+        # `firstcare up --simulate` bound each simulated device to its patient
+        assert api.get("/api/devices/monitor/monitor-006").json()["patient_id"] == "p-006"
+        wait_until(lambda: api.get("/api/devices/monitor/monitor-006").json()["state"] == "offline", timeout=60,
+                   what="the device-offline scenario's monitor offline")
+        alarm = wait_until(lambda: [a for a in api.get("/api/alerts?patient_id=p-006&state=active").json()["items"]
+                                    if a["rule_id"] == "device.offline"], what="a device.offline alarm for p-006")[0]
+        row = page.get_by_test_id(f"alarm-{alarm['id']}")
+        for opened in ("live", "reloaded"):  # reloaded: the page knows the ward from the REST API alone
+            expect(tile).to_be_visible(timeout=TIMEOUT_MS)
+            expect(marker).to_have_text("monitor offline", timeout=TIMEOUT_MS)
+            expect(tile).to_have_attribute("data-offline", "true")
+            expect(page.get_by_test_id("device-monitor-monitor-006")).to_have_attribute("data-state", "offline")
+            expect(row.locator(".who")).to_have_text("p-006", timeout=TIMEOUT_MS)
+            expect(row.locator(".msg")).to_contain_text("monitor monitor-006")
+            expect(page.locator("#unlinked-list").get_by_test_id("device-monitor-monitor-006")).to_have_count(0)
+            if opened == "live":
+                page.reload()
+                expect(page.get_by_test_id("connection")).to_have_text("connected", timeout=TIMEOUT_MS)
+        assert float(tile.locator(".row .value").first.evaluate("el => getComputedStyle(el).opacity")) < 1  # dimmed
+        expect(page.get_by_test_id("offline-p-001")).to_be_hidden()  # a patient watched by a live monitor
+        ARTIFACTS.mkdir(exist_ok=True)
+        tile.screenshot(path=str(ARTIFACTS / "tile-monitor-offline.png"))
 
 
 def test_a_tile_opens_the_patient_history_which_then_continues_live(up: Up, device: Any) -> None:

@@ -35,6 +35,11 @@ def test_up_with_simulated_devices_serves_readings_and_stops_cleanly_on_ctrl_c(t
         devices = wait_until(lambda: httpx.get(f"{base}/api/devices", headers=headers).json()["items"],
                              timeout=30, what="simulated devices")
         assert {d["hospital_id"] for d in devices} == {"h1"}
+        # each simulated device is bound to its patient, as ward staff would do through the API
+        bound = wait_until(lambda: {(d["device_id"], d["patient_id"]) for d in
+                                    httpx.get(f"{base}/api/devices", headers=headers).json()["items"]}
+                           == {(f"monitor-00{n}", f"p-00{n}") for n in (1, 2, 3)}, what="simulated devices bound")
+        assert bound
         readings = wait_until(
             lambda: httpx.get(f"{base}/api/patients/p-001/readings", headers=headers).json()["items"],
             timeout=30, what="readings of p-001")

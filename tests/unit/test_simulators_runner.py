@@ -19,6 +19,12 @@ def test_fleet_layout() -> None:
     assert all(is_valid_id(d.spec.device_id) for d in fleet)
 
 
+def test_bindings_name_every_device_of_the_fleet_with_its_patient() -> None:
+    config = SimulationConfig(patients=2, devices=("monitor", "oximeter"), device_prefix="qa-")
+    assert config.bindings() == [(d.spec.device_type, d.spec.device_id, d.spec.patient_id) for d in build_fleet(config)]
+    assert config.bindings()[-1] == ("oximeter", "qa-oximeter-002", "p-002")
+
+
 def test_a_patients_devices_share_its_physiology() -> None:
     monitor, oximeter = build_fleet(SimulationConfig(devices=("monitor", "oximeter")))
     assert monitor._patient is oximeter._patient
