@@ -15,12 +15,6 @@ exact command, a table per scenario with absolute numbers and ratios, and the ta
            (ward dashboards + patient apps): publish-to-receive p50/p99/max vs the Mosquitto floor
   peer     the same end-to-end scenario through Node-RED (npm install --prefix bench/node-red node-red)
   all      every scenario, one section, then docs/perf.png
-
-examples:
-  firstcare bench all                     the full run (about 15 minutes on 2 cores)
-  firstcare bench all --quick             every scenario at tiny scale, in seconds (the test uses it)
-  firstcare bench fanout --sizes 100,1000 --duration 5
-  python -m bench.cli e2e --results /tmp/r.md
 """
 
 from __future__ import annotations
@@ -38,18 +32,28 @@ from bench import report
 from bench.common import Ctx, ScenarioResult
 from bench.procs import REPO_ROOT, raise_nofile, stop_all
 
+# How long a run takes here (2 cores): the full runs in RESULTS.md took 576 s and 684 s, a quick
+# run about 45 s. The README quotes these same words (tests/unit/test_cli_help.py checks).
+FULL_RUN_TIME = "about 10-12 minutes on 2 cores"
+QUICK_RUN_TIME = "about a minute"
+EXAMPLES = f"""examples:
+  firstcare bench all                     every scenario, {FULL_RUN_TIME}
+  firstcare bench all --quick             every scenario at tiny scale, {QUICK_RUN_TIME} (the test suite runs it)
+  firstcare bench fanout --sizes 100,1000 --duration 5
+  python -m bench.cli e2e --results /tmp/r.md
+"""
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 DEFAULT_PLOT = REPO_ROOT / "docs" / "perf.png"
 SCENARIOS = ("ingest", "fanout", "e2e", "peer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="firstcare bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="firstcare bench", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     for name in (*SCENARIOS, "all"):
         p = sub.add_parser(name, help=f"run the {name} scenario" if name != "all" else "run every scenario")
-        p.add_argument("--quick", action="store_true", help="tiny scale, seconds: checks the code, measures nothing")
+        p.add_argument("--quick", action="store_true", help=f"tiny scale ({QUICK_RUN_TIME} for all): checks the code, measures nothing")
         p.add_argument("--duration", type=float, default=5.0,
                        help="seconds of each fixed-rate phase (end to end: twice this, at least 10 s)")
         p.add_argument("--sizes", default="100,1000,10000", help="fan-out client counts (comma-separated)")

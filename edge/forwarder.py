@@ -82,8 +82,8 @@ class Forwarder:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
                        properties: object) -> None:
         self.counters["disconnects"] += 1
-        if self.state == "connected":
-            log.warning("upstream disconnected: %s", reason)
+        if self.state == "connected":  # our own disconnect at a clean stop is no warning
+            (log.info if self._stop.is_set() else log.warning)("upstream disconnected: %s", reason)
         self.state = "disconnected"
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: mqtt.ReasonCode,

@@ -45,17 +45,19 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
     return copy.deepcopy(_FALLBACK_CONFIG)
 
 
-def check_port_free(host: str, port: int, what: str) -> None:
-    """Fail early with a message a person can act on, instead of a traceback from deep inside."""
+def check_port_free(host: str, port: int, what: str, flag: str | None = None, variable: str | None = None) -> None:
+    """Fail early with a message a person can act on, instead of a traceback from deep inside:
+    ``HTTP port 127.0.0.1:8000 is already in use; choose another with --http-port or FC_HTTP_PORT``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise BrokerError(
-                    f"{what} port {host}:{port} is already in use; choose another with the flag or"
-                    " FC_ variable shown in --help", "port_in_use") from exc
+                how = (f"{flag} or {variable}" if flag and variable
+                       else "the flag or FC_ variable shown in --help")
+                raise BrokerError(f"{what} port {host}:{port} is already in use; choose another with {how}",
+                                  "port_in_use") from exc
             raise BrokerError(f"cannot bind {what} to {host}:{port}: {exc}") from exc
 
 

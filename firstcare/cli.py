@@ -1,4 +1,4 @@
-"""The ``firstcare`` command: one entry point, a subcommand per job.
+"""The firstcare command: one entry point, a subcommand per job.
 
     firstcare up [--simulate N]   broker + bridge + REST in one process, on embedded defaults
     firstcare bridge              the bridge alone, against FC_MQTT_URL
@@ -54,9 +54,8 @@ exit status: 0 intact, 1 tampered (each problem is named), 2 no trail or bad arg
 }
 
 
-def _settings_flags(p: argparse.ArgumentParser, mqtt_url: bool = True) -> None:
-    if mqtt_url:
-        p.add_argument("--mqtt-url", help="FC_MQTT_URL: 'embedded' or mqtt://user:pass@host:port")
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mqtt-url", help="FC_MQTT_URL: 'embedded' or mqtt://user:pass@host:port")
     p.add_argument("--mqtt-host", help="FC_MQTT_HOST: embedded broker bind address")
     p.add_argument("--mqtt-port", type=int, help="FC_MQTT_PORT: embedded broker port (default 1884)")
     p.add_argument("--http-host", help="FC_HTTP_HOST: HTTP bind address (default 127.0.0.1)")
@@ -104,15 +103,15 @@ def run_loop(main: Any) -> Any:
     return uvloop.run(main)
 
 
-async def _serve(settings: Settings, on_ready: Any = None) -> None:
+async def _serve(settings: Settings, on_ready: Any = None, on_stopping: Any = None) -> None:
     import uvicorn
 
     from bridge.app import create_app
     from firstcare.broker import check_port_free
 
     if settings.mqtt_url == "embedded":
-        check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT")
-    check_port_free(settings.http_host, settings.http_port, "HTTP")
+        check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT", "--mqtt-port", "FC_MQTT_PORT")
+    check_port_free(settings.http_host, settings.http_port, "HTTP", "--http-port", "FC_HTTP_PORT")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, timeout_graceful_shutdown=5,
                             ws_max_size=max(65536, settings.ws_max_message_bytes * 2),
@@ -122,6 +121,8 @@ async def _serve(settings: Settings, on_ready: Any = None) -> None:
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
+            if on_stopping is not None:  # e.g. simulated devices say goodbye while the bridge still listens
+                await asyncio.to_thread(on_stopping)
             # tell live streams first, so a WebSocket closes with 4001 (reconnect) rather than
             # the bare 1012 uvicorn sends when it tears connections down
             runtime = getattr(app.state, "runtime", None)
@@ -226,14 +227,17 @@ Press Ctrl-C to stop.
 
             progress.append(asyncio.get_running_loop().create_task(bind_then_simulate()))
 
-    try:
-        run_loop(_serve(settings, ready))
-    except KeyboardInterrupt:
-        pass
-    finally:
+    def stop_simulation() -> None:
         stop_sim.set()
         for t in sim_thread:
             t.join(10)
+
+    try:
+        run_loop(_serve(settings, ready, stop_simulation))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_simulation()
     return 0
 
 
@@ -248,10 +252,11 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from firstcare.broker import EmbeddedBroker
+    from firstcare.broker import EmbeddedBroker, check_port_free
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT", "--mqtt-port", "FC_MQTT_PORT")
 
     async def run() -> None:
         broker = EmbeddedBroker(settings.mqtt_host, settings.mqtt_port)
@@ -280,8 +285,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
     settings = EdgeSettings.from_env(**{k: getattr(args, k, None) for k in keys})
     _configure_logging(settings.log_level)
     if settings.local_url == "embedded":
-        check_port_free(settings.local_host, settings.local_port, "ward MQTT")
-    check_port_free(settings.http_host, settings.http_port, "HTTP")
+        check_port_free(settings.local_host, settings.local_port, "ward MQTT", "--local-port", "FC_EDGE_LOCAL_PORT")
+    check_port_free(settings.http_host, settings.http_port, "HTTP", "--http-port", "FC_EDGE_HTTP_PORT")
     print(f"edge gateway {settings.gateway_id} for hospital {settings.hospital_id}: ward broker "
           f"{'mqtt://%s:%s (embedded)' % (settings.local_host, settings.local_port) if settings.local_url == 'embedded' else settings.local_url}, "
           f"upstream {settings.upstream_url}, stats http://{settings.http_host}:{settings.http_port}/stats", flush=True)
@@ -355,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.set_defaults(func=cmd_bridge)
 
     broker = add("broker", "run the embedded amqtt broker alone")
-    _settings_flags(broker, mqtt_url=False)
+    broker.add_argument("--mqtt-host", help="FC_MQTT_HOST: bind address (default 127.0.0.1)")
+    broker.add_argument("--mqtt-port", type=int, help="FC_MQTT_PORT: port (default 1884)")
+    broker.add_argument("--log-level", help="FC_LOG_LEVEL")
     broker.set_defaults(func=cmd_broker)
 
     edge = add("edge", "run a hospital edge gateway: ward broker -> spool on disk -> upstream broker")

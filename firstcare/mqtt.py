@@ -217,8 +217,8 @@ class AckingConsumer:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason: mqtt.ReasonCode, properties: object) -> None:
         self.counters["disconnects"] += 1
-        if self.state == "connected":
-            log.warning("MQTT disconnected: %s", reason)
+        if self.state == "connected":  # our own disconnect at a clean stop is no warning
+            (log.info if self._stop.is_set() else log.warning)("MQTT disconnected: %s", reason)
         self.state = "disconnected"
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self.counters["taken_over"] += 1

@@ -6,8 +6,10 @@ import json
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -56,18 +58,41 @@ def test_up_with_simulated_devices_serves_readings_and_stops_cleanly_on_ctrl_c(t
             live.recv(10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001, "shutdown must say: reconnect"
     assert "?token=eyJ" not in log.read_text(), "a token in a URL reached the log"
+    # a clean stop is no news: no warning for our own disconnects; the simulated devices said
+    # goodbye while the bridge still listened, so it recorded them offline
+    assert not re.findall(r".* (WARNING|ERROR) .*", log.read_text()), log.read_text()
+    with closing(sqlite3.connect(tmp_path / "data" / "firstcare.db")) as db:
+        assert dict(db.execute("SELECT device_id, state FROM devices")) == {f"monitor-00{n}": "offline" for n in (1, 2, 3)}
 
 
-def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+TAKEN = "{port}"  # replaced by the port a test holds open
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["up", "--mqtt-port", TAKEN, "--http-port", "free"],
+     "firstcare up: MQTT port 127.0.0.1:{port} is already in use; choose another with --mqtt-port or FC_MQTT_PORT"),
+    (["up", "--http-port", TAKEN, "--mqtt-port", "free"],
+     "firstcare up: HTTP port 127.0.0.1:{port} is already in use; choose another with --http-port or FC_HTTP_PORT"),
+    (["broker", "--mqtt-port", TAKEN],
+     "firstcare broker: MQTT port 127.0.0.1:{port} is already in use; choose another with --mqtt-port or FC_MQTT_PORT"),
+    (["edge", "--local-host", "127.0.0.1", "--local-port", TAKEN, "--http-port", "free"],
+     "firstcare edge: ward MQTT port 127.0.0.1:{port} is already in use; choose another with --local-port or "
+     "FC_EDGE_LOCAL_PORT"),
+    (["edge", "--local-host", "127.0.0.1", "--local-port", "free", "--http-port", TAKEN],
+     "firstcare edge: HTTP port 127.0.0.1:{port} is already in use; choose another with --http-port or "
+     "FC_EDGE_HTTP_PORT"),
+], ids=["up-mqtt", "up-http", "broker", "edge-mqtt", "edge-http"])
+def test_a_taken_port_is_named_with_the_flag_and_the_variable_that_change_it(
+        tmp_path: Path, argv: list[str], message: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "firstcare.cli", "up", "--mqtt-port", str(port), "--http-port", str(free_port())],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert f"MQTT port 127.0.0.1:{port} is already in use" in result.stderr
+        command = [str(port) if a == TAKEN else str(free_port()) if a == "free" else a for a in argv]
+        result = subprocess.run([sys.executable, "-m", "firstcare.cli", *command], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message.format(port=port) in result.stderr
 
 
 def test_token_command_mints_a_token_the_server_accepts(tmp_path: Path) -> None:

@@ -221,3 +221,14 @@ def test_edge_status_is_published_upstream_with_a_will(upstream: MosquittoInstan
     wait_until(lambda: states[-1] == "offline", timeout=40, what="the will after a crash")
     spy.loop_stop()
     spy.disconnect()
+
+
+def test_a_clean_stop_logs_no_warning(upstream: MosquittoInstance, tmp_path: Path) -> None:
+    """Its own disconnects at SIGTERM (upstream and ward) are no news to an operator."""
+    import httpx
+
+    edge = EdgeProcess(tmp_path, upstream.url("gateway")).start()  # logs at WARNING and above
+    wait_until(lambda: httpx.get(edge.url + "/readyz", timeout=5).status_code == 200, what="both brokers connected")
+    edge.stop()
+    log = edge.log_path.read_text()
+    assert "edge gateway" in log and not [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line], log
