@@ -1,27 +1,36 @@
 # Two commands on a fresh clone:  `make up`  and  `make test`.
+# `up` installs only what the product runs on; `test` adds the test tools (the `dev` extra).
 PYTHON ?= python3
 VENV ?= .venv
 SIMULATE ?= 20
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
 .PHONY: up test venv clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
 
-venv: $(STAMP)
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+$(DEV): pyproject.toml $(RUNTIME)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+## The virtual environment with the test tools (what `make test` uses).
+venv: $(DEV)
 
 ## Broker + bridge + REST API on embedded defaults, with $(SIMULATE) simulated patients.
-up: $(STAMP)
+up: $(RUNTIME)
 	$(BIN)/firstcare up --simulate $(SIMULATE)
 
-## The whole test suite (needs Mosquitto installed; see README).
-test: $(STAMP)
+## The whole test suite (needs the services listed under Prerequisites in the README).
+test: $(DEV)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 clean:
