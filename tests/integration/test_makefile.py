@@ -1,0 +1,39 @@
+"""The README's two commands: `make up` installs what the product runs on, `make test` adds the
+test tools. Checked with `make -n` (what make would run for a fresh virtual environment)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def dry_run(target: str, venv: Path) -> list[str]:
+    if shutil.which("make") is None:
+        pytest.fail("make is not installed")
+    result = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=30, check=True)
+    return result.stdout.splitlines()
+
+
+def installs(lines: list[str]) -> list[str]:
+    return [line for line in lines if " install " in line and "--upgrade pip" not in line]
+
+
+def test_make_up_installs_the_runtime_only(tmp_path: Path) -> None:
+    lines = dry_run("up", tmp_path / "venv")
+    assert installs(lines) == [f"{tmp_path}/venv/bin/pip install --quiet -e ."], lines
+    assert lines[-1] == f"{tmp_path}/venv/bin/firstcare up --simulate 20"
+
+
+@pytest.mark.parametrize("target", ["test", "venv"])
+def test_make_test_adds_the_test_tools(tmp_path: Path, target: str) -> None:
+    lines = dry_run(target, tmp_path / "venv")
+    assert installs(lines) == [f"{tmp_path}/venv/bin/pip install --quiet -e .",
+                               f"{tmp_path}/venv/bin/pip install --quiet -e '.[dev]'"], lines
+    if target == "test":
+        assert lines[-1].startswith(f"{tmp_path}/venv/bin/pytest")
