@@ -132,7 +132,8 @@ class Runtime:
                                  self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms,
                                  protocol=s.mqtt_protocol, session_expiry_s=s.mqtt_session_expiry_seconds,
                                  session_expected=expected, on_session_lost=self._session_lost,
-                                 on_session_established=self._session_established)
+                                 on_session_established=self._session_established,
+                                 quarantine=self.quarantine)
         loop = asyncio.get_running_loop()
         self.lease = LeaseKeeper(target.host, target.port, target.username, target.password, s.mqtt_client_id,
                                  on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message))
@@ -217,6 +218,11 @@ class Runtime:
     async def handle_batch(self, batch: list[Inbound]) -> None:
         events = await self.writer.run(self.core.process, batch)
         await self.publish(events)
+
+    async def quarantine(self, message: Inbound, error: Exception) -> None:
+        """The consumer isolated one message that fails (a bug, not the store being down):
+        dead-letter it as ``internal_error`` so it is acknowledged and ingest moves on."""
+        await self.writer.run(self.core.quarantine, message, error)
 
     async def publish(self, events: Iterable[Event]) -> None:
         """Hand committed events to the fan-out; never blocks ingest. The backlog is bounded:

@@ -4,8 +4,16 @@ All of it runs on one writer thread (:class:`Writer`), so the store's single wri
 book and the device registry never need locks, and an API acknowledgement is ordered with the
 readings around it. One batch is one transaction::
 
-    decode (pure) -> insert readings (dedup on device+seq) -> device status, gaps
-      -> alert rules -> dead letters -> COMMIT -> events (returned to the caller to publish)
+    decode (pure; a message that breaks the decoder is dead-lettered ``internal_error``)
+      -> per message, in arrival order: identity (bridge.sequence: new, duplicate, reboot,
+         conflict) -> insert reading -> device status, gaps -> alert rules
+      -> dead letters -> COMMIT -> events (returned to the caller to publish)
+
+If the transaction fails, the in-memory state (alert book, devices, patients) may be ahead of
+the database, so it is reloaded from the database before the error propagates; the consumer
+then retries the batch (store unavailable) or splits it until the failing message is alone and
+hands it to :meth:`BridgeCore.quarantine`. The writer thread owns every attribute here; other
+threads read ``stats()`` only.
 
 Only after the commit does the caller acknowledge the batch to the broker, so a crash at any
 point leaves the broker holding whatever was not stored. Alert transitions commit in the same
@@ -31,13 +39,15 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from bridge import devices as dev
+from bridge import sequence
 from bridge.alerts import INGEST_SESSION_LOST, TECHNICAL_MESSAGES, TECHNICAL_PRIORITY, AlertBook, Rule, RuleOverride, Transition, apply_overrides
 from bridge.news2_state import News2State
 from bridge.store_clinical import ObservationRecord
 from bridge.store import DeadLetter, DeviceRecord, SeqGap, Store, alert_json, device_json
-from firstcare.errors import FirstCareError, TopicError
+from firstcare.errors import FirstCareError, StoreUnavailable, TopicError
 from firstcare.events import Event, make_event
 from firstcare.payloads import (
+    MAX_PAYLOAD_BYTES,
     Reading,
     Rejection,
     StatusReport,
@@ -48,7 +58,7 @@ from firstcare.payloads import (
     now_ms,
 )
 from firstcare.metrics import METRICS
-from firstcare.mqtt import Inbound
+from firstcare.mqtt import Inbound, describe_error
 from firstcare.topics import parse_topic, vitals_topic
 
 log = logging.getLogger("firstcare.bridge")
@@ -128,7 +138,18 @@ class BridgeCore:
         self.dead_letter_reasons: Counter[str] = Counter()
         self.last_ingest_lag_ms = 0
         self.snapshot = CoreSnapshot()
+        self._stale = False
         self._load()
+
+    def _reload(self) -> None:
+        """Reload the state from the database; if even that fails the store is down: say so
+        (so the batch is retried, not blamed) and reload before the next piece of work."""
+        try:
+            self._load()
+        except Exception as exc:
+            self._stale = True
+            raise StoreUnavailable(f"cannot reload state from the database: {exc}") from exc
+        self._stale = False
 
     def _load(self) -> None:
         self.book = AlertBook(self.rules, new_id=lambda: uuid.uuid4().hex, overrides=self.store.load_overrides())
@@ -147,11 +168,13 @@ class BridgeCore:
         """Run ``fn(tx)`` in a transaction. If it fails, in-memory state may be ahead of the
         database, so it is reloaded from the database before the error propagates. Either
         way a fresh snapshot is published."""
+        if self._stale:
+            self._reload()
         try:
             with self.store.transaction() as tx:
                 return fn(tx)
         except BaseException:
-            self._load()
+            self._reload()
             raise
         finally:
             self._publish_snapshot()
@@ -161,14 +184,14 @@ class BridgeCore:
 
     # --- ingest -------------------------------------------------------------------------
 
-    def _decode(self, messages: Sequence[Inbound]) -> tuple[list[Reading], list[StatusReport], list[DeadLetter]]:
-        readings: list[Reading] = []
-        statuses: list[StatusReport] = []
+    def _decode(self, messages: Sequence[Inbound]) -> tuple[list[Reading | StatusReport], list[DeadLetter]]:
+        """Decode each message on its own; one that makes the decoder raise costs only itself."""
+        items: list[Reading | StatusReport] = []
         dead: list[DeadLetter] = []
 
-        def reject(m: Inbound, r: Rejection) -> None:
-            dead.append(DeadLetter(m.received_ms, m.topic, r.reason, r.detail,
-                                   m.payload[: self.settings.dead_letter_bytes], len(m.payload), r.index))
+        def reject(m: Inbound, r: Rejection, keep: int = self.settings.dead_letter_bytes) -> None:
+            dead.append(DeadLetter(m.received_ms, m.topic, r.reason, r.detail, m.payload[:keep], len(m.payload),
+                                   r.index))
 
         for m in messages:
             try:
@@ -176,33 +199,64 @@ class BridgeCore:
             except TopicError as exc:
                 reject(m, Rejection(exc.reason, str(exc)))
                 continue
-            if topic.kind == "vitals":
-                decoded = decode_vitals(topic, m.payload, m.received_ms)
-                readings.extend(decoded.readings)
-                for rejection in decoded.rejections:
-                    reject(m, rejection)
-            else:
-                status = decode_status(topic, m.payload, m.received_ms)
-                if isinstance(status, Rejection):
-                    reject(m, status)
+            try:
+                if topic.kind == "vitals":
+                    decoded = decode_vitals(topic, m.payload, m.received_ms)
+                    good: list[Reading | StatusReport] = list(decoded.readings)
+                    rejections = decoded.rejections
                 else:
-                    statuses.append(status)
-        return readings, statuses, dead
+                    status = decode_status(topic, m.payload, m.received_ms)
+                    good, rejections = ([], [status]) if isinstance(status, Rejection) else ([status], [])
+            except Exception as exc:  # noqa: BLE001 - a bug in decoding; the message is kept for replay
+                log.error("decoding a message on %s failed: %s", m.topic, describe_error(exc), exc_info=exc)
+                reject(m, Rejection("internal_error", describe_error(exc)), self._kept_whole)
+                continue
+            items.extend(good)
+            for rejection in rejections:
+                reject(m, rejection)
+        return items, dead
+
+    @property
+    def _kept_whole(self) -> int:
+        """Dead letters our own failures cause keep the whole payload (up to the 64 KiB a valid
+        message may have), so the message can be published again once the bug is fixed."""
+        return max(self.settings.dead_letter_bytes, MAX_PAYLOAD_BYTES)
 
     def process(self, messages: Sequence[Inbound]) -> list[Event]:
         """Validate, store and evaluate one batch; return the events to publish after commit."""
-        readings, statuses, dead = self._decode(messages)
-        readings = self._owned([self._with_patient(r) for r in readings], dead)
+        items, dead = self._decode(messages)
 
-        def work(tx: Any) -> list[Event]:
+        def work(tx: Any) -> tuple[list[Event], Counter[str], list[Transition], list[DeadLetter]]:
             events: list[Event] = []
             transitions: list[Transition] = []
             changed: dict[tuple[str, str], DeviceRecord] = {}
             gaps: list[SeqGap] = []
-            fresh = [r for r, new in zip(readings, tx.insert_readings(readings)) if new]
-            for r in fresh:
+            tally: Counter[str] = Counter()
+            letters = list(dead)
+            for item in items:
+                if isinstance(item, StatusReport):
+                    tally["status_messages"] += 1
+                    events += self._status(item, changed, transitions)
+                    continue
+                tally["readings_valid"] += 1
+                r = self._owned(self._with_patient(item), letters)
+                if r is None:
+                    continue
                 before = self._device(r.device_type, r.device_id, r.hospital_id)
-                after, gap = dev.on_reading(before, r)
+                verdict = sequence.classify(dev.seq_state(before), r.boot, r.seq,
+                                            sequence.Content.of(r.ts_ms, r.metrics),
+                                            tx.reading_versions(r.device_type, r.device_id, r.seq))
+                if verdict.kind == "duplicate":
+                    tally["duplicates"] += 1
+                    continue
+                if verdict.kind == "conflict":
+                    tally["seq_conflicts"] += 1
+                    letters.append(self._conflict_letter(r, verdict.boot))
+                    continue
+                tx.insert_reading(r, verdict.boot)
+                tally["readings_stored"] += 1
+                tally["reboots"] += verdict.reboot
+                after, gap = dev.on_reading(before, r, verdict)
                 self.devices[after.key] = changed[after.key] = after
                 transitions += self._device_alerts(before, after, r.received_ms)
                 if gap is not None:
@@ -215,46 +269,69 @@ class BridgeCore:
                 events.append(vitals_event(r))
                 if self.news2.on_reading(r):  # NEWS2: a new input, score again (bridge/news2_state.py)
                     transitions += self.news2.evaluate(tx, self.book, r.patient_id or "", r.ts_ms, self.clock(), events)
-            for s in statuses:
-                before = self._device(s.device_type, s.device_id, s.hospital_id)
-                after = dev.on_status(before, s)
-                self.devices[after.key] = changed[after.key] = after
-                transitions += self._device_alerts(before, after, s.received_ms)
-                if s.battery is not None:
-                    transitions += self.book.battery(s.hospital_id, s.device_type, s.device_id, after.patient_id,
-                                                     s.battery, s.received_ms)
-                if (before.state, before.battery, before.firmware) != (after.state, after.battery, after.firmware):
-                    events.append(device_event(after, s.received_ms))
             tx.upsert_devices(changed.values())
             tx.insert_gaps(gaps)
             tx.save_transitions(transitions)
-            tx.insert_dead_letters(dead)
-            self._count(len(messages), len(readings), len(fresh), len(gaps), statuses, dead, transitions)
-            return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
+            tx.insert_dead_letters(letters)
+            tally["seq_gaps"] += len(gaps)
+            return events, tally, transitions, letters
 
-        events = self._committed(work)
+        events, tally, transitions, letters = self._committed(work)
+        tally["messages"] += len(messages)
+        self._count(tally, letters, transitions)
         if messages:
             self.last_ingest_lag_ms = max(0, self.clock() - min(m.received_ms for m in messages))
-            self._publish_snapshot()
-        return events
+        self._publish_snapshot()
+        return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
 
-    def _owned(self, readings: list[Reading], dead: list[DeadLetter]) -> list[Reading]:
+    def _status(self, s: StatusReport, changed: dict[tuple[str, str], DeviceRecord],
+                transitions: list[Transition]) -> list[Event]:
+        before = self._device(s.device_type, s.device_id, s.hospital_id)
+        after = dev.on_status(before, s)
+        self.devices[after.key] = changed[after.key] = after
+        transitions += self._device_alerts(before, after, s.received_ms)
+        if s.battery is not None:
+            transitions += self.book.battery(s.hospital_id, s.device_type, s.device_id, after.patient_id,
+                                             s.battery, s.received_ms)
+        if (before.state, before.battery, before.firmware) != (after.state, after.battery, after.firmware):
+            return [device_event(after, s.received_ms)]
+        return []
+
+    def _conflict_letter(self, r: Reading, boot: str) -> DeadLetter:
+        """Other content under a stored identity: kept as a dead letter, never dropped."""
+        payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id, r.boot)
+        shown = f"boot {boot!r}" if boot else "the default boot"
+        return DeadLetter(r.received_ms, vitals_topic(r.hospital_id, r.device_type, r.device_id, self.settings.topic_root),
+                          "seq_conflict", f"seq {r.seq} of {shown} is stored with other content", payload,
+                          len(payload))
+
+    def quarantine(self, message: Inbound, error: BaseException) -> None:
+        """Dead-letter one message that could not be processed (``internal_error``), durably,
+        so it can be acknowledged and the stream goes on."""
+        letter = DeadLetter(message.received_ms, message.topic, "internal_error", describe_error(error),
+                            message.payload[: self._kept_whole], len(message.payload))
+
+        def work(tx: Any) -> None:
+            tx.insert_dead_letters([letter])
+
+        self._committed(work)
+        self._count(Counter(quarantined=1), [letter], [])
+        self._publish_snapshot()
+
+    def _owned(self, r: Reading, dead: list[DeadLetter]) -> Reading | None:
         """Patient ids are global and belong to the first hospital that reports them; a reading
         for that patient from another hospital is dead-lettered, never mixed into its record."""
-        kept = []
-        for r in readings:
-            if r.patient_id is not None:
-                owner = self.patients.setdefault(r.patient_id, r.hospital_id)
-                if owner != r.hospital_id:
-                    payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id)
-                    dead.append(DeadLetter(r.received_ms, vitals_topic(r.hospital_id, r.device_type, r.device_id,
-                                                                       self.settings.topic_root),
-                                           "patient_hospital_mismatch",
-                                           f"patient {r.patient_id!r} belongs to another hospital", payload,
-                                           len(payload)))
-                    continue
-            kept.append(r)
-        return kept
+        if r.patient_id is not None:
+            owner = self.patients.setdefault(r.patient_id, r.hospital_id)
+            if owner != r.hospital_id:
+                payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id, r.boot)
+                dead.append(DeadLetter(r.received_ms, vitals_topic(r.hospital_id, r.device_type, r.device_id,
+                                                                   self.settings.topic_root),
+                                       "patient_hospital_mismatch",
+                                       f"patient {r.patient_id!r} belongs to another hospital", payload,
+                                       len(payload)))
+                return None
+        return r
 
     def _with_patient(self, r: Reading) -> Reading:
         if r.patient_id is not None:
@@ -280,18 +357,14 @@ class BridgeCore:
             out += self.book.device_data(*args, at_ms)
         return out
 
-    def _count(self, n_messages: int, n_readings: int, n_fresh: int, n_gaps: int,
-               statuses: list[StatusReport], dead: list[DeadLetter], transitions: list[Transition]) -> None:
+    def _count(self, tally: Counter[str], dead: list[DeadLetter], transitions: list[Transition]) -> None:
+        """Counters move only once the work they count has committed."""
         c = self.counters
-        c["messages"] += n_messages
-        c["readings_valid"] += n_readings
-        c["readings_stored"] += n_fresh
-        c["duplicates"] += n_readings - n_fresh
-        c["status_messages"] += len(statuses)
+        c.update(tally)
         c["dead_letters"] += len(dead)
-        c["seq_gaps"] += n_gaps
         for d in dead:
             self.dead_letter_reasons[d.reason] += 1
+            c["internal_errors"] += d.reason == "internal_error"
         for t in transitions:
             c[f"alerts_{t.action}"] += 1
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from bridge import sequence
+from bridge.sequence import SeqState, Verdict
 from bridge.store import DeviceRecord, SeqGap
 from firstcare.payloads import Reading, StatusReport
 
@@ -30,33 +32,48 @@ def new_device(device_type: str, device_id: str, hospital_id: str | None) -> Dev
     return DeviceRecord(device_type, device_id, hospital_id)
 
 
-def on_reading(device: DeviceRecord, reading: Reading) -> tuple[DeviceRecord, SeqGap | None]:
-    """A stored (non-duplicate) reading: the device is online and not silent. A forward jump in
-    ``seq`` is a gap; an older seq that was never stored fills a gap and changes nothing.
+def seq_state(device: DeviceRecord) -> SeqState:
+    return SeqState(device.boot, device.boot_ts_ms, device.prev_boot, device.last_seq, device.last_ts_ms)
+
+
+def with_seq_state(device: DeviceRecord, state: SeqState) -> DeviceRecord:
+    return dataclasses.replace(device, boot=state.boot, boot_ts_ms=state.boot_ts_ms, prev_boot=state.prev_boot,
+                               last_seq=state.last_seq, last_ts_ms=state.last_ts_ms)
+
+
+def on_reading(device: DeviceRecord, reading: Reading, verdict: Verdict | None = None
+               ) -> tuple[DeviceRecord, SeqGap | None]:
+    """A stored (non-duplicate) reading: the device is online and not silent. ``verdict``
+    (from :func:`bridge.sequence.classify`; by default a reading of the current boot) carries
+    the sequence bookkeeping: a forward jump in ``seq`` within a boot is a gap, an older seq
+    that was never stored fills one, and a new boot starts a sequence without a gap.
 
     A reading taken before the device's latest offline status (an edge gateway draining its
     backlog after forwarding the status first) does not bring the device back online."""
+    if verdict is None:
+        verdict = sequence.continue_boot(seq_state(device), reading.seq, reading.ts_ms)
     gap = None
-    last_seq = device.last_seq
-    if last_seq is not None and reading.seq > last_seq + 1:
-        gap = SeqGap(device.device_type, device.device_id, last_seq + 1, reading.seq - 1, reading.received_ms)
+    if verdict.gap is not None:
+        gap = SeqGap(device.device_type, device.device_id, verdict.gap[0], verdict.gap[1], reading.received_ms)
     stale = device.state == "offline" and device.status_ms is not None and reading.ts_ms < device.status_ms
     updated = dataclasses.replace(
-        device,
+        with_seq_state(device, verdict.state),
         hospital_id=reading.hospital_id,
         state=device.state if stale else "online",
         silent=device.silent if stale else False,
         last_seen_ms=max(device.last_seen_ms or 0, reading.received_ms),
         last_data_ms=max(device.last_data_ms or 0, reading.received_ms),
-        last_seq=reading.seq if last_seq is None else max(last_seq, reading.seq),
     )
     return updated, gap
 
 
 def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:
-    """Apply a status message; one older than the latest applied only counts as a sign of life."""
+    """Apply a status message; one older than the latest applied only counts as a sign of life.
+    An ``online`` status naming a new ``boot`` starts that boot's sequence."""
     if device.status_ms is not None and status.ts_ms < device.status_ms:
         return dataclasses.replace(device, last_seen_ms=max(device.last_seen_ms or 0, status.received_ms))
+    if status.state == "online":
+        device = with_seq_state(device, sequence.on_status_boot(seq_state(device), status.boot, status.ts_ms))
     return dataclasses.replace(
         device,
         hospital_id=status.hospital_id,

@@ -6,12 +6,13 @@ together or not at all. Reads may come from any thread.
 
     store = open_store("sqlite:///data/firstcare.db")
     with store.transaction() as tx:
-        new = tx.insert_readings(readings)     # False where (device, seq) was already stored
+        versions = tx.reading_versions("monitor", "m-1", 42)   # {boot: Content} stored under seq 42
+        tx.insert_reading(reading, boot)                        # identity (device, boot, seq)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import dataclasses
 
 from bridge.alerts import Alert, RuleOverride, Transition
+from bridge.sequence import Content
 from firstcare.payloads import Reading, format_ts
 
 MAX_PAGE = 5000
@@ -47,8 +49,12 @@ class DeviceRecord:
     last_data_ms: int | None = None
     battery: int | None = None
     firmware: str | None = None
-    last_seq: int | None = None
+    last_seq: int | None = None  # highest seq stored in the current boot
     status_ms: int | None = None  # the device's own time of its latest status message
+    boot: str = ""  # current boot key (bridge.sequence); '' for a device that never named one
+    boot_ts_ms: int | None = None  # device time the current boot began
+    prev_boot: str | None = None
+    last_ts_ms: int | None = None  # newest reading time stored for the device, any boot
 
     @property
     def key(self) -> tuple[str, str]:
@@ -71,7 +77,8 @@ class Page:
 
 
 class Transaction(Protocol):
-    def insert_readings(self, readings: Sequence[Reading]) -> list[bool]: ...
+    def reading_versions(self, device_type: str, device_id: str, seq: int) -> dict[str, Content]: ...
+    def insert_reading(self, reading: Reading, boot: str) -> None: ...
     def claim_patient(self, patient_id: str, hospital_id: str, at_ms: int) -> None: ...
     def insert_dead_letters(self, letters: Iterable[DeadLetter]) -> None: ...
     def upsert_devices(self, devices: Iterable[DeviceRecord]) -> None: ...

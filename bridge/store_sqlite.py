@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from bridge.alerts import Alert, RuleOverride, Transition
+from bridge.sequence import Content
 from bridge.store import MAX_PAGE, DeadLetter, DeviceRecord, Page, SeqGap, alert_json, device_json
 from bridge.store_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
-from firstcare.errors import StoreError
+from firstcare.errors import StoreError, StoreUnavailable
 from firstcare.payloads import Reading, format_ts
 
 MIGRATIONS: list[str] = [
@@ -110,6 +111,32 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (client_id, broker)
     );
     """,
+    # A reading's identity becomes (device, boot, seq) (bridge.sequence): the table is rebuilt
+    # because SQLite cannot change a UNIQUE constraint; existing rows get the default boot ''.
+    """
+    CREATE TABLE readings_by_boot (
+        id INTEGER PRIMARY KEY,
+        device_type TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        hospital_id TEXT NOT NULL, patient_id TEXT,
+        ts_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, metrics TEXT NOT NULL,
+        boot TEXT NOT NULL DEFAULT '',
+        UNIQUE (device_type, device_id, seq, boot)
+    );
+    INSERT INTO readings_by_boot (id, device_type, device_id, seq, hospital_id, patient_id, ts_ms, received_ms,
+                                  metrics, boot)
+        SELECT id, device_type, device_id, seq, hospital_id, patient_id, ts_ms, received_ms, metrics, ''
+        FROM readings;
+    DROP TABLE readings;
+    ALTER TABLE readings_by_boot RENAME TO readings;
+    CREATE INDEX readings_patient_ts ON readings (patient_id, ts_ms, id);
+    CREATE INDEX readings_received ON readings (received_ms);
+    ALTER TABLE devices ADD COLUMN boot TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN boot_ts_ms INTEGER;
+    ALTER TABLE devices ADD COLUMN prev_boot TEXT;
+    ALTER TABLE devices ADD COLUMN last_ts_ms INTEGER;
+    UPDATE devices SET last_ts_ms = (SELECT max(ts_ms) FROM readings r
+                                     WHERE r.device_type = devices.device_type AND r.device_id = devices.device_id);
+    """,
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
@@ -151,6 +178,22 @@ def _connect(path: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> sqlit
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+# Primary result codes that say the database, not the statement, is the problem: a batch that
+# hits one is retried whole; any other error is blamed on the batch's content.
+_UNAVAILABLE_CODES = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
+})
+
+
+def store_error(message: str, exc: sqlite3.Error) -> StoreError:
+    """Convert an SQLite error: :class:`StoreUnavailable` when the database itself failed."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    unavailable = (code & 0xFF in _UNAVAILABLE_CODES) if code is not None else isinstance(exc, sqlite3.OperationalError)
+    return (StoreUnavailable if unavailable else StoreError)(f"{message}: {exc}")
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -203,29 +246,42 @@ class SQLiteTransaction(ClinicalTransactionMixin):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
+    def reading_versions(self, device_type: str, device_id: str, seq: int) -> dict[str, Content]:
+        """What the device has stored under ``seq``, per boot (the UNIQUE index serves it)."""
+        rows = self._conn.execute(
+            "SELECT boot, ts_ms, metrics FROM readings WHERE device_type=? AND device_id=? AND seq=?",
+            (device_type, device_id, seq)).fetchall()
+        return {row[0]: Content.of(row[1], json.loads(row[2])) for row in rows}
+
     def insert_readings(self, readings: Sequence[Reading]) -> list[bool]:
-        new: list[bool] = []
-        conn = self._conn
+        """Bulk helper for tools and tests, no classification: each reading is inserted under
+        its own boot ('' without one) unless that identity is stored already."""
+        new = []
         for r in readings:
-            cur = conn.execute(
-                "INSERT INTO readings (device_type, device_id, seq, hospital_id, patient_id,"
-                " ts_ms, received_ms, metrics) VALUES (?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (device_type, device_id, seq) DO NOTHING",
-                (r.device_type, r.device_id, r.seq, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
-                 json.dumps(r.metrics, separators=(",", ":"))),
-            )
-            inserted = cur.rowcount == 1
-            new.append(inserted)
-            if inserted and r.patient_id is not None:
-                self.claim_patient(r.patient_id, r.hospital_id, r.received_ms)
-                conn.executemany(
-                    "INSERT INTO latest_vitals (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
-                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (patient_id, metric) DO UPDATE SET"
-                    " value=excluded.value, ts_ms=excluded.ts_ms, device_type=excluded.device_type,"
-                    " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= latest_vitals.ts_ms",
-                    [(r.patient_id, m, v, r.ts_ms, r.device_type, r.device_id, r.seq) for m, v in r.metrics.items()],
-                )
+            boot = r.boot or ""
+            fresh = boot not in self.reading_versions(r.device_type, r.device_id, r.seq)
+            if fresh:
+                self.insert_reading(r, boot)
+            new.append(fresh)
         return new
+
+    def insert_reading(self, r: Reading, boot: str) -> None:
+        conn = self._conn
+        conn.execute(
+            "INSERT INTO readings (device_type, device_id, seq, boot, hospital_id, patient_id,"
+            " ts_ms, received_ms, metrics) VALUES (?,?,?,?,?,?,?,?,?)",
+            (r.device_type, r.device_id, r.seq, boot, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
+             json.dumps(r.metrics, separators=(",", ":"))),
+        )
+        if r.patient_id is not None:
+            self.claim_patient(r.patient_id, r.hospital_id, r.received_ms)
+            conn.executemany(
+                "INSERT INTO latest_vitals (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
+                " VALUES (?,?,?,?,?,?,?) ON CONFLICT (patient_id, metric) DO UPDATE SET"
+                " value=excluded.value, ts_ms=excluded.ts_ms, device_type=excluded.device_type,"
+                " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= latest_vitals.ts_ms",
+                [(r.patient_id, m, v, r.ts_ms, r.device_type, r.device_id, r.seq) for m, v in r.metrics.items()],
+            )
 
     def claim_patient(self, patient_id: str, hospital_id: str, at_ms: int) -> None:
         """The first hospital to report a patient owns the id (see BridgeCore)."""
@@ -319,16 +375,24 @@ class SQLiteStore(ClinicalStoreMixin):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot begin a transaction: {exc}") from exc
+            raise store_error("cannot begin a transaction", exc) from exc
         try:
             yield SQLiteTransaction(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StoreError(f"transaction failed: {exc}") from exc
+            self._rollback()
+            raise store_error("transaction failed", exc) from exc
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """Roll back whatever is open; a failed COMMIT may already have ended the transaction."""
+        if self._writer.in_transaction:
+            try:
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def close(self) -> None:
         with self._readers_lock:
@@ -411,7 +475,7 @@ class SQLiteStore(ClinicalStoreMixin):
             items.append({
                 "patient_id": row["patient_id"], "hospital_id": row["hospital_id"],
                 "device_type": row["device_type"], "device_id": row["device_id"], "seq": row["seq"],
-                "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]), "metrics": metrics,
+                "boot": row["boot"], "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]), "metrics": metrics,
             })
         next_cursor = f"{last['ts_ms']}.{last['id']}" if last else None
         return Page(items, next_cursor)

@@ -6,7 +6,9 @@
     │   ├── TopicError       an MQTT topic outside the grammar
     │   └── RoomError        a room name outside the grammar
     ├── AuthError            a token is missing, invalid or expired (carries a code)
-    ├── StoreError           the storage backend failed
+    ├── StoreError           the storage backend failed on this work (a constraint, a bug)
+    │   └── StoreUnavailable the store itself cannot take writes now (locked, unreachable,
+    │                        disk full or failing): retry the same work later, whole
     └── BrokerError          the embedded or external MQTT broker failed
 
 Each carries a short machine-readable ``reason``; library errors are converted at the
@@ -47,6 +49,14 @@ class AuthError(FirstCareError):
 
 class StoreError(FirstCareError):
     reason = "store_failed"
+
+
+class StoreUnavailable(StoreError):
+    """Not the fault of what was being stored: the consumer keeps the batch unacknowledged
+    and retries it with backoff. Any other exception is blamed on the batch's content and
+    isolated to one message (see :class:`firstcare.mqtt.AckingConsumer`)."""
+
+    reason = "store_unavailable"
 
 
 class BrokerError(FirstCareError):

@@ -11,7 +11,7 @@ the reconnect loop, outside the client, with exponential backoff and full jitter
         +-------------------------- ack(mid) after commit <-------------------+
 
 A message redelivered after a reconnect carries a new packet id; an ack meant for an old
-connection is discarded (the broker resends that message and (device, seq) dedup absorbs it).
+connection is discarded (the broker resends that message and the bridge's deduplication absorbs it).
 
 A session is only worth something if the broker really kept it. ``session_expected`` says
 whether one ought to exist (the caller remembers across restarts that it established one);
@@ -23,9 +23,16 @@ Interval (without one it would end at every disconnect), and a broker that says 
 taken over" three times within a minute makes the consumer stop fighting (state ``conflict``).
 
 Threads: the paho thread owns the connection, ``state``, ``last_error`` and the counters it
-increments; the event loop owns the batches and ``store_error``. ``counters`` has a fixed set
+increments; the event loop owns the batches, ``store_error`` and ``busy_since``. ``counters`` has a fixed set
 of keys made here and never added to, so any thread may copy it (``dict.copy`` runs under
 the GIL in one step); readers never iterate it live.
+
+No message can stall the stream (poison isolation, :meth:`AckingConsumer._settle`): when the
+batch handler raises :class:`~firstcare.errors.StoreUnavailable` the store itself is down, so
+the whole batch is retried with backoff and stays unacknowledged. Any other exception is
+blamed on the batch's content: the batch is split in halves, each re-run in order, until the
+failing message stands alone; ``quarantine(message, exc)`` then records it durably (a dead
+letter) and it is acknowledged like the rest. Parts that succeed are acknowledged at once.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 
-from firstcare.errors import StoreError
+from firstcare.errors import StoreUnavailable
 from firstcare.payloads import now_ms
 
 log = logging.getLogger("firstcare.mqtt")
@@ -96,6 +103,17 @@ class _Received:
     qos: int
 
 
+STALL_SECONDS = 10.0
+"""A batch still in the handler after this long makes :meth:`AckingConsumer.health` report a
+stall (a handler that hangs raises nothing that could be isolated)."""
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """``ExceptionClass: message``, shortened: the detail of an ``internal_error`` dead letter."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class AckingConsumer:
     def __init__(
         self,
@@ -111,6 +129,7 @@ class AckingConsumer:
         session_expected: bool = False,
         on_session_lost: Callable[[], None] | None = None,
         on_session_established: Callable[[], None] | None = None,
+        quarantine: Callable[[Inbound, Exception], Awaitable[None]] | None = None,
     ) -> None:
         self.target = target
         self.protocol = protocol
@@ -124,6 +143,7 @@ class AckingConsumer:
         self.topic_filter = topic_filter
         self._match_filter = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
         self._handle_batch = handle_batch
+        self._quarantine = quarantine
         self._batch_max = batch_max
         self._linger_s = linger_ms / 1000
         self._slots = threading.Semaphore(queue_size)
@@ -142,8 +162,10 @@ class AckingConsumer:
         self.state = "starting"
         self.last_error: str | None = None
         self.store_error: str | None = None  # why the last batch could not be stored, until one is
+        self.busy_since: float | None = None  # monotonic time the batch in the handler started
         self.counters = {"received": 0, "acked": 0, "stale_acks": 0, "connects": 0, "disconnects": 0,
-                         "queue_full_waits": 0, "store_retries": 0, "sessions_lost": 0, "taken_over": 0, "foreign": 0}
+                         "queue_full_waits": 0, "store_retries": 0, "sessions_lost": 0, "taken_over": 0, "foreign": 0,
+                         "batch_splits": 0, "poison_isolated": 0}
 
     @property
     def connected(self) -> bool:
@@ -151,6 +173,16 @@ class AckingConsumer:
 
     def queue_depth(self) -> int:
         return len(self._inbox)
+
+    def health(self, stall_seconds: float = STALL_SECONDS) -> str | None:
+        """``None`` while batches go through; else why not (retrying a store that refuses
+        writes, or one batch in the handler for too long). Readiness reports it."""
+        if self.store_error is not None:
+            return f"retrying: {self.store_error}"
+        started = self.busy_since
+        if started is not None and (busy := time.monotonic() - started) >= stall_seconds:
+            return f"stalled: one batch in processing for {busy:.0f}s"
+        return None
 
     # --- network thread -----------------------------------------------------------------
 
@@ -327,37 +359,85 @@ class AckingConsumer:
         return [inbox.popleft() for _ in range(min(len(inbox), self._batch_max))]
 
     async def run(self) -> None:
-        """Consume until cancelled. A failing store is retried with backoff, holding the batch
-        (and the broker's copy) until it commits."""
+        """Consume until cancelled; every batch is settled (stored or quarantined, then
+        acknowledged) before the next is taken, so per-device order is kept."""
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._network, name=f"fc-mqtt-{self.client_id}", daemon=True)
         self._thread.start()
-        rng = random.Random()
         try:
             while True:
-                batch = await self._next_batch()
-                attempt = 0
-                while True:
-                    try:
-                        await self._handle_batch([r.inbound for r in batch])
-                        self.store_error = None
-                        break
-                    except Exception as exc:  # noqa: BLE001 - keep the batch; the broker holds it too
-                        self.counters["store_retries"] += 1
-                        if not isinstance(exc, StoreError):
-                            log.exception("unexpected error processing a batch")
-                        self.store_error = str(exc)
-                        delay = backoff_delay(attempt, rng)
-                        attempt += 1
-                        log.error("store failed (%s); retrying batch of %d in %.1fs", exc, len(batch), delay)
-                        await asyncio.sleep(delay)
-                for r in batch:
-                    if r.qos > 0:
-                        self._acks.put((r.generation, r.mid, r.qos))
-                    self._slots.release()
+                await self._settle(await self._next_batch())
         finally:
             await self.stop()
+
+    async def _settle(self, batch: list[_Received]) -> None:
+        """Store ``batch`` or isolate what cannot be stored; acknowledge each part once done.
+
+        The store down (:class:`StoreUnavailable`, or a quarantine that fails): the same part
+        is retried with backoff and jitter, unacknowledged, for as long as it takes. Any other
+        exception: the part is halved and both halves re-run in order, down to one message,
+        which goes to ``quarantine`` (or, without one, is retried like a store failure)."""
+        rng = random.Random()
+        attempt = 0
+        parts = [batch]
+        self.busy_since = time.monotonic()
+        try:
+            while parts:
+                part = parts[0]
+                try:
+                    await self._handle_batch([r.inbound for r in part])
+                except StoreUnavailable as exc:
+                    attempt = await self._retry_later(exc, len(part), attempt, rng)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - blamed on the content; isolated below
+                    if len(part) > 1:
+                        self.counters["batch_splits"] += 1
+                        half = len(part) // 2
+                        parts[:1] = [part[:half], part[half:]]
+                        log.warning("batch of %d failed (%s); splitting it to isolate the message",
+                                    len(part), describe_error(exc))
+                        continue
+                    if not await self._isolate(part[0], exc):
+                        attempt = await self._retry_later(exc, 1, attempt, rng)
+                        continue
+                parts.pop(0)
+                self.store_error = None
+                attempt = 0
+                self._ack(part)
+                self.busy_since = time.monotonic()
+        finally:
+            self.busy_since = None
+
+    async def _isolate(self, received: _Received, exc: Exception) -> bool:
+        """Hand the one failing message to ``quarantine``; False if that did not work."""
+        if self._quarantine is None:
+            log.error("message on %s failed and there is no quarantine: %s", received.inbound.topic,
+                      describe_error(exc), exc_info=exc)
+            return False
+        log.error("message on %s quarantined: %s", received.inbound.topic, describe_error(exc), exc_info=exc)
+        try:
+            await self._quarantine(received.inbound, exc)
+        except Exception as failure:  # noqa: BLE001 - the dead letter could not be written: keep it
+            log.error("quarantine of a message on %s failed: %s", received.inbound.topic, describe_error(failure))
+            return False
+        self.counters["poison_isolated"] += 1
+        return True
+
+    async def _retry_later(self, exc: Exception, size: int, attempt: int, rng: random.Random) -> int:
+        self.counters["store_retries"] += 1
+        self.store_error = str(exc) or type(exc).__name__
+        delay = backoff_delay(attempt, rng)
+        log.error("store failed (%s); retrying %d message(s) in %.1fs", self.store_error, size, delay)
+        await asyncio.sleep(delay)
+        self.busy_since = time.monotonic()
+        return attempt + 1
+
+    def _ack(self, part: list[_Received]) -> None:
+        for r in part:
+            if r.qos > 0:
+                self._acks.put((r.generation, r.mid, r.qos))
+            self._slots.release()
 
     async def stop(self) -> None:
         self._stop.set()

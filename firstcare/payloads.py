@@ -11,13 +11,22 @@ Vitals (at most 64 KiB)::
 
 or a gateway batch ``{"readings": [<vitals>, ...]}`` of at most ``MAX_BATCH`` readings for the
 topic's device. Status: ``{"state": "online"|"offline", "battery": 87, "firmware": "1.4.2"}``.
+
+Both may carry ``boot``, the id of the device's current power cycle (``[A-Za-z0-9_-]{1,64}`` or
+a non-negative integer, taken as its decimal string): a reading's identity is
+(device, boot, seq), see :mod:`bridge.sequence`.
+
+Before the JSON decoder runs, :func:`nesting_depth` scans the bytes: a payload nested deeper
+than ``MAX_DEPTH`` containers is refused (``payload_too_deep``) without being parsed, so no
+payload can make a decoder recurse without bound.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 import msgspec
@@ -31,6 +40,12 @@ MAX_METRICS = 32
 MAX_SEQ = 2**63 - 1
 EARLIEST_TS_MS = 946_684_800_000  # 2000-01-01: anything earlier is an unset device clock
 MAX_FUTURE_MS = 24 * 3600 * 1000
+MAX_DEPTH = 16
+"""Most JSON containers nested in one payload. A gateway batch with a unit-tagged value needs
+four (``{"readings": [{"metrics": {"temperature": {...}}}]}``); sixteen leaves room and stays
+far from any decoder's recursion limit."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_STRUCTURE = re.compile(rb'[\\"\[\]{}]')
 
 
 class Quantity(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,6 +58,7 @@ class VitalsIn(msgspec.Struct):
     ts: int | str
     metrics: dict[str, float | Quantity]
     patient_id: str | None = None
+    boot: int | str | None = None
 
 
 class VitalsMessage(msgspec.Struct):
@@ -53,6 +69,7 @@ class VitalsMessage(msgspec.Struct):
     ts: int | str | None = None
     metrics: dict[str, float | Quantity] | None = None
     patient_id: str | None = None
+    boot: int | str | None = None
 
 
 class StatusIn(msgspec.Struct):
@@ -60,6 +77,7 @@ class StatusIn(msgspec.Struct):
     battery: int | None = None
     firmware: str | None = None
     ts: int | str | None = None
+    boot: int | str | None = None
 
 
 _vitals_decoder = msgspec.json.Decoder(VitalsMessage)
@@ -79,6 +97,7 @@ class Reading:
     received_ms: int
     patient_id: str | None
     metrics: dict[str, float]
+    boot: str | None = None  # the device's power cycle, when it says; see bridge.sequence
 
     @property
     def device_key(self) -> tuple[str, str]:
@@ -95,6 +114,7 @@ class StatusReport:
     firmware: str | None
     ts_ms: int
     received_ms: int
+    boot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +147,7 @@ def parse_ts(value: int | str, received_ms: int) -> int:
             raise ValueError(f"ts {value!r} is not ISO-8601") from exc
         if parsed.tzinfo is None:
             raise ValueError(f"ts {value!r} has no time zone (add 'Z' or an offset)")
-        ts_ms = int(parsed.timestamp() * 1000)
+        ts_ms = (parsed - _EPOCH) // timedelta(milliseconds=1)  # exact: no float rounding
     if ts_ms < EARLIEST_TS_MS or ts_ms > received_ms + MAX_FUTURE_MS:
         raise ValueError(f"ts {value!r} is implausible (before 2000 or more than a day ahead)")
     return ts_ms
@@ -138,6 +158,64 @@ def format_ts(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z"
     )
+
+
+def nesting_depth(payload: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deeply JSON containers nest in ``payload``, counted without parsing it: brackets
+    inside strings (escapes included) do not count. The scan stops as soon as ``limit`` is
+    exceeded, so the answer is exact up to ``limit`` and ``limit + 1`` beyond it. Malformed
+    input gets a number too; the decoder refuses it afterwards.
+
+    >>> nesting_depth(b'{"a": [1, {"b": "[[[{"}]}')
+    3
+    >>> nesting_depth(b'{"a":' * 1000 + b'1' + b'}' * 1000)
+    17
+    """
+    depth = deepest = 0
+    in_string = False
+    escaped_at = -1  # position of the byte a backslash escapes
+    for match in _STRUCTURE.finditer(payload):
+        pos = match.start()
+        if pos == escaped_at:
+            continue
+        c = payload[pos]
+        if in_string:
+            if c == 0x5C:  # backslash: the next byte is escaped, whatever it is
+                escaped_at = pos + 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B or c == 0x5B:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif c == 0x7D or c == 0x5D:
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def _too_deep(payload: bytes) -> Rejection | None:
+    if payload.count(b"{") + payload.count(b"[") <= MAX_DEPTH:
+        return None  # the common case: too few brackets to nest too deep, no scan needed
+    if nesting_depth(payload) > MAX_DEPTH:
+        return Rejection("payload_too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
+    return None
+
+
+def parse_boot(value: int | str | None) -> str | None:
+    """A device's boot id as the bridge keys it (ValueError if it breaks the grammar)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_SEQ:
+            raise ValueError(f"boot {value} must be a non-negative 64-bit integer or an id")
+        return str(value)
+    if not is_valid_id(value):
+        raise ValueError(f"boot {value!r} must match [A-Za-z0-9_-]{{1,64}} or be a non-negative integer")
+    return value
 
 
 def _schema_detail(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
@@ -153,6 +231,10 @@ def _reading(topic: Topic, item: VitalsIn, received_ms: int, index: int | None) 
         return Rejection("ts_invalid", str(exc), index)
     if item.patient_id is not None and not is_valid_id(item.patient_id):
         return Rejection("patient_id_invalid", f"patient_id {item.patient_id!r} must match [A-Za-z0-9_-]{{1,64}}", index)
+    try:
+        boot = parse_boot(item.boot)
+    except ValueError as exc:
+        return Rejection("boot_invalid", str(exc), index)
     if not item.metrics:
         return Rejection("metrics_empty", "metrics must hold at least one value", index)
     if len(item.metrics) > MAX_METRICS:
@@ -168,7 +250,7 @@ def _reading(topic: Topic, item: VitalsIn, received_ms: int, index: int | None) 
             return Rejection(exc.reason, exc.detail, index)
     return Reading(
         topic.hospital_id, topic.device_type, topic.device_id, item.seq, ts_ms, received_ms,
-        item.patient_id, metrics,
+        item.patient_id, metrics, boot,
     )
 
 
@@ -177,6 +259,8 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
     received_ms = now_ms() if received_ms is None else received_ms
     if len(payload) > MAX_PAYLOAD_BYTES:
         return DecodedVitals([], [Rejection("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")])
+    if (deep := _too_deep(payload)) is not None:
+        return DecodedVitals([], [deep])
     try:
         message = _vitals_decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -184,7 +268,7 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
     except msgspec.DecodeError as exc:
         return DecodedVitals([], [Rejection("payload_not_json", _schema_detail(exc))])
     if message.readings is not None:
-        if any(v is not None for v in (message.seq, message.ts, message.metrics, message.patient_id)):
+        if any(v is not None for v in (message.seq, message.ts, message.metrics, message.patient_id, message.boot)):
             return DecodedVitals([], [Rejection("schema_invalid", "a batch carries only 'readings'")])
         if not message.readings:
             return DecodedVitals([], [Rejection("batch_empty", "'readings' is empty")])
@@ -202,7 +286,8 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
         missing = [f for f in ("seq", "ts", "metrics") if getattr(message, f) is None]
         if missing:
             return DecodedVitals([], [Rejection("schema_invalid", f"missing required field(s): {', '.join(missing)}")])
-        items = [(None, VitalsIn(message.seq, message.ts, message.metrics, message.patient_id))]  # type: ignore[arg-type]
+        items = [(None, VitalsIn(message.seq, message.ts, message.metrics, message.patient_id,  # type: ignore[arg-type]
+                                 message.boot))]
     readings: list[Reading] = []
     rejections: list[Rejection] = list(early)
     for index, item in items:
@@ -216,6 +301,8 @@ def decode_status(topic: Topic, payload: bytes, received_ms: int | None = None) 
     received_ms = now_ms() if received_ms is None else received_ms
     if len(payload) > MAX_PAYLOAD_BYTES:
         return Rejection("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    if (deep := _too_deep(payload)) is not None:
+        return deep
     try:
         status = _status_decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -224,6 +311,10 @@ def decode_status(topic: Topic, payload: bytes, received_ms: int | None = None) 
         return Rejection("payload_not_json", _schema_detail(exc))
     if status.battery is not None and not 0 <= status.battery <= 100:
         return Rejection("battery_invalid", f"battery {status.battery} must be 0..100")
+    try:
+        boot = parse_boot(status.boot)
+    except ValueError as exc:
+        return Rejection("boot_invalid", str(exc))
     ts_ms = received_ms
     if status.ts is not None:
         try:
@@ -232,20 +323,24 @@ def decode_status(topic: Topic, payload: bytes, received_ms: int | None = None) 
             return Rejection("ts_invalid", str(exc))
     return StatusReport(
         topic.hospital_id, topic.device_type, topic.device_id, status.state, status.battery,
-        status.firmware, ts_ms, received_ms,
+        status.firmware, ts_ms, received_ms, boot,
     )
 
 
-def vitals_body(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None) -> dict:
+def vitals_body(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None,
+                boot: str | None = None) -> dict:
     """One reading as the contract spells it (a message of its own, or an item of a batch)."""
     body: dict = {"seq": seq, "ts": format_ts(ts_ms), "metrics": metrics}
     if patient_id is not None:
         body["patient_id"] = patient_id
+    if boot is not None:
+        body["boot"] = boot
     return body
 
 
-def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None) -> bytes:
-    return msgspec.json.encode(vitals_body(seq, ts_ms, metrics, patient_id))
+def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None,
+                  boot: str | None = None) -> bytes:
+    return msgspec.json.encode(vitals_body(seq, ts_ms, metrics, patient_id, boot))
 
 
 def encode_batch(readings: list[dict]) -> bytes:
@@ -271,8 +366,11 @@ def encode_readings(bodies: list[dict], limit: int = MAX_PAYLOAD_BYTES) -> list[
     return messages
 
 
-def encode_status(state: str, battery: int | None = None, firmware: str | None = None, ts_ms: int | None = None) -> bytes:
+def encode_status(state: str, battery: int | None = None, firmware: str | None = None, ts_ms: int | None = None,
+                  boot: str | None = None) -> bytes:
     body: dict = {"state": state}
+    if boot is not None:
+        body["boot"] = boot
     if battery is not None:
         body["battery"] = battery
     if firmware is not None:

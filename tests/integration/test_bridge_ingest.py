@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def test_reading_is_stored_and_published_to_its_rooms(bridge: BridgeThread, devi
 
 
 def test_duplicates_are_stored_once(bridge: BridgeThread, device: Device) -> None:
-    for seq in (1, 2, 2, 3, 1, 3):
-        device.vitals({"heart_rate": 70 + seq}, seq=seq)
+    t0 = int(time.time() * 1000) - 60_000
+    for seq in (1, 2, 2, 3, 1, 3):  # a redelivery is the same message: same seq, time and values
+        device.vitals({"heart_rate": 70 + seq}, seq=seq, ts_ms=t0 + seq * 1000)
     wait_until(lambda: bridge.runtime.core.counters["readings_valid"] == 6, what="6 readings processed")
     assert stored(bridge) == 3
     assert bridge.runtime.core.counters["duplicates"] == 3
