@@ -5,8 +5,12 @@
 
 Nothing is acknowledged to a device's broker before it is on disk, and nothing leaves the spool
 before the upstream broker has acknowledged it, so a crash or power cut of the gateway at any
-point loses nothing; the bridge's (device, seq) deduplication absorbs the few messages that may
-be sent twice.
+point loses nothing; the bridge's deduplication absorbs the few messages that may be sent twice.
+
+No message stalls the ward: one that makes stamping raise is dead-lettered in the spool
+(``internal_error``) and acknowledged; the consumer isolates any other failing message the same
+way (:class:`~firstcare.mqtt.AckingConsumer`). Only a spool that refuses writes holds the ward
+stream, and ``/readyz`` says so. The event loop owns ``counters``; the spool has its own lock.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from edge.forwarder import Forwarder
 from edge.spool import Spool
 from edge.stamp import Outbound, Refused, stamp
 from firstcare.broker import EmbeddedBroker
-from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget
-from firstcare.payloads import now_ms
+from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, describe_error
+from firstcare.payloads import Rejection, now_ms
 
 log = logging.getLogger("firstcare.edge")
 
@@ -44,11 +48,12 @@ class Gateway:
         self.local_broker = EmbeddedBroker(s.local_host, s.local_port) if s.local_url == "embedded" else None
         local = (MqttTarget("127.0.0.1" if s.local_host in ("0.0.0.0", "::") else s.local_host, s.local_port,
                             "gateway", None) if self.local_broker else MqttTarget.parse(s.local_url))
-        self.consumer = AckingConsumer(local, f"edge-{s.gateway_id}-ward", f"{s.topic_root}/v1/#", self.accept)
+        self.consumer = AckingConsumer(local, f"edge-{s.gateway_id}-ward", f"{s.topic_root}/v1/#", self.accept,
+                                       quarantine=self.quarantine)
         self.forwarder = Forwarder(self.spool, MqttTarget.parse(s.upstream_url), f"edge-{s.gateway_id}",
                                    f"{s.topic_root}/edge/{s.hospital_id}/{s.gateway_id}/status", s.drain_rate,
                                    s.inflight)
-        self.counters = {"messages": 0, "forwardable": 0, "dead_letters": 0, "discarded": 0}
+        self.counters = {"messages": 0, "forwardable": 0, "dead_letters": 0, "discarded": 0, "internal_errors": 0}
         self._samples: deque[tuple[float, int]] = deque(maxlen=11)
 
     async def accept(self, batch: list[Inbound]) -> None:
@@ -57,17 +62,36 @@ class Gateway:
         self.beds.refresh()
         outbound: list[Outbound] = []
         refused: list[Refused] = []
+        internal = 0
         for message in batch:
-            out, bad = stamp(message, self.settings.hospital_id, self.beds.patient_for, self.settings.topic_root)
+            try:
+                out, bad = stamp(message, self.settings.hospital_id, self.beds.patient_for, self.settings.topic_root)
+            except Exception as exc:  # noqa: BLE001 - a bug in stamping costs only this message
+                log.error("stamping a message on %s failed: %s", message.topic, describe_error(exc), exc_info=exc)
+                out, bad = [], [self._internal_error(message, exc)]
+                internal += 1
             outbound += out
             refused += bad
         discarded = await asyncio.to_thread(self.spool.append, outbound, refused, now_ms())
+        self.counters["internal_errors"] += internal
         self.counters["messages"] += len(batch)
         self.counters["forwardable"] += len(outbound)
         self.counters["dead_letters"] += len(refused)
         self.counters["discarded"] += discarded
         if discarded:
             log.warning("spool full: discarded %d oldest vitals (FC_EDGE_SPOOL_MAX_MB)", discarded)
+
+    @staticmethod
+    def _internal_error(message: Inbound, exc: BaseException) -> Refused:
+        return Refused(message.topic, message.payload, message.received_ms,
+                       Rejection("internal_error", describe_error(exc)))
+
+    async def quarantine(self, message: Inbound, error: Exception) -> None:
+        """The consumer isolated one message the spool would not take: dead-letter it."""
+        await asyncio.to_thread(self.spool.append, [], [self._internal_error(message, error)], now_ms())
+        self.counters["messages"] += 1
+        self.counters["dead_letters"] += 1
+        self.counters["internal_errors"] += 1
 
     def forwarded_per_s(self) -> float:
         if len(self._samples) < 2:
@@ -137,9 +161,11 @@ def create_app(settings: EdgeSettings) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """200 when both brokers are connected; 503 (degraded: still spooling) otherwise."""
-        checks = {"upstream": gateway.forwarder.state, "ward": gateway.consumer.state}
-        ready = all(v == "connected" for v in checks.values())
+        """200 when both brokers are connected and ward messages reach the spool; 503 otherwise
+        (degraded: still spooling, or the ward stream held by a spool that refuses writes)."""
+        checks = {"upstream": gateway.forwarder.state, "ward": gateway.consumer.state,
+                  "spool": gateway.consumer.health() or "ok"}
+        ready = checks["upstream"] == checks["ward"] == "connected" and checks["spool"] == "ok"
         return JSONResponse({"ready": ready, "checks": checks}, 200 if ready else 503)
 
     @app.get("/stats")

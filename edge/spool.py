@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.stamp import PRIORITY_VITALS, Outbound, Refused
+from firstcare.errors import StoreError, StoreUnavailable
+from firstcare.payloads import MAX_PAYLOAD_BYTES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -69,7 +71,16 @@ class Spool:
                              " SET value = value + excluded.value", (name, n))
 
     def append(self, messages: Sequence[Outbound], refused: Iterable[Refused], now_ms: int) -> int:
-        """Store a batch durably (one transaction); returns how many vitals the bounds discarded."""
+        """Store a batch durably (one transaction); returns how many vitals the bounds discarded.
+        Raises :class:`StoreUnavailable` when the disk or the database refuses (retry later)."""
+        try:
+            return self._append(messages, refused, now_ms)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"spool refuses writes: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"spool write failed: {exc}") from exc
+
+    def _append(self, messages: Sequence[Outbound], refused: Iterable[Refused], now_ms: int) -> int:
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -82,7 +93,7 @@ class Spool:
                     "INSERT INTO dead_letters (received_ms, topic, reason, detail, payload, payload_size, item_index)"
                     " VALUES (?,?,?,?,?,?,?)",
                     [(r.received_ms, r.topic, r.rejection.reason, r.rejection.detail,
-                      r.payload[: self.dead_letter_bytes], len(r.payload), r.rejection.index) for r in letters])
+                      r.payload[: self._kept(r)], len(r.payload), r.rejection.index) for r in letters])
                 self._count("accepted", len(messages))
                 self._count("dead_letters", len(letters))
                 self.depth += len(messages)
@@ -90,10 +101,18 @@ class Spool:
                 discarded = self._enforce_bounds(now_ms)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 self._reload_totals()
                 raise
             return discarded
+
+    def _kept(self, refused: Refused) -> int:
+        """Raw bytes kept of a dead letter; our own failures (``internal_error``) keep the whole
+        message (up to 64 KiB), so it can be published again once the bug is fixed."""
+        if refused.rejection.reason == "internal_error":
+            return max(self.dead_letter_bytes, MAX_PAYLOAD_BYTES)
+        return self.dead_letter_bytes
 
     def _enforce_bounds(self, now_ms: int) -> int:
         db = self._db

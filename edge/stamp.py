@@ -2,7 +2,8 @@
 enforce the gateway's hospital, fill ``patient_id`` from the bed map, and re-encode.
 
 Only validated content is forwarded: bad readings of a batch are dead-lettered here, at the
-edge, and the good ones travel on. Status messages (and wills) get priority over vitals.
+edge, and the good ones travel on. Status messages (and wills) get priority over vitals. A
+device's ``boot`` travels untouched, so the bridge sees the same reading identity.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def stamp(message: Inbound, hospital_id: str, patient_for: Callable[[str, str], 
         status = decode_status(topic, message.payload, message.received_ms)
         if isinstance(status, Rejection):
             return [], [Refused(message.topic, message.payload, message.received_ms, status)]
-        payload = encode_status(status.state, status.battery, status.firmware, status.ts_ms)
+        payload = encode_status(status.state, status.battery, status.firmware, status.ts_ms, status.boot)
         return [Outbound(out_topic, payload, PRIORITY_STATUS, device, message.received_ms)], []
     decoded = decode_vitals(topic, message.payload, message.received_ms)
     refused = [Refused(message.topic, message.payload, message.received_ms, r) for r in decoded.rejections]
     if not decoded.readings:
         return [], refused
     bound = patient_for(topic.device_type, topic.device_id)
-    bodies = [vitals_body(r.seq, r.ts_ms, r.metrics, r.patient_id or bound) for r in decoded.readings]
+    bodies = [vitals_body(r.seq, r.ts_ms, r.metrics, r.patient_id or bound, r.boot) for r in decoded.readings]
     return [Outbound(out_topic, payload, PRIORITY_VITALS, device, message.received_ms)
             for payload in encode_readings(bodies)], refused

@@ -42,7 +42,7 @@ EARLIEST_TS_MS = 946_684_800_000  # 2000-01-01: anything earlier is an unset dev
 MAX_FUTURE_MS = 24 * 3600 * 1000
 MAX_DEPTH = 16
 """Most JSON containers nested in one payload. A gateway batch with a unit-tagged value needs
-four (``{"readings": [{"metrics": {"temperature": {...}}}]}``); sixteen leaves room and stays
+five (``{"readings": [{"metrics": {"temperature": {...}}}]}``); sixteen leaves room and stays
 far from any decoder's recursion limit."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _STRUCTURE = re.compile(rb'[\\"\[\]{}]')

@@ -13,7 +13,10 @@ misbehave the way field devices do, so QA can see the bridge cope:
 ``malformed``       every third message is bad, cycling through :data:`MALFORMED_KINDS`.
 
 Every message that leaves a device takes the next ``seq``, so the bridge also sees the gaps
-that rejected or skipped messages leave behind.
+that rejected or skipped messages leave behind. Like firmware that cannot persist its counter,
+each run starts at ``seq`` 1 under a fresh random ``boot`` id, announced in the ``online``
+status and carried by every reading, so a restarted simulation is a new sequence to the bridge
+and shows live at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import socket
 import threading
@@ -183,6 +187,7 @@ class SimulatedDevice:
         self._refused: str | None = None
         self._dead = False
         self._seq = 0
+        self.boot = os.urandom(6).hex()  # a new power cycle per run: never seeded, never reused
         self._ticks = 0
         self._recent: deque[bytes] = deque(maxlen=5)
         self._held: bytes | None = None
@@ -270,7 +275,7 @@ class SimulatedDevice:
         return self._seq
 
     def _reading(self, metrics: dict[str, float]) -> bytes:
-        return encode_vitals(self._next_seq(), now_ms(), metrics, self.spec.patient_id)
+        return encode_vitals(self._next_seq(), now_ms(), metrics, self.spec.patient_id, self.boot)
 
     def _publish_flaky(self, metrics: dict[str, float]) -> None:
         """Gaps, out-of-order and duplicate readings on a fixed rhythm, so a short run shows all three."""
@@ -298,7 +303,8 @@ class SimulatedDevice:
             self._publish_status("online")
 
     def _publish_status(self, state: str) -> None:
-        self._publish(self._status_topic, encode_status(state, self._battery, FIRMWARE, now_ms()), "status")
+        boot = self.boot if state == "online" else None
+        self._publish(self._status_topic, encode_status(state, self._battery, FIRMWARE, now_ms(), boot), "status")
 
     def _publish(self, topic: str, payload: bytes, kind: str = "reading", *, limit: int = MAX_PAYLOAD_BYTES) -> None:
         """Publish at QoS 1. ``kind`` is ``reading``, ``duplicate``, ``malformed`` or ``status``;

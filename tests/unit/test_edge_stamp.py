@@ -101,3 +101,21 @@ def test_a_batch_that_grows_past_64_kib_when_stamped_is_split_into_messages_the_
         assert decoded.rejections == []
         seqs += [r.seq for r in decoded.readings]
     assert seqs == list(range(900))
+
+
+@pytest.mark.parametrize("boot", ["b-7", 7])
+def test_boot_travels_untouched_on_readings_batches_and_status(boot: str | int) -> None:
+    (out,), _ = stamp(message("fc/v1/h1/monitor/m1/vitals", {"seq": 1, "ts": T, "metrics": {"heart_rate": 70},
+                                                             "boot": boot}), "h1", beds)
+    assert json.loads(out.payload)["boot"] == str(boot)
+    batch = {"readings": [{"seq": 1, "ts": T, "metrics": {"heart_rate": 70}, "boot": boot},
+                          {"seq": 2, "ts": T + 1, "metrics": {"heart_rate": 71}}]}
+    (out,), _ = stamp(message("fc/v1/h1/monitor/m1/vitals", batch), "h1", beds)
+    assert [r.get("boot") for r in json.loads(out.payload)["readings"]] == [str(boot), None]
+    (status,), _ = stamp(message("fc/v1/h1/monitor/m1/status", {"state": "online", "boot": boot}), "h1", beds)
+    assert json.loads(status.payload)["boot"] == str(boot)
+
+
+def test_a_nested_payload_is_refused_at_the_edge() -> None:
+    out, (refused,) = stamp(message("fc/v1/h1/monitor/m1/vitals", b'{"a":' * 1000 + b"1" + b"}" * 1000), "h1", beds)
+    assert out == [] and refused.rejection.reason == "payload_too_deep"

@@ -433,3 +433,95 @@ def test_encode_status_round_trips(args: tuple, expected: tuple) -> None:
 )
 def test_format_ts(ms: int, text: str) -> None:
     assert format_ts(ms) == text
+
+
+# ------------------------------------------------------------------------------- nesting depth
+
+from firstcare.payloads import MAX_DEPTH, nesting_depth  # noqa: E402
+
+
+@pytest.mark.parametrize(("payload", "depth"), [
+    (b"", 0),
+    (b"1", 0),
+    (b"{}", 1),
+    (b"[[[]]]", 3),
+    (b'{"a": [1, {"b": 2}]}', 3),
+    (b'{"s": "[[[[{{{{"}', 1),  # brackets inside a string do not count
+    (b'{"s": "\\"[[[["}', 1),  # an escaped quote does not end the string
+    (b'{"s": "\\\\"}', 1),  # an escaped backslash does not escape the quote after it
+    (b'["\\\\", [[]]]', 3),
+    (b'{"s": "\\u005b"}', 1),
+    (b"]]]]{", 1),  # malformed: counts never go below zero
+    (b'"unterminated [[[[', 0),
+    (DESIGN_EXAMPLE, 2),
+    (b'{"readings": [{"metrics": {"temperature": {"value": 37, "unit": "Cel"}}}]}', 5),
+])
+def test_nesting_depth(payload: bytes, depth: int) -> None:
+    assert nesting_depth(payload) == depth
+
+
+def test_nesting_depth_stops_once_past_the_limit() -> None:
+    assert nesting_depth(b"[" * 10_000, limit=5) == 6
+
+
+@pytest.mark.parametrize("opener", [b'{"a":', b"[", b'{"metrics":{"x":'])
+def test_deep_nesting_is_refused_before_the_decoder_runs(opener: bytes) -> None:
+    closer = b"}" if opener.startswith(b"{") else b"]"
+    payload = opener * 1000 + b"1" + closer * 1000
+    assert only_rejection(payload).reason == "payload_too_deep"
+    status = decode_status(STATUS_TOPIC, payload, received_ms=NOW_MS)
+    assert isinstance(status, Rejection) and status.reason == "payload_too_deep"
+
+
+def test_the_depth_limit_is_exact() -> None:
+    inside = b'{"a":' * (MAX_DEPTH - 1) + b"1" + b"}" * (MAX_DEPTH - 1)
+    at_limit = b'{"seq": 1, "ts": %d, "metrics": {"heart_rate": 72}, "x": %s}' % (NOW_MS, inside)
+    assert nesting_depth(at_limit) == MAX_DEPTH
+    assert [r.seq for r in decode(at_limit).readings] == [1]  # unknown fields are ignored
+    beyond = b'{"seq": 1, "ts": %d, "metrics": {"heart_rate": 72}, "x": {"b": %s}}' % (NOW_MS, inside)
+    assert only_rejection(beyond).reason == "payload_too_deep"
+
+
+def test_deep_nesting_inside_a_batch_item_is_refused_whole() -> None:
+    deep = b'{"a":' * 40 + b"1" + b"}" * 40
+    payload = b'{"readings": [{"seq": 1, "ts": %d, "metrics": {"spo2": 97}}, %s]}' % (NOW_MS, deep)
+    assert only_rejection(payload).reason == "payload_too_deep"
+
+
+# ------------------------------------------------------------------------------- boot
+
+@pytest.mark.parametrize(("boot", "expected"), [
+    ("b-2026_11", "b-2026_11"), (7, "7"), (0, "0"), (2**63 - 1, str(2**63 - 1)), ("x" * 64, "x" * 64),
+])
+def test_boot_is_kept_on_readings_and_status(boot, expected: str) -> None:
+    (r,) = decode(body(boot=boot)).readings
+    assert r.boot == expected
+    status = decode_status(STATUS_TOPIC, json.dumps({"state": "online", "boot": boot}).encode(), received_ms=NOW_MS)
+    assert isinstance(status, StatusReport) and status.boot == expected
+
+
+@pytest.mark.parametrize(("boot", "reason"), [
+    ("", "boot_invalid"), ("a b", "boot_invalid"), ("x" * 65, "boot_invalid"), ("~1", "boot_invalid"),
+    (-1, "boot_invalid"), (2**63, "boot_invalid"), (1.5, "schema_invalid"), ([1], "schema_invalid"),
+])
+def test_a_bad_boot_is_refused(boot, reason: str) -> None:
+    assert only_rejection(body(boot=boot)).reason == reason
+
+
+def test_a_reading_without_boot_has_none_and_encoding_round_trips_it() -> None:
+    (r,) = decode(body()).readings
+    assert r.boot is None
+    (again,) = decode(encode_vitals(3, NOW_MS, {"spo2": 97}, boot="b1")).readings
+    assert (again.seq, again.boot) == (3, "b1")
+    status = decode_status(STATUS_TOPIC, encode_status("online", boot="b1"), received_ms=NOW_MS)
+    assert isinstance(status, StatusReport) and status.boot == "b1"
+
+
+@pytest.mark.parametrize("iso", ["2026-11-26T10:15:30.119Z", "2026-11-26T10:15:30.120Z", "2026-11-26T10:15:30.001+01:00",
+                                 "2026-11-26T10:15:30.999999Z"])
+def test_iso_times_convert_to_exact_milliseconds(iso: str) -> None:
+    parsed = datetime.fromisoformat(iso)
+    expected = (parsed - datetime(1970, 1, 1, tzinfo=timezone.utc)) // __import__("datetime").timedelta(milliseconds=1)
+    (r,) = decode(body(ts=iso)).readings
+    assert r.ts_ms == expected
+    assert decode(body(ts=format_ts(r.ts_ms))).readings[0].ts_ms == r.ts_ms, "format and parse round-trip exactly"
