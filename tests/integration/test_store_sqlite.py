@@ -500,3 +500,64 @@ def test_an_existing_first_version_database_is_migrated_in_place(tmp_path) -> No
         assert store._writer.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         store.close()
+
+
+def test_a_database_from_before_boots_keeps_its_readings_and_their_identity(tmp_path) -> None:
+    """The boot migration rebuilds the readings table: rows keep their ids and get boot '',
+    devices learn the time of their newest reading, and a seq stored before is still a duplicate."""
+    import sqlite3
+
+    from bridge.sequence import Content
+    from bridge.store_sqlite import MIGRATIONS, SQLiteStore
+
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version=2")
+    db.executemany("INSERT INTO readings (device_type, device_id, seq, hospital_id, patient_id, ts_ms, received_ms,"
+                   " metrics) VALUES ('monitor', 'm1', ?, 'h1', 'p1', ?, ?, '{\"heart_rate\":70.0}')",
+                   [(seq, T0 + seq * S, T0 + seq * S) for seq in (1, 2, 3)])
+    db.execute("INSERT INTO devices (device_type, device_id, hospital_id, state, last_seq) VALUES"
+               " ('monitor', 'm1', 'h1', 'online', 3)")
+    db.commit()
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
+        (device,) = store.load_devices()
+        assert (device.boot, device.last_seq, device.last_ts_ms, device.boot_ts_ms) == ("", 3, T0 + 3 * S, None)
+        assert [(i["seq"], i["boot"]) for i in store.readings("p1", None, None, None, 10, None).items] == [
+            (1, ""), (2, ""), (3, "")]
+        with store.transaction() as tx:
+            assert tx.reading_versions("monitor", "m1", 2) == {"": Content.of(T0 + 2 * S, {"heart_rate": 70.0})}
+            tx.insert_reading(reading(2), "b2")  # the same seq in another boot is another reading
+        assert store.counts()["readings"] == 4
+        with pytest.raises(StoreError):
+            with store.transaction() as tx:
+                tx.insert_reading(reading(2), "b2")  # but never twice under one identity
+    finally:
+        store.close()
+
+
+def test_a_locked_database_is_unavailable_a_rejected_row_is_not(store: SQLiteStore, db_path: Path) -> None:
+    """The consumer retries StoreUnavailable whole and blames any other StoreError on the batch."""
+    import sqlite3
+
+    from firstcare.errors import StoreUnavailable
+
+    store._writer.execute("PRAGMA busy_timeout=50")
+    blocker = sqlite3.connect(db_path)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            with store.transaction() as tx:
+                tx.insert_readings([reading(1)])
+    finally:
+        blocker.rollback()
+        blocker.close()
+    with store.transaction() as tx:
+        tx.insert_readings([reading(1)])
+    with pytest.raises(StoreError) as caught:
+        with store.transaction() as tx:
+            tx.insert_reading(reading(1), "")
+    assert not isinstance(caught.value, StoreUnavailable)
