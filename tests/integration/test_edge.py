@@ -232,3 +232,55 @@ def test_a_clean_stop_logs_no_warning(upstream: MosquittoInstance, tmp_path: Pat
     edge.stop()
     log = edge.log_path.read_text()
     assert "edge gateway" in log and not [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line], log
+
+
+# ------------------------------------------------------------------ no message stalls the ward
+
+NESTED = b'{"a":' * 1000 + b"1" + b"}" * 1000
+
+
+def test_a_nested_message_is_dead_lettered_at_the_edge_and_the_rest_reaches_the_bridge(
+        upstream: MosquittoInstance, bridge: BridgeThread, tmp_path: Path) -> None:
+    edge = EdgeProcess(tmp_path, upstream.url("gateway")).start()
+    device = Device(edge.local_port, "ox-nest-edge")
+    try:
+        publish(device, 1, 3)
+        device.publish(device.vitals_topic, NESTED)
+        publish(device, 4, 6)
+        wait_until(lambda: [r[0] for r in rows(bridge, "ox-nest-edge")] == [1, 2, 3, 4, 5, 6], what="valid readings")
+        assert [d["reason"] for d in edge_dead_letters(edge)] == ["payload_too_deep"]
+        ward = edge.stats()["ward"]
+        assert ward["acked"] == ward["received"] == 7, "the poison was acknowledged to the ward broker"
+    finally:
+        device.close()
+        edge.stop()
+
+
+def test_edge_readyz_turns_503_while_the_spool_refuses_writes(upstream: MosquittoInstance, bridge: BridgeThread,
+                                                               tmp_path: Path) -> None:
+    import httpx
+
+    edge = EdgeProcess(tmp_path, upstream.url("gateway")).start()
+    device = Device(edge.local_port, "ox-stuck")
+    try:
+        publish(device, 1, 2)
+        wait_until(lambda: httpx.get(edge.url + "/readyz").status_code == 200, what="ready")
+        blocker = sqlite3.connect(tmp_path / "spool.db", timeout=1)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the spool: the ward stream stops
+        try:
+            info = device.client.publish(device.vitals_topic, b'{"seq": 3, "ts": %d, "metrics": {"spo2": 97}}'
+                                         % int(__import__("time").time() * 1000), qos=1)
+            stuck = wait_until(lambda: (r := httpx.get(edge.url + "/readyz", timeout=5)).status_code == 503 and r,
+                               timeout=60, what="edge not ready while its ward consumer is stuck")
+            assert stuck.json()["checks"]["spool"] != "ok"
+        finally:
+            blocker.rollback()
+            blocker.close()
+        info.wait_for_publish(60)
+        wait_until(lambda: [r[0] for r in rows(bridge, "ox-stuck")] == [1, 2, 3], timeout=60, what="then forwarded")
+        ward = edge.stats()["ward"]
+        assert ward["acked"] == ward["received"] == 3 and ward["poison_isolated"] == 0
+        wait_until(lambda: httpx.get(edge.url + "/readyz").status_code == 200, timeout=60, what="ready again")
+    finally:
+        device.close()
+        edge.stop()
