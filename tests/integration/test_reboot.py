@@ -123,3 +123,25 @@ def test_same_seq_with_other_content_is_kept_as_a_conflict_never_dropped(bridge:
         assert bridge.runtime.core.dead_letter_reasons["seq_conflict"] == 1
     finally:
         device.close()
+
+
+def test_a_restarted_simulation_is_live_at_once(bridge: BridgeThread) -> None:
+    """What `make up` twice does: the second run starts at seq 1 again under a new boot, and
+    every reading of it is stored (none taken for a duplicate of the first run)."""
+    from simulators.runner import SimulationConfig, run_simulation
+
+    config = SimulationConfig(f"mqtt://127.0.0.1:{bridge.mqtt_port}", "h1", patients=1, devices=("monitor",),
+                              rate=20, count=5, seed=1, ramp_seconds=0)
+    first = run_simulation(config)
+    second = run_simulation(config)
+    assert first.acknowledged == second.acknowledged == 5
+    wait_until(lambda: len(rows(bridge, "monitor-001")) == 10, what="both runs stored in full")
+    stored = rows(bridge, "monitor-001")
+    assert [s for _, s, _ in stored] == [1, 2, 3, 4, 5] * 2
+    boots = [b for b, _, _ in stored]
+    assert len(set(boots[:5])) == len(set(boots[5:])) == 1 and boots[0] != boots[5] and "" not in boots
+    assert bridge.runtime.core.counters["duplicates"] == 0
+    with bridge.http() as client:
+        assert client.get("/api/devices/monitor/monitor-001").json()["boot"] == boots[5]
+    # each run ends with a clean power-off (device.offline); nothing else is raised
+    assert set(technical_alarms(bridge)) <= {"device.offline"}
