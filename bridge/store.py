@@ -137,6 +137,8 @@ def alert_json(a: Alert) -> dict[str, Any]:
 
 def device_json(d: DeviceRecord) -> dict[str, Any]:
     body = dataclasses.asdict(d)
+    for key in ("boot_ts_ms", "prev_boot", "last_ts_ms"):  # sequence bookkeeping, not for clients
+        body.pop(key)
     for key in ("last_seen_ms", "last_data_ms"):
         value = body.pop(key)
         body[key[:-3] + "_at"] = format_ts(value) if value is not None else None

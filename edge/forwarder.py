@@ -3,7 +3,7 @@
 The forwarder owns its connection loop (backoff with jitter) and makes a new paho client for
 each connection, so nothing but the spool remembers what is unacknowledged: after a reconnect
 everything still in the spool is sent again, oldest first. A message the broker received but
-whose PUBACK was lost arrives twice; the bridge's (device, seq) deduplication absorbs it.
+whose PUBACK was lost arrives twice; the bridge's deduplication (same identity, same content) absorbs it.
 
 The drain is paced by a token bucket (``rate`` messages/s), so a backlog after an outage does
 not swamp the bridge; live messages join the same queue and keep flowing behind the backlog.

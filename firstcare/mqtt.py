@@ -23,9 +23,9 @@ Interval (without one it would end at every disconnect), and a broker that says 
 taken over" three times within a minute makes the consumer stop fighting (state ``conflict``).
 
 Threads: the paho thread owns the connection, ``state``, ``last_error`` and the counters it
-increments; the event loop owns the batches, ``store_error`` and ``busy_since``. ``counters`` has a fixed set
-of keys made here and never added to, so any thread may copy it (``dict.copy`` runs under
-the GIL in one step); readers never iterate it live.
+increments; the event loop owns the batches, ``store_error`` and ``busy_since``. ``counters``
+has a fixed set of keys made here and never added to, so any thread may copy it (``dict.copy``
+runs under the GIL in one step); readers never iterate it live.
 
 No message can stall the stream (poison isolation, :meth:`AckingConsumer._settle`): when the
 batch handler raises :class:`~firstcare.errors.StoreUnavailable` the store itself is down, so
