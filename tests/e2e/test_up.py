@@ -154,3 +154,42 @@ def test_up_the_sepsis_patient_scores_high_raises_its_alarm_and_every_look_is_au
     verified = subprocess.run([sys.executable, "-m", "firstcare.cli", "audit", "verify"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0 and "hash chain intact" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_a_second_up_shows_a_live_ward_at_once(tmp_path: Path) -> None:
+    """`make up` twice on one data folder: the simulated devices start at seq 1 again under a
+    new boot, and their readings are stored at once instead of being taken for duplicates."""
+    http_port, mqtt_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{http_port}"
+
+    def run_until(n_readings: int) -> tuple[list[dict], str]:
+        log = tmp_path / "up.log"
+        log.write_bytes(b"")
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "firstcare.cli", "up", "--simulate", "1", "--http-port", str(http_port),
+                 "--mqtt-port", str(mqtt_port)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            match = wait_until(lambda: re.search(r"admin token\s+(\S+)", log.read_text()), timeout=60,
+                               what="the printed admin token")
+            headers = {"Authorization": f"Bearer {match.group(1)}"}
+
+            def readings() -> list[dict]:
+                return httpx.get(f"{base}/api/patients/p-001/readings", headers=headers,
+                                 params={"limit": 5000}).json()["items"]
+
+            items = wait_until(lambda: len(r := readings()) >= n_readings and r, timeout=60,
+                               what=f"{n_readings} readings of p-001")
+            boot = httpx.get(f"{base}/api/devices/monitor/monitor-001", headers=headers).json()["boot"]
+            alarms = httpx.get(f"{base}/api/alerts", headers=headers).json()["items"]
+            assert not [a for a in alarms if a["rule_id"] in ("device.seq_gap", "device.silent")], alarms
+            return items, boot
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0, log.read_text()
+
+    first, first_boot = run_until(6)
+    second, second_boot = run_until(len(first) + 6)
+    assert second_boot != first_boot and first_boot and second_boot
+    new_monitor = [r for r in second if r["device_id"] == "monitor-001" and r["boot"] == second_boot]
+    assert [r["seq"] for r in new_monitor][:3] == [1, 2, 3], "the restarted device's readings are stored from seq 1"
