@@ -6,9 +6,11 @@ longer run."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 from edge.stamp import stamp
 from firstcare.metrics import METRICS
@@ -98,3 +100,24 @@ def test_the_edge_forwards_exactly_what_the_bridge_accepts(message: tuple[str, b
         original = decode_vitals(parse_topic(topic), payload, received_ms=NOW_MS).readings
         assert len(original) == len(forwarded)
         assert all(same(a, b) for a, b in zip(original, forwarded)), "seq, time, boot and values travel untouched"
+
+
+def true_depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((true_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((true_depth(v) for v in value), default=0)
+    return 0
+
+
+TRICKY_TEXT = st.text(alphabet=st.sampled_from('[]{}"\\\\/ ab\u00e9\u2028'), max_size=12)
+NESTED_JSON = st.recursive(st.one_of(st.none(), st.integers(), TRICKY_TEXT), lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(TRICKY_TEXT, inner, max_size=3)), max_leaves=40)
+
+
+@fuzz_settings(600)
+@given(NESTED_JSON, st.booleans())
+def test_the_depth_scan_agrees_with_the_parsed_structure(value: object, ascii_only: bool) -> None:
+    """Strings full of brackets, quotes and backslashes never fool the byte scan."""
+    payload = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert nesting_depth(payload, limit=10_000) == true_depth(value)
