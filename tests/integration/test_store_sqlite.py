@@ -510,11 +510,12 @@ def test_a_database_from_before_boots_keeps_its_readings_and_their_identity(tmp_
     from bridge.sequence import Content
     from bridge.store_sqlite import MIGRATIONS, SQLiteStore
 
-    path = tmp_path / "v2.db"
+    before_boots = next(i for i, script in enumerate(MIGRATIONS) if "readings_by_boot" in script)
+    path = tmp_path / "before-boots.db"
     db = sqlite3.connect(path)
-    for script in MIGRATIONS[:2]:
+    for script in MIGRATIONS[:before_boots]:
         db.executescript(script)
-    db.execute("PRAGMA user_version=2")
+    db.execute(f"PRAGMA user_version={before_boots}")
     db.executemany("INSERT INTO readings (device_type, device_id, seq, hospital_id, patient_id, ts_ms, received_ms,"
                    " metrics) VALUES ('monitor', 'm1', ?, 'h1', 'p1', ?, ?, '{\"heart_rate\":70.0}')",
                    [(seq, T0 + seq * S, T0 + seq * S) for seq in (1, 2, 3)])
