@@ -236,7 +236,7 @@ class BridgeCore:
             for item in items:
                 if isinstance(item, StatusReport):
                     tally["status_messages"] += 1
-                    events += self._status(item, changed, transitions)
+                    events += self._status(item, changed, transitions, tally)
                     continue
                 tally["readings_valid"] += 1
                 r = self._owned(self._with_patient(item), letters)
@@ -285,9 +285,10 @@ class BridgeCore:
         return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
 
     def _status(self, s: StatusReport, changed: dict[tuple[str, str], DeviceRecord],
-                transitions: list[Transition]) -> list[Event]:
+                transitions: list[Transition], tally: Counter[str]) -> list[Event]:
         before = self._device(s.device_type, s.device_id, s.hospital_id)
         after = dev.on_status(before, s)
+        tally["reboots"] += after.boot != before.boot  # an online status announcing a new boot
         self.devices[after.key] = changed[after.key] = after
         transitions += self._device_alerts(before, after, s.received_ms)
         if s.battery is not None:

@@ -217,8 +217,17 @@ class StatsCollector(Collector):
         g = ingest.get
         yield counter("ingest_messages", "MQTT messages processed by the writer", g("messages", 0))
         yield counter("readings_stored", "Readings stored (new)", g("readings_stored", 0))
-        yield counter("readings_duplicate", "Readings already stored under their (device, seq): redeliveries",
+        yield counter("readings_duplicate", "Readings already stored with the same identity and content: redeliveries",
                       g("duplicates", 0))
+        yield counter("readings_seq_conflict", "Readings whose identity is stored with other content (dead-lettered)",
+                      g("seq_conflicts", 0))
+        yield counter("device_reboots", "New device boots begun, announced or implicit", g("reboots", 0))
+        yield counter("ingest_internal_errors", "Messages our own code failed on, dead-lettered internal_error",
+                      g("internal_errors", 0))
+        yield counter("ingest_quarantined", "Messages isolated from a failing batch by splitting it",
+                      g("quarantined", 0))
+        yield counter("ingest_batch_splits", "Times a failing batch was split to isolate one message",
+                      g("batch_splits", 0))
         yield counter("status_messages", "Device status messages processed", g("status_messages", 0))
         yield counter("seq_gaps", "Forward jumps in a device's seq (readings missing)", g("seq_gaps", 0))
         yield labelled(CounterMetricFamily("firstcare_dead_letters", "Messages or readings refused, by reason",

@@ -137,6 +137,10 @@ def test_an_alarm_rule_that_raises_for_one_message_is_isolated_and_the_batch_sto
             assert letter["topic"] == device.vitals_topic and not letter["truncated"]
         stats = bridge.stats()["ingest"]
         assert (stats["quarantined"], stats["poison_isolated"]) == (1, 1)
+        metrics = httpx.get(bridge.url + "/metrics").text
+        for line in ("firstcare_ingest_internal_errors_total 1.0", "firstcare_ingest_quarantined_total 1.0",
+                     'firstcare_dead_letters_total{reason="internal_error"} 1.0'):
+            assert line in metrics.splitlines(), line
     finally:
         device.close()
 

@@ -61,6 +61,9 @@ def test_a_device_that_restarts_seq_at_1_without_a_boot_loses_nothing(bridge: Br
         device_row = core.devices[("monitor", "mon-reboot")]
         assert device_row.last_data_ms >= first_data and (device_row.last_seq, device_row.silent) == (5, False)
         assert technical_alarms(bridge) == [], "no false gap or silent alarm"
+        import httpx
+
+        assert "firstcare_device_reboots_total 1.0" in httpx.get(bridge.url + "/metrics").text.splitlines()
         with bridge.http() as client:
             readings = client.get("/api/patients/p-001/readings").json()["items"]
         assert len(readings) == 10 and readings[-1]["boot"] == f"~{t0 + 61_000}"
