@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from bridge.alerts import default_rules, load_rules
 from bridge.apidocs import install_docs
 from bridge.api import install_error_handlers, operator, router
+from bridge.api_security import router as security_router
 from bridge.api_clinical import router as clinical_router
 from bridge.audit_http import AuditMiddleware
 from bridge.audit_http import router as audit_router
@@ -47,13 +48,14 @@ from bridge.realtime import router as realtime_router
 from bridge.store import Store, open_store
 from bridge.telemetry import LatencyTracker, Marks, StatsCollector, Telemetry
 from firstcare.auth import TokenVerifier
-from firstcare.broker import EmbeddedBroker
+from firstcare.broker import BrokerTls, EmbeddedBroker
 from firstcare.errors import FirstCareError, StoreError
 from firstcare.events import Event
 from firstcare.lease import BrokerUnreachable, LeaseError, LeaseHeld, LeaseKeeper
 from firstcare.permissions import Claims
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, backoff_delay
 from firstcare.settings import Settings
+from firstcare.tls import ClientTls, warn_if_insecure
 from firstcare.topics import subscription_filter
 
 log = logging.getLogger("firstcare.bridge")
@@ -92,12 +94,17 @@ class Runtime:
         self.telemetry.registry.register(StatsCollector(lambda: self._metrics_figures))
 
     @property
+    def mqtt_tls(self) -> ClientTls:
+        s = self.settings
+        return ClientTls(s.mqtt_ca_file, s.mqtt_cert_file, s.mqtt_key_file, s.tls_insecure)
+
+    @property
     def mqtt_target(self) -> MqttTarget:
         s = self.settings
         if s.mqtt_url == "embedded":
             return MqttTarget(s.mqtt_host if s.mqtt_host not in ("0.0.0.0", "::") else "127.0.0.1",
-                              s.mqtt_port, "bridge", None)
-        return MqttTarget.parse(s.mqtt_url)
+                              s.mqtt_port, "bridge", None, self.mqtt_tls if s.broker_cert_file else None)
+        return MqttTarget.parse(s.mqtt_url, tls=self.mqtt_tls)
 
     @property
     def broker_key(self) -> str:
@@ -109,15 +116,24 @@ class Runtime:
         s = self.settings
         self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
         self.audit.start()
+        if s.mqtt_tls:
+            warn_if_insecure(s.tls_insecure, "the bridge's MQTT connection", "FC_TLS_INSECURE")
+        else:
+            log.warning("MQTT is not encrypted (%s): readings cross the network in clear text; use mqtts:// "
+                        "(or FC_BROKER_CERT_FILE for the embedded broker) for anything but a laptop",
+                        "embedded broker without FC_BROKER_CERT_FILE" if s.mqtt_url == "embedded" else s.mqtt_url)
         if s.mqtt_url == "embedded":
-            self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port)
+            tls = (BrokerTls(s.broker_cert_file, s.broker_key_file or "", s.mqtt_ca_file or "", root=s.topic_root)
+                   if s.broker_cert_file else None)
+            self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port, tls=tls)
             await self.broker.start()
         rules = load_rules(Path(s.alert_rules).read_text()) if s.alert_rules else default_rules()
         self.store = open_store(s.store_url, s.store_busy_timeout_seconds)
         self.core = BridgeCore(self.store, rules, CoreSettings(
             topic_root=s.topic_root, silent_ms=int(s.device_silent_seconds * 1000),
             offline_ms=int(s.device_offline_seconds * 1000), escalation_ms=int(s.escalation_seconds * 1000),
-            dead_letter_bytes=s.dead_letter_bytes))
+            dead_letter_bytes=s.dead_letter_bytes, require_signatures=frozenset(s.require_signatures),
+            signature_max_age_ms=int(s.signature_max_age_seconds * 1000)))
         self.writer = Writer(self.core)
         self.hub = open_hub(s.hub_url, s.history_size, s.history_seconds, self.node)
         await self.hub.start()
@@ -341,9 +357,14 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
                            allow_methods=["GET", "POST", "PUT"], allow_headers=["Authorization", "Content-Type"])
+    if settings.http_cert_file and settings.hsts_seconds > 0:
+        from bridge.https import HstsMiddleware
+
+        app.add_middleware(HstsMiddleware, max_age=settings.hsts_seconds)
     install_error_handlers(app)
     app.add_middleware(AuditMiddleware)  # every /api, /fhir, /realtime request (bridge/audit_http.py)
     app.include_router(router)
+    app.include_router(security_router)
     app.include_router(realtime_router)
     app.include_router(clinical_router)  # NEWS2 observations and scores, alarm report
     app.include_router(audit_router)  # GET /api/audit

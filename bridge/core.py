@@ -59,13 +59,18 @@ from firstcare.payloads import (
 )
 from firstcare.metrics import METRICS
 from firstcare.mqtt import Inbound, describe_error
-from firstcare.topics import parse_topic, vitals_topic
+from firstcare.signing import KeyRecord, expired, open_message
+from firstcare.topics import Topic, parse_topic, vitals_topic
 
 log = logging.getLogger("firstcare.bridge")
 T = TypeVar("T")
 
 class PatientConflict(FirstCareError):
     reason = "patient_conflict"
+
+
+class KeyConflict(FirstCareError):
+    reason = "key_conflict"
 
 
 PUBLISHED_ALERT_ACTIONS = frozenset({"raised", "acknowledged", "escalated", "resolved"})
@@ -78,6 +83,8 @@ class CoreSettings:
     offline_ms: int = 180_000
     escalation_ms: int = 120_000
     dead_letter_bytes: int = 4096
+    require_signatures: frozenset[str] = frozenset()  # hospital ids, or "*" for all (FC_REQUIRE_SIGNATURES)
+    signature_max_age_ms: int = 7 * 86_400_000
 
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
@@ -113,7 +120,7 @@ def vitals_event(r: Reading) -> Event:
     data = {
         "patient_id": r.patient_id, "hospital_id": r.hospital_id, "device_type": r.device_type,
         "device_id": r.device_id, "seq": r.seq, "ts": format_ts(r.ts_ms), "received_ts": format_ts(r.received_ms),
-        "metrics": r.metrics, "units": {m: METRICS[m].unit for m in r.metrics},
+        "metrics": r.metrics, "units": {m: METRICS[m].unit for m in r.metrics}, "verified": r.verified,
     }
     return make_event("patient.vitals.update" if r.patient_id else "device.data.update", data, r.received_ms,
                       device_ms=r.ts_ms)
@@ -157,6 +164,8 @@ class BridgeCore:
         self.devices: DeviceTable = DeviceTable(self.store.load_devices())
         self.patients: dict[str, str] = self.store.load_patients()
         self.news2 = News2State.load(self.store)  # NEWS2 inputs and scores (bridge/news2_state.py)
+        self.keys: dict[str, KeyRecord] = {k.kid: k for k in self.store.load_signing_keys()}
+        self.signature_policies: dict[str, bool] = self.store.load_signature_policies()
         self._publish_snapshot()
 
     def _publish_snapshot(self) -> None:
@@ -201,9 +210,7 @@ class BridgeCore:
                 continue
             try:
                 if topic.kind == "vitals":
-                    decoded = decode_vitals(topic, m.payload, m.received_ms)
-                    good: list[Reading | StatusReport] = list(decoded.readings)
-                    rejections = decoded.rejections
+                    good, rejections = self._open_vitals(topic, m)
                 else:
                     status = decode_status(topic, m.payload, m.received_ms)
                     good, rejections = ([], [status]) if isinstance(status, Rejection) else ([status], [])
@@ -215,6 +222,26 @@ class BridgeCore:
             for rejection in rejections:
                 reject(m, rejection)
         return items, dead
+
+    def _open_vitals(self, topic: Topic, m: Inbound) -> tuple[list[Reading | StatusReport], list[Rejection]]:
+        """Verify a signed message (firstcare.signing) and decode what it carries; readings
+        under a verified signature are marked with its key id, and refused when older than the
+        freshness window (a replay that retention could no longer recognise as a duplicate)."""
+        opened = open_message(topic, m.topic, m.payload, self.keys, self.requires_signatures(topic.hospital_id))
+        if isinstance(opened, Rejection):
+            return [], [opened]
+        decoded = decode_vitals(topic, opened.payload, m.received_ms)
+        if not opened.verified:
+            return list(decoded.readings), list(decoded.rejections)
+        good: list[Reading | StatusReport] = []
+        refused: list[Rejection] = []
+        for r in decoded.readings:
+            if expired(r.ts_ms, m.received_ms, self.settings.signature_max_age_ms):
+                refused.append(Rejection("signature_expired", f"signed reading seq {r.seq} is older than the "
+                                         "freshness window (FC_SIGNATURE_MAX_AGE_SECONDS): refused as a replay"))
+            else:
+                good.append(dataclasses.replace(r, signed_by=opened.signed_by))
+        return good, refused + list(decoded.rejections)
 
     @property
     def _kept_whole(self) -> int:
@@ -318,6 +345,13 @@ class BridgeCore:
         self._committed(work)
         self._count(Counter(quarantined=1), [letter], [])
         self._publish_snapshot()
+
+    def requires_signatures(self, hospital_id: str) -> bool:
+        """The API's per-hospital policy wins; else FC_REQUIRE_SIGNATURES."""
+        policy = self.signature_policies.get(hospital_id)
+        if policy is not None:
+            return policy
+        return "*" in self.settings.require_signatures or hospital_id in self.settings.require_signatures
 
     def _owned(self, r: Reading, dead: list[DeadLetter]) -> Reading | None:
         """Patient ids are global and belong to the first hospital that reports them; a reading
@@ -436,6 +470,29 @@ class BridgeCore:
         self.devices[after.key] = after
         self._publish_snapshot()
         return after, [device_event(after, self.clock())]
+
+    def register_key(self, key: KeyRecord) -> None:
+        """Add (or replace) a public key. Raises KeyConflict when the key id belongs to another
+        device or gateway, or was revoked (a revoked id is never reused, so audits stay exact)."""
+        existing = self.store.signing_key(key.kid)
+        if existing is not None:
+            old, revoked_ms = existing
+            if revoked_ms is not None:
+                raise KeyConflict(f"key id {key.kid!r} was revoked; register the new key under a new id")
+            if (old.scope, old.hospital_id, old.device_type, old.device_id, old.gateway_id) != (
+                    key.scope, key.hospital_id, key.device_type, key.device_id, key.gateway_id):
+                raise KeyConflict(f"key id {key.kid!r} belongs to another device or gateway")
+        self._committed(lambda tx: tx.put_signing_key(key, self.clock()))
+        self.keys[key.kid] = key
+
+    def revoke_keys(self, kids: list[str]) -> None:
+        self._committed(lambda tx: tx.revoke_signing_keys(kids, self.clock()))
+        for kid in kids:
+            self.keys.pop(kid, None)
+
+    def set_signature_policy(self, hospital_id: str, require: bool) -> None:
+        self._committed(lambda tx: tx.set_signature_policy(hospital_id, require, self.clock()))
+        self.signature_policies[hospital_id] = require
 
     def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> list[Rule]:
         rules = apply_overrides(self.rules, overrides)  # validates before anything is stored

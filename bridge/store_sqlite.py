@@ -26,10 +26,11 @@ from typing import Any
 
 from bridge.alerts import Alert, RuleOverride, Transition
 from bridge.sequence import Content
-from bridge.store import MAX_PAGE, DeadLetter, DeviceRecord, Page, SeqGap, alert_json, device_json
+from bridge.store import MAX_PAGE, DeadLetter, DeviceRecord, Page, SeqGap, alert_json, device_json, key_json
 from bridge.store_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError, StoreUnavailable
 from firstcare.payloads import Reading, format_ts
+from firstcare.signing import KeyRecord
 
 MIGRATIONS: list[str] = [
     """
@@ -137,6 +138,19 @@ MIGRATIONS: list[str] = [
     UPDATE devices SET last_ts_ms = (SELECT max(ts_ms) FROM readings r
                                      WHERE r.device_type = devices.device_type AND r.device_id = devices.device_id);
     """,
+    # security: signed readings (firstcare/signing.py), public keys, per-hospital policy
+    """
+    ALTER TABLE readings ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE readings ADD COLUMN signed_by TEXT;
+    CREATE TABLE signing_keys (
+        kid TEXT PRIMARY KEY, public_key BLOB NOT NULL, scope TEXT NOT NULL, hospital_id TEXT NOT NULL,
+        device_type TEXT, device_id TEXT, gateway_id TEXT, created_ms INTEGER NOT NULL, revoked_ms INTEGER
+    );
+    CREATE INDEX signing_keys_owner ON signing_keys (scope, hospital_id, device_type, device_id, gateway_id);
+    CREATE TABLE signature_policies (
+        hospital_id TEXT PRIMARY KEY, require_signatures INTEGER NOT NULL, updated_ms INTEGER NOT NULL
+    );
+    """,
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
@@ -236,6 +250,11 @@ def alert_from_row(row: sqlite3.Row) -> Alert:
     return Alert(**values)
 
 
+def _key_from_row(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(row["kid"], bytes(row["public_key"]), row["scope"], row["hospital_id"], row["device_type"],
+                     row["device_id"], row["gateway_id"])
+
+
 def _device_from_row(row: sqlite3.Row) -> DeviceRecord:
     values = {name: row[name] for name in _DEVICE_FIELDS}
     values["silent"] = bool(values["silent"])
@@ -269,9 +288,9 @@ class SQLiteTransaction(ClinicalTransactionMixin):
         conn = self._conn
         conn.execute(
             "INSERT INTO readings (device_type, device_id, seq, boot, hospital_id, patient_id,"
-            " ts_ms, received_ms, metrics) VALUES (?,?,?,?,?,?,?,?,?)",
+            " ts_ms, received_ms, metrics, verified, signed_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (r.device_type, r.device_id, r.seq, boot, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
-             json.dumps(r.metrics, separators=(",", ":"))),
+             json.dumps(r.metrics, separators=(",", ":")), int(r.verified), r.signed_by),
         )
         if r.patient_id is not None:
             self.claim_patient(r.patient_id, r.hospital_id, r.received_ms)
@@ -330,6 +349,24 @@ class SQLiteTransaction(ClinicalTransactionMixin):
         self._conn.execute("INSERT INTO mqtt_sessions (client_id, broker, established_ms) VALUES (?,?,?)"
                            " ON CONFLICT (client_id, broker) DO UPDATE SET established_ms=excluded.established_ms",
                            (client_id, broker, at_ms))
+
+    def put_signing_key(self, key: KeyRecord, at_ms: int) -> None:
+        self._conn.execute(
+            "INSERT INTO signing_keys (kid, public_key, scope, hospital_id, device_type, device_id, gateway_id,"
+            " created_ms) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (kid) DO UPDATE SET public_key=excluded.public_key,"
+            " created_ms=excluded.created_ms",
+            (key.kid, key.public_key, key.scope, key.hospital_id, key.device_type, key.device_id, key.gateway_id,
+             at_ms))
+
+    def revoke_signing_keys(self, kids: Iterable[str], at_ms: int) -> None:
+        self._conn.executemany("UPDATE signing_keys SET revoked_ms=? WHERE kid=? AND revoked_ms IS NULL",
+                               [(at_ms, kid) for kid in kids])
+
+    def set_signature_policy(self, hospital_id: str, require: bool, at_ms: int) -> None:
+        self._conn.execute(
+            "INSERT INTO signature_policies (hospital_id, require_signatures, updated_ms) VALUES (?,?,?)"
+            " ON CONFLICT (hospital_id) DO UPDATE SET require_signatures=excluded.require_signatures,"
+            " updated_ms=excluded.updated_ms", (hospital_id, int(require), at_ms))
 
     def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> None:
         self._conn.execute("DELETE FROM alert_overrides WHERE patient_id=?", (patient_id,))
@@ -441,6 +478,29 @@ class SQLiteStore(ClinicalStoreMixin):
     def load_patients(self) -> dict[str, str]:
         return dict(self._writer.execute("SELECT patient_id, hospital_id FROM patients").fetchall())
 
+    def load_signing_keys(self) -> list[KeyRecord]:
+        rows = self._writer.execute("SELECT * FROM signing_keys WHERE revoked_ms IS NULL").fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def load_signature_policies(self) -> dict[str, bool]:
+        rows = self._writer.execute("SELECT hospital_id, require_signatures FROM signature_policies").fetchall()
+        return {r[0]: bool(r[1]) for r in rows}
+
+    def signing_keys(self, scope: str, hospital_id: str | None, owner: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Keys of one device (``owner`` = (type, id)) or one gateway (``owner`` = (gateway id,)),
+        revoked ones included, oldest first."""
+        if scope == "device":
+            rows = self._query("SELECT * FROM signing_keys WHERE scope='device' AND device_type=? AND device_id=?"
+                               " ORDER BY created_ms, kid", owner)
+        else:
+            rows = self._query("SELECT * FROM signing_keys WHERE scope='gateway' AND hospital_id=? AND gateway_id=?"
+                               " ORDER BY created_ms, kid", (hospital_id, *owner))
+        return [key_json(_key_from_row(r), r["created_ms"], r["revoked_ms"]) for r in rows]
+
+    def signing_key(self, kid: str) -> tuple[KeyRecord, int | None] | None:
+        rows = self._query("SELECT * FROM signing_keys WHERE kid=?", (kid,))
+        return (_key_from_row(rows[0]), rows[0]["revoked_ms"]) if rows else None
+
     def load_overrides(self) -> dict[str, dict[str, RuleOverride]]:
         result: dict[str, dict[str, RuleOverride]] = {}
         for r in self._writer.execute("SELECT * FROM alert_overrides").fetchall():
@@ -476,6 +536,7 @@ class SQLiteStore(ClinicalStoreMixin):
                 "patient_id": row["patient_id"], "hospital_id": row["hospital_id"],
                 "device_type": row["device_type"], "device_id": row["device_id"], "seq": row["seq"],
                 "boot": row["boot"], "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]), "metrics": metrics,
+                "verified": bool(row["verified"]), "signed_by": row["signed_by"],
             })
         next_cursor = f"{last['ts_ms']}.{last['id']}" if last else None
         return Page(items, next_cursor)

@@ -12,8 +12,8 @@ from firstcare.topics import check_root, is_valid_id
 class EdgeSettings(EnvSettings):
     PREFIX = "FC_EDGE_"
 
-    upstream_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "the hospital's uplink broker, `mqtt://user:pass@host:port` (the bridge subscribes there)"})
-    local_url: str = field(default="embedded", metadata={"doc": "the ward's broker the devices publish to: `embedded` runs amqtt in-process, else `mqtt://...`"})
+    upstream_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "the hospital's uplink broker, `mqtts://host:port` (TLS) or `mqtt://user:pass@host:port` (the bridge subscribes there)"})
+    local_url: str = field(default="embedded", metadata={"doc": "the ward's broker the devices publish to: `embedded` runs amqtt in-process, else `mqtt://...` or `mqtts://...`"})
     local_host: str = field(default="0.0.0.0", metadata={"doc": "bind address of the embedded ward broker"})
     local_port: int = field(default=1885, metadata={"doc": "port of the embedded ward broker"})
     hospital_id: str = field(default="h1", metadata={"doc": "the gateway's hospital: every forwarded topic carries it"})
@@ -29,6 +29,14 @@ class EdgeSettings(EnvSettings):
     http_port: int = field(default=8010, metadata={"doc": "port of /healthz and /stats"})
     dead_letter_bytes: int = field(default=4096, metadata={"doc": "raw payload kept per local dead letter"})
     log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
+    ca_file: str | None = field(default=None, metadata={"doc": "CA certificate(s), PEM, the upstream broker's certificate must chain to for `mqtts://` (default: the system's trust store); the embedded TLS ward broker also requires the devices' certificates to chain to it"})
+    cert_file: str | None = field(default=None, metadata={"doc": "the gateway's client certificate (CN `gateway/{hospital}/{gateway_id}`), presented upstream and to the ward broker"})
+    key_file: str | None = field(default=None, metadata={"doc": "the private key of `FC_EDGE_CERT_FILE`"})
+    local_cert_file: str | None = field(default=None, metadata={"doc": "server certificate of the embedded ward broker (must name 127.0.0.1 too): when set, it speaks only TLS and requires a certificate per device from `FC_EDGE_CA_FILE`"})
+    local_key_file: str | None = field(default=None, metadata={"doc": "the private key of `FC_EDGE_LOCAL_CERT_FILE`"})
+    tls_insecure: bool = field(default=False, metadata={"doc": "DEVELOPMENT ONLY: do not verify the brokers' certificates; logged as a WARNING at every start"})
+    signing_key: str | None = field(default=None, metadata={"doc": "Ed25519 private key (PEM) to sign the readings of devices that do not sign, on their behalf (register its public half with `PUT /api/gateways/{hospital}/{gateway}/key`)"})
+    signing_kid: str | None = field(default=None, metadata={"doc": "key id named in the gateway's signatures (default `gateway/{hospital}/{gateway_id}`)"})
 
     def validate(self) -> None:
         self.check_mqtt_url("upstream_url", allow_embedded=False)
@@ -47,3 +55,27 @@ class EdgeSettings(EnvSettings):
             raise self.bad("topic_root", str(exc)) from exc
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise self.bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
+        self.check_pair("cert_file", "key_file")
+        self.check_pair("local_cert_file", "local_key_file")
+        self.check_files("ca_file", "cert_file", "key_file", "local_cert_file", "local_key_file", "signing_key")
+        if self.local_cert_file is not None:
+            if self.local_url != "embedded":
+                raise self.bad("local_cert_file", "configures the embedded ward broker: FC_EDGE_LOCAL_URL must be 'embedded'")
+            for needed in ("ca_file", "cert_file"):
+                if getattr(self, needed) is None:
+                    raise self.bad(needed, "the embedded TLS ward broker requires client certificates: set the CA "
+                                           "that issues the devices' and the gateway's own certificate and key")
+        if not (self.ward_tls or self.is_tls_url("upstream_url")):
+            for name in ("ca_file", "cert_file", "key_file"):
+                if getattr(self, name) is not None:
+                    raise self.bad(name, "only applies to mqtts:// brokers (upstream and ward are plain MQTT)")
+        if self.signing_kid is not None and self.signing_key is None:
+            raise self.bad("signing_kid", "needs FC_EDGE_SIGNING_KEY")
+
+    @property
+    def ward_tls(self) -> bool:
+        return self.local_cert_file is not None if self.local_url == "embedded" else self.is_tls_url("local_url")
+
+    @property
+    def identity(self) -> str:
+        return f"gateway/{self.hospital_id}/{self.gateway_id}"

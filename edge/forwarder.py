@@ -23,6 +23,7 @@ from edge.spool import Entry, Spool
 from firstcare.mqtt import MqttTarget, backoff_delay
 from firstcare.payloads import now_ms
 from firstcare.ratelimit import TokenBucket
+from firstcare.tls import describe_tls_error
 
 log = logging.getLogger("firstcare.edge")
 
@@ -58,8 +59,7 @@ class Forwarder:
     def _client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
                              protocol=mqtt.MQTTv311)
-        if self.target.username:
-            client.username_pw_set(self.target.username, self.target.password)
+        self.target.apply(client)
         client.will_set(self.status_topic, json.dumps({"state": "offline"}), qos=1, retain=True)
         client.max_inflight_messages_set(self.window)
         client.max_queued_messages_set(0)
@@ -130,8 +130,8 @@ class Forwarder:
             self.state = "connecting"
             try:
                 client.connect(self.target.host, self.target.port, keepalive=15)
-            except OSError as exc:
-                self.last_error = f"cannot reach upstream {self.target.host}:{self.target.port}: {exc}"
+            except (OSError, ValueError) as exc:  # ssl errors included: a wrong certificate is never accepted
+                self.last_error = f"cannot reach upstream {self.target}: {describe_tls_error(exc)}"
             else:
                 while not self._stop.is_set():
                     if client.loop(timeout=0.01) != mqtt.MQTT_ERR_SUCCESS:

@@ -31,9 +31,11 @@ from edge.config import EdgeSettings
 from edge.forwarder import Forwarder
 from edge.spool import Spool
 from edge.stamp import Outbound, Refused, stamp
-from firstcare.broker import EmbeddedBroker
+from firstcare.broker import BrokerTls, EmbeddedBroker
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, describe_error
 from firstcare.payloads import Rejection, now_ms
+from firstcare.signing import load_private, sign
+from firstcare.tls import ClientTls, warn_if_insecure
 
 log = logging.getLogger("firstcare.edge")
 
@@ -45,12 +47,17 @@ class Gateway:
                            s.dead_letter_bytes)
         self.beds = BedMap(Path(s.bed_map) if s.bed_map else None)
         self.beds.refresh()
-        self.local_broker = EmbeddedBroker(s.local_host, s.local_port) if s.local_url == "embedded" else None
+        tls = ClientTls(s.ca_file, s.cert_file, s.key_file, s.tls_insecure)
+        ward_tls = (BrokerTls(s.local_cert_file, s.local_key_file or "", s.ca_file or "", readers=(s.identity,),
+                              root=s.topic_root) if s.local_cert_file else None)
+        self.local_broker = EmbeddedBroker(s.local_host, s.local_port, tls=ward_tls) if s.local_url == "embedded" else None
         local = (MqttTarget("127.0.0.1" if s.local_host in ("0.0.0.0", "::") else s.local_host, s.local_port,
-                            "gateway", None) if self.local_broker else MqttTarget.parse(s.local_url))
+                            "gateway", None, tls if ward_tls else None)
+                 if self.local_broker else MqttTarget.parse(s.local_url, tls=tls))
+        self.signer = _signer(s)
         self.consumer = AckingConsumer(local, f"edge-{s.gateway_id}-ward", f"{s.topic_root}/v1/#", self.accept,
                                        quarantine=self.quarantine)
-        self.forwarder = Forwarder(self.spool, MqttTarget.parse(s.upstream_url), f"edge-{s.gateway_id}",
+        self.forwarder = Forwarder(self.spool, MqttTarget.parse(s.upstream_url, tls=tls), f"edge-{s.gateway_id}",
                                    f"{s.topic_root}/edge/{s.hospital_id}/{s.gateway_id}/status", s.drain_rate,
                                    s.inflight)
         self.counters = {"messages": 0, "forwardable": 0, "dead_letters": 0, "discarded": 0, "internal_errors": 0}
@@ -65,7 +72,8 @@ class Gateway:
         internal = 0
         for message in batch:
             try:
-                out, bad = stamp(message, self.settings.hospital_id, self.beds.patient_for, self.settings.topic_root)
+                out, bad = stamp(message, self.settings.hospital_id, self.beds.patient_for, self.settings.topic_root,
+                                 self.signer)
             except Exception as exc:  # noqa: BLE001 - a bug in stamping costs only this message
                 log.error("stamping a message on %s failed: %s", message.topic, describe_error(exc), exc_info=exc)
                 out, bad = [], [self._internal_error(message, exc)]
@@ -123,8 +131,17 @@ class Gateway:
                                            "forwarded_per_s": self.forwarded_per_s()}
             await asyncio.sleep(1)
 
+    def warn_plaintext(self) -> None:
+        s = self.settings
+        for what, secure in (("upstream", s.is_tls_url("upstream_url")), ("ward", s.ward_tls)):
+            if secure:
+                warn_if_insecure(s.tls_insecure, f"the gateway's {what} broker", "FC_EDGE_TLS_INSECURE")
+            else:
+                log.warning("the %s MQTT link is not encrypted: readings cross the network in clear text", what)
+
     @contextlib.asynccontextmanager
     async def running(self) -> Any:
+        self.warn_plaintext()
         if self.local_broker is not None:
             await self.local_broker.start()
         self.forwarder.start()
@@ -142,6 +159,19 @@ class Gateway:
             if self.local_broker is not None:
                 await self.local_broker.stop()
             self.spool.close()
+
+
+def _signer(s: EdgeSettings) -> Any:
+    """The gateway's own signature for the readings of devices that do not sign (or None)."""
+    if s.signing_key is None:
+        return None
+    key = load_private(Path(s.signing_key).read_bytes())
+    kid = s.signing_kid or s.identity
+
+    def signer(topic: str, payload: bytes) -> bytes:
+        return sign(key, kid, topic, payload)
+
+    return signer
 
 
 def create_app(settings: EdgeSettings) -> FastAPI:

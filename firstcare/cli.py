@@ -7,6 +7,7 @@
     firstcare simulate ...        simulated devices (QA)
     firstcare token ...           mint a JWT for a role and scope
     firstcare audit verify        check the audit trail's hash chain
+    firstcare certs ...           CA, server, device and gateway certificates; signing keys
     firstcare bench ...           benchmarks (ingest, fan-out, end to end, peers)
 """
 
@@ -31,14 +32,20 @@ EPILOGS = {
     "up": """examples:
   firstcare up                       broker on :1884, API on http://127.0.0.1:8000
   firstcare up --simulate 20         ... with 20 simulated patients publishing
+  firstcare up --tls --simulate 20   mqtts with a certificate per device, HTTPS/WSS, signed readings
   FC_HTTP_PORT=9000 firstcare up --mqtt-port 1885""",
     "bridge": """examples:
+  FC_MQTT_URL=mqtts://mosquitto:8883 FC_MQTT_CA_FILE=certs/ca.pem FC_MQTT_CERT_FILE=certs/bridge.pem \\
+    FC_MQTT_KEY_FILE=certs/bridge-key.pem FC_JWT_SECRET=... firstcare bridge
   FC_MQTT_URL=mqtt://bridge:secret@mosquitto:1883 FC_JWT_SECRET=... firstcare bridge
   firstcare bridge --mqtt-url mqtt://127.0.0.1:1883 --http-port 8001""",
     "broker": """examples:
   firstcare broker                   embedded amqtt broker on 127.0.0.1:1884
   firstcare broker --mqtt-host 0.0.0.0 --mqtt-port 1884""",
     "edge": """examples:
+  firstcare edge --upstream-url mqtts://uplink:8883 --hospital h1 --gateway-id ward-3 --ca-file certs/ca.pem \\
+      --cert-file certs/clients/gateway.h1.ward-3.pem --key-file certs/clients/gateway.h1.ward-3-key.pem \\
+      --local-cert-file certs/server.pem --local-key-file certs/server-key.pem
   firstcare edge --upstream-url mqtt://gateway:secret@uplink:1883 --hospital h1 --gateway-id ward-3
   firstcare edge --local-port 1885 --bed-map beds.yaml --drain-rate 200
   (devices of the ward publish to this gateway's broker, port 1885 by default)""",
@@ -116,7 +123,8 @@ async def _serve(settings: Settings, on_ready: Any = None, on_stopping: Any = No
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, timeout_graceful_shutdown=5,
                             ws_max_size=max(65536, settings.ws_max_message_bytes * 2),
                             log_level=settings.log_level.lower(), ws_per_message_deflate=False,
-                            lifespan="on", access_log=False)
+                            lifespan="on", access_log=False, ssl_certfile=settings.http_cert_file,
+                            ssl_keyfile=settings.http_key_file)
     install_redaction()
 
     class Server(uvicorn.Server):
@@ -180,28 +188,74 @@ async def _bind_simulated(runtime: Any, bindings: list[tuple[str, str, str]], ho
         await runtime.publish(events)
 
 
+def with_dev_tls(settings: Settings, directory: Path) -> Settings:
+    """``firstcare up --tls``: a development CA and certificates in ``directory`` (made once),
+    TLS on the embedded broker (a certificate per device required), the bridge's own
+    certificate for it, and HTTPS/WSS. Settings already given win."""
+    from firstcare.certs import Pki
+
+    pki = Pki(directory)
+    pki.ensure_dev()
+    defaults = {
+        "broker_cert_file": pki.server.cert, "broker_key_file": pki.server.key, "mqtt_ca_file": pki.ca_file,
+        "mqtt_cert_file": pki.bridge.cert, "mqtt_key_file": pki.bridge.key,
+        "http_cert_file": pki.server.cert, "http_key_file": pki.server.key,
+    }
+    return settings.replace(**{k: str(v) for k, v in defaults.items() if getattr(settings, k) is None})
+
+
+def _register_simulated_keys(app: Any, config: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Provision the simulated devices as an operator would: a certificate and a signing key
+    each (issued from the development CA), public keys registered with the bridge (on its
+    writer thread, like the key API). Runs on the simulator's thread."""
+    from firstcare.certs import Pki
+    from firstcare.certs_cli import ensure_device_credentials
+    from firstcare.identity import device_identity
+    from firstcare.signing import KeyRecord
+    from simulators.runner import device_identities
+
+    runtime = app.state.runtime
+    pki = Pki(config.certs_dir)
+    for hospital, device_type, device_id in device_identities(config):
+        identity = device_identity(hospital, device_type, device_id)
+        _, _, public = ensure_device_credentials(pki, identity, signing=True)
+        assert public is not None
+        key = KeyRecord(identity, public, "device", hospital, device_type, device_id)
+        if runtime.core.keys.get(identity) != key:
+            asyncio.run_coroutine_threadsafe(runtime.writer.run(runtime.core.register_key, key), loop).result(30)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from firstcare.auth import mint_token
 
     settings = ensure_secret(_settings(args, mqtt_url=args.mqtt_url or None))
+    certs_dir = Path(settings.sqlite_path).resolve().parent / "certs"
+    if args.tls:
+        settings = with_dev_tls(settings, certs_dir)
     _configure_logging(settings.log_level)
     stop_sim = threading.Event()
     sim_thread: list[threading.Thread] = []
     progress: list[asyncio.Task[None]] = []
 
     def ready(app: Any) -> None:
-        base = f"http://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
+        scheme = "https" if settings.http_cert_file else "http"
+        base = f"{scheme}://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
         token = mint_token(settings.jwt_secret or "", "admin", "admin", ttl_seconds=7 * 86400)
-        broker = (f"mqtt://{settings.mqtt_host}:{settings.mqtt_port} (embedded)" if settings.mqtt_url == "embedded"
-                  else settings.mqtt_url)
+        mqtt_scheme = "mqtts" if settings.mqtt_tls else "mqtt"
+        broker = (f"{mqtt_scheme}://{settings.mqtt_host}:{settings.mqtt_port} (embedded"
+                  f"{', a certificate per device' if settings.broker_cert_file else ''})"
+                  if settings.mqtt_url == "embedded" else str(app.state.runtime.mqtt_target))
+        curl = f"curl --cacert {settings.mqtt_ca_file} " if settings.http_cert_file and settings.mqtt_ca_file else "curl "
+        tls_note = (f"\n  TLS           development CA {certs_dir / 'ca.pem'} (trust it in the browser, or accept"
+                    f" the warning)" if args.tls else "")
         print(f"""
 FirstCare Realtime is up.
   dashboard     {base}/#token={token}&hospital={args.hospital}
   MQTT broker   {broker}
   REST API      {base}/api   (OpenAPI: {base}/docs)
   health        {base}/healthz   {base}/readyz
-  admin token   {token}
-  try           curl -H "Authorization: Bearer $TOKEN" {base}/api/devices
+  admin token   {token}{tls_note}
+  try           {curl}-H "Authorization: Bearer $TOKEN" {base}/api/devices
 Press Ctrl-C to stop.
 """, flush=True)
         progress.append(asyncio.get_running_loop().create_task(_report_progress(app)))
@@ -209,10 +263,17 @@ Press Ctrl-C to stop.
             from simulators.runner import SimulationConfig, run_simulation
 
             target = app.state.runtime.mqtt_target
-            config = SimulationConfig(mqtt_url=f"mqtt://{target.host}:{target.port}", patients=args.simulate,
-                                      hospital_id=args.hospital, mix=True, seed=args.seed)
+            tls = target.tls is not None
+            config = SimulationConfig(mqtt_url=f"{'mqtts' if tls else 'mqtt'}://{target.host}:{target.port}",
+                                      patients=args.simulate, hospital_id=args.hospital, mix=True, seed=args.seed,
+                                      certs_dir=str(certs_dir) if tls else None, sign=tls,
+                                      ca_file=settings.mqtt_ca_file if tls else None)
+            loop = asyncio.get_running_loop()
+
             def simulate() -> None:
                 try:
+                    if tls:
+                        _register_simulated_keys(app, config, loop)
                     summary = run_simulation(config, stop_event=stop_sim)
                     print(f"simulation finished: {summary}", flush=True)
                 except FirstCareError as exc:
@@ -281,14 +342,16 @@ def cmd_edge(args: argparse.Namespace) -> int:
     from firstcare.broker import check_port_free
 
     keys = ("upstream_url", "local_url", "local_host", "local_port", "hospital_id", "gateway_id", "spool_path",
-            "spool_max_mb", "bed_map", "drain_rate", "http_host", "http_port", "log_level")
-    settings = EdgeSettings.from_env(**{k: getattr(args, k, None) for k in keys})
+            "spool_max_mb", "bed_map", "drain_rate", "http_host", "http_port", "log_level", "ca_file", "cert_file",
+            "key_file", "local_cert_file", "local_key_file", "signing_key", "signing_kid")
+    settings = EdgeSettings.from_env(**{k: getattr(args, k, None) for k in keys},
+                                     tls_insecure=True if args.tls_insecure else None)
     _configure_logging(settings.log_level)
     if settings.local_url == "embedded":
         check_port_free(settings.local_host, settings.local_port, "ward MQTT", "--local-port", "FC_EDGE_LOCAL_PORT")
     check_port_free(settings.http_host, settings.http_port, "HTTP", "--http-port", "FC_EDGE_HTTP_PORT")
     print(f"edge gateway {settings.gateway_id} for hospital {settings.hospital_id}: ward broker "
-          f"{'mqtt://%s:%s (embedded)' % (settings.local_host, settings.local_port) if settings.local_url == 'embedded' else settings.local_url}, "
+          f"{'%s://%s:%s (embedded)' % ('mqtts' if settings.ward_tls else 'mqtt', settings.local_host, settings.local_port) if settings.local_url == 'embedded' else settings.local_url}, "
           f"upstream {settings.upstream_url}, stats http://{settings.http_host}:{settings.http_port}/stats", flush=True)
     config = uvicorn.Config(create_app(settings), host=settings.http_host, port=settings.http_port,
                             log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
@@ -353,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--simulate", type=int, default=0, metavar="N", help="also run N simulated patients")
     up.add_argument("--hospital", default="h1", help="hospital id of the simulated patients (default h1)")
     up.add_argument("--seed", type=int, default=1, help="simulation seed")
+    up.add_argument("--tls", action="store_true",
+                    help="TLS everywhere with a development CA in the data folder's certs/ (made once): mqtts with a "
+                         "certificate per device, HTTPS/WSS, signed simulated readings")
     up.set_defaults(func=cmd_up)
 
     bridge = add("bridge", "run the bridge (ingest, store, alerts, API) against an MQTT broker")
@@ -379,6 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--http-host", help="FC_EDGE_HTTP_HOST")
     edge.add_argument("--http-port", type=int, help="FC_EDGE_HTTP_PORT (default 8010)")
     edge.add_argument("--log-level", help="FC_EDGE_LOG_LEVEL")
+    edge.add_argument("--ca-file", help="FC_EDGE_CA_FILE: CA of the brokers' (and, ward side, the devices') certificates")
+    edge.add_argument("--cert-file", help="FC_EDGE_CERT_FILE: the gateway's client certificate")
+    edge.add_argument("--key-file", help="FC_EDGE_KEY_FILE: its private key")
+    edge.add_argument("--local-cert-file", help="FC_EDGE_LOCAL_CERT_FILE: TLS for the embedded ward broker")
+    edge.add_argument("--local-key-file", help="FC_EDGE_LOCAL_KEY_FILE")
+    edge.add_argument("--signing-key", help="FC_EDGE_SIGNING_KEY: sign unsigned devices' readings with this Ed25519 key")
+    edge.add_argument("--signing-kid", help="FC_EDGE_SIGNING_KID")
+    edge.add_argument("--tls-insecure", action="store_true",
+                      help="FC_EDGE_TLS_INSECURE: DEVELOPMENT ONLY, do not verify the brokers' certificates")
     edge.set_defaults(func=cmd_edge)
 
     token = add("token", "mint a JWT (HS256) for a role and scope")
@@ -400,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(func=cmd_audit)
 
     add("simulate", "simulated devices publishing over MQTT (see `firstcare simulate --help`)")
+    add("certs", "certificates and signing keys for TLS and signed readings (see `firstcare certs --help`)")
     add("bench", "benchmarks side by side with the limits and the peers (see `firstcare bench --help`)")
     return parser
 
@@ -408,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "simulate":
         return cmd_simulate(argv[1:])
+    if argv and argv[0] == "certs":
+        from firstcare.certs_cli import main as certs_main
+
+        return certs_main(argv[1:])
     if argv and argv[0] == "bench":
         from bench.cli import main as bench_main
 

@@ -52,6 +52,7 @@ import paho.mqtt.client as mqtt
 
 from firstcare.errors import StoreUnavailable
 from firstcare.payloads import now_ms
+from firstcare.tls import ClientTls, client_context, describe_tls_error
 
 log = logging.getLogger("firstcare.mqtt")
 
@@ -72,21 +73,50 @@ class Inbound:
     retained: bool = False
 
 
+PLAIN_SCHEMES = ("mqtt", "tcp")
+TLS_SCHEMES = ("mqtts", "ssl")
+URL_GRAMMAR = "mqtt://[user:pass@]host[:port] or mqtts://[user:pass@]host[:port]"
+
+
 @dataclass(frozen=True, slots=True)
 class MqttTarget:
+    """A broker address: ``mqtt://[user:pass@]host[:port]`` (plain, port 1883) or
+    ``mqtts://[user:pass@]host[:port]`` (TLS, port 8883). The one parser for bridge, edge and
+    simulator; the CA, client certificate and key come from their settings as :class:`ClientTls`."""
+
     host: str
     port: int
-    username: str | None
-    password: str | None
+    username: str | None = None
+    password: str | None = None
+    tls: ClientTls | None = None
 
     @classmethod
-    def parse(cls, url: str, default_port: int = 1883) -> "MqttTarget":
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ValueError(f"expected mqtt://[user:pass@]host[:port], got {url!r}")
-        return cls(parts.hostname, parts.port or default_port,
+    def parse(cls, url: str, default_port: int | None = None, tls: ClientTls | None = None) -> "MqttTarget":
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"expected {URL_GRAMMAR}, got {url!r}: {exc}") from exc
+        if parts.scheme not in PLAIN_SCHEMES + TLS_SCHEMES or not parts.hostname:
+            raise ValueError(f"expected {URL_GRAMMAR}, got {url!r}")
+        secure = parts.scheme in TLS_SCHEMES
+        return cls(parts.hostname, port or default_port or (8883 if secure else 1883),
                    unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password else None)
+                   unquote(parts.password) if parts.password else None,
+                   (tls or ClientTls()) if secure else None)
+
+    def apply(self, client: mqtt.Client) -> None:
+        """Credentials and TLS on a paho client, before it connects."""
+        if self.username:
+            client.username_pw_set(self.username, self.password)
+        if self.tls is not None:
+            client.tls_set_context(client_context(self.tls))
+
+    def __str__(self) -> str:
+        """The URL with the password hidden, for messages and logs."""
+        user = f"{self.username}{':***' if self.password else ''}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -131,6 +161,8 @@ class AckingConsumer:
         on_session_established: Callable[[], None] | None = None,
         quarantine: Callable[[Inbound, Exception], Awaitable[None]] | None = None,
     ) -> None:
+        if target.tls is not None:
+            client_context(target.tls)  # a missing or bad file fails here, at start, not on the network thread
         self.target = target
         self.protocol = protocol
         self.session_expiry_s = session_expiry_s
@@ -195,8 +227,7 @@ class AckingConsumer:
                 mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                 protocol=mqtt.MQTTv311, manual_ack=True,
             )
-        if self.target.username:
-            client.username_pw_set(self.target.username, self.target.password)
+        self.target.apply(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -316,8 +347,8 @@ class AckingConsumer:
             self._generation += 1
             try:
                 self._connect(client)
-            except OSError as exc:
-                self.last_error = f"cannot connect to {self.target.host}:{self.target.port}: {exc}"
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError, CertificateError a ValueError
+                self.last_error = f"cannot connect to {self.target}: {describe_tls_error(exc)}"
             else:
                 while not self._stop.is_set():
                     rc = client.loop(timeout=0.02)

@@ -97,10 +97,15 @@ class Reading:
     patient_id: str | None
     metrics: dict[str, float]
     boot: str | None = None  # the device's power cycle, when it says; see bridge.sequence
+    signed_by: str | None = None  # the key id whose signature the bridge verified (firstcare.signing)
 
     @property
     def device_key(self) -> tuple[str, str]:
         return (self.device_type, self.device_id)
+
+    @property
+    def verified(self) -> bool:
+        return self.signed_by is not None
 
 
 @dataclass(frozen=True, slots=True)

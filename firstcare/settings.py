@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from firstcare.errors import ConfigError
-from firstcare.topics import check_root
+from firstcare.topics import check_root, is_valid_id
 
 PREFIX = "FC_"
 MQTT_PROTOCOLS = ("3.1.1", "5")
@@ -67,9 +67,33 @@ class EnvSettings:
             port_ok = parts.port is None or 0 < parts.port
         except ValueError:
             port_ok = False
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or not port_ok:
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname or not port_ok:
             raise self.bad(name, ("expected 'embedded' or " if allow_embedded else "expected ")
-                           + "mqtt://[user:pass@]host[:port]")
+                           + "mqtt://[user:pass@]host[:port] or mqtts://[user:pass@]host[:port]")
+
+    def is_tls_url(self, name: str) -> bool:
+        return urlsplit(getattr(self, name)).scheme in ("mqtts", "ssl")
+
+    def check_files(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not os.path.isfile(value):
+                raise self.bad(name, "no such file")
+
+    def check_pair(self, cert: str, key: str) -> None:
+        if (getattr(self, cert) is None) != (getattr(self, key) is None):
+            raise self.bad(cert if getattr(self, cert) is None else key,
+                           f"set both {self.PREFIX}{cert.upper()} and {self.PREFIX}{key.upper()}, or neither")
+
+    def check_tls_client(self, url: str, ca: str, cert: str, key: str) -> None:
+        """Certificate settings of an MQTT client: both halves of a pair, files that exist,
+        and only with an ``mqtts://`` URL (a certificate on a plain connection protects nothing)."""
+        self.check_pair(cert, key)
+        self.check_files(ca, cert, key)
+        if getattr(self, url) != "embedded" and not self.is_tls_url(url):
+            for name in (ca, cert, key):
+                if getattr(self, name) is not None:
+                    raise self.bad(name, f"only applies to mqtts:// URLs ({self.PREFIX}{url.upper()} is plain MQTT)")
 
     def check_positive(self, *names: str) -> None:
         for name in names:
@@ -142,6 +166,17 @@ class Settings(EnvSettings):
     audit_url: str | None = field(default=None, metadata={"doc": "where the audit trail is kept, `sqlite:///path.db`; empty: `<store file>-audit.db` beside the store"})
     audit_queue_size: int = field(default=10000, metadata={"doc": "audit records held in memory before they are written (beyond: counted as `overflowed` and noted in the trail)"})
     audit_flush_seconds: float = field(default=1.0, metadata={"doc": "how often queued audit records are written (and at shutdown, always)"})
+    mqtt_ca_file: str | None = field(default=None, metadata={"doc": "CA certificate(s), PEM, the broker's certificate must chain to for `mqtts://` (default: the system's trust store); the embedded TLS broker also requires its clients' certificates to chain to it"})
+    mqtt_cert_file: str | None = field(default=None, metadata={"doc": "the bridge's client certificate (CN `bridge`) for `mqtts://` and the embedded TLS broker"})
+    mqtt_key_file: str | None = field(default=None, metadata={"doc": "the private key of `FC_MQTT_CERT_FILE`"})
+    broker_cert_file: str | None = field(default=None, metadata={"doc": "server certificate of the embedded broker: when set, it speaks only TLS and requires a client certificate from `FC_MQTT_CA_FILE` (per-device rule)"})
+    broker_key_file: str | None = field(default=None, metadata={"doc": "the private key of `FC_BROKER_CERT_FILE`"})
+    tls_insecure: bool = field(default=False, metadata={"doc": "DEVELOPMENT ONLY: do not verify the broker's certificate; logged as a WARNING at every start"})
+    http_cert_file: str | None = field(default=None, metadata={"doc": "serve HTTPS and WSS with this certificate (PEM, chain first); or terminate TLS at a reverse proxy (docs/nginx.conf)"})
+    http_key_file: str | None = field(default=None, metadata={"doc": "the private key of `FC_HTTP_CERT_FILE`"})
+    hsts_seconds: int = field(default=31536000, metadata={"doc": "`Strict-Transport-Security` max-age on HTTPS responses (0: not sent)"})
+    require_signatures: tuple[str, ...] = field(default=(), metadata={"doc": "comma-separated hospitals whose readings must be signed (`*`: every hospital); also settable per hospital through the API"})
+    signature_max_age_seconds: float = field(default=604800.0, metadata={"doc": "a signed reading whose `ts` is older than this is refused (`signature_expired`), so an old one cannot be replayed once retention has deleted it; below the retention, above the edge spool's age"})
     log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
 
     def validate(self) -> None:
@@ -172,6 +207,37 @@ class Settings(EnvSettings):
             check_root(self.topic_root)
         except Exception as exc:
             raise self.bad("topic_root", str(exc)) from exc
+        self.validate_security()
+
+    def validate_security(self) -> None:
+        self.check_tls_client("mqtt_url", "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file")
+        self.check_pair("broker_cert_file", "broker_key_file")
+        self.check_pair("http_cert_file", "http_key_file")
+        self.check_files("broker_cert_file", "broker_key_file", "http_cert_file", "http_key_file")
+        if self.broker_cert_file is not None:
+            if self.mqtt_url != "embedded":
+                raise self.bad("broker_cert_file", "configures the embedded broker: FC_MQTT_URL must be 'embedded'")
+            for needed in ("mqtt_ca_file", "mqtt_cert_file"):
+                if getattr(self, needed) is None:
+                    raise self.bad(needed, "the embedded TLS broker requires client certificates: set the CA "
+                                           "that issues them and the bridge's own certificate and key")
+        elif self.mqtt_url == "embedded":
+            for name in ("mqtt_ca_file", "mqtt_cert_file"):
+                if getattr(self, name) is not None:
+                    raise self.bad(name, "the embedded broker is plain MQTT unless FC_BROKER_CERT_FILE is set")
+        self.check_not_negative("hsts_seconds", "signature_max_age_seconds")
+        if not self.signature_max_age_seconds > 0:
+            raise self.bad("signature_max_age_seconds", "must be greater than 0")
+        if 0 < self.retention_days and self.signature_max_age_seconds >= self.retention_days * 86400:
+            raise self.bad("signature_max_age_seconds", "must be below FC_RETENTION_DAYS, or a signed reading "
+                                                        "deleted by retention could be replayed and stored again")
+        for hospital in self.require_signatures:
+            if hospital != "*" and not is_valid_id(hospital):
+                raise self.bad("require_signatures", "hospital ids ([A-Za-z0-9_-]{1,64}) or *")
+
+    @property
+    def mqtt_tls(self) -> bool:
+        return self.broker_cert_file is not None if self.mqtt_url == "embedded" else self.is_tls_url("mqtt_url")
 
     def check_mqtt_session(self) -> None:
         """Refuse a configuration whose MQTT session could not be persistent: the broker would

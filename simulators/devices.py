@@ -30,13 +30,16 @@ import socket
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firstcare.errors import BrokerError, ConfigError
 from firstcare.metrics import METRICS
+from firstcare.mqtt import MqttTarget
 from firstcare.payloads import MAX_PAYLOAD_BYTES, encode_status, encode_vitals, now_ms
+from firstcare.signing import sign
+from firstcare.tls import ClientTls, describe_tls_error
 from firstcare.topics import DEFAULT_ROOT, parse_topic, status_topic, vitals_topic
 from simulators.physiology import Patient, measure
 
@@ -62,35 +65,16 @@ _WRONG_UNITS = {
 _KIND_COUNTERS = {"duplicate": "duplicates_sent", "malformed": "malformed_sent"}
 
 
-@dataclass(frozen=True, slots=True)
-class MqttEndpoint:
-    """A broker address parsed from ``mqtt://[user:pass@]host[:port]`` (user and password
-    percent-encoded, as ``urllib.parse.quote`` writes them)."""
+MqttEndpoint = MqttTarget  # the simulator's broker address: the one URL grammar of firstcare.mqtt
 
-    host: str
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
 
-    @classmethod
-    def parse(cls, url: str) -> MqttEndpoint:
-        try:
-            parts = urlsplit(url)
-            port = parts.port or 1883
-        except ValueError as exc:
-            raise ConfigError(f"invalid MQTT URL {url!r}: {exc}", "mqtt_url_invalid") from exc
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ConfigError(
-                f"invalid MQTT URL {url!r}: expected mqtt://[user:pass@]host[:port]", "mqtt_url_invalid"
-            )
-        user, password = parts.username, parts.password
-        return cls(parts.hostname, port, user and unquote(user), password and unquote(password))
-
-    def __str__(self) -> str:
-        """The URL with the password hidden, for messages and logs."""
-        user = f"{self.username}{':***' if self.password else ''}@" if self.username else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{user}{host}:{self.port}"
+def parse_endpoint(url: str, tls: ClientTls | None = None) -> MqttTarget:
+    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...`` (user and password
+    percent-encoded, as ``urllib.parse.quote`` writes them); ConfigError naming the URL."""
+    try:
+        return MqttTarget.parse(url, tls=tls)
+    except ValueError as exc:
+        raise ConfigError(f"invalid MQTT URL {url!r}: {exc}", "mqtt_url_invalid") from exc
 
 
 def malformed_message(
@@ -172,9 +156,12 @@ class SimulatedDevice:
     so everything they share sits behind ``_lock``.
     """
 
-    def __init__(self, spec: DeviceSpec, endpoint: MqttEndpoint, patient: Patient) -> None:
+    def __init__(self, spec: DeviceSpec, endpoint: MqttTarget, patient: Patient,
+                 signing_key: Ed25519PrivateKey | None = None, kid: str | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
+        self._signing = (signing_key, kid or f"{spec.hospital_id}/{spec.device_type}/{spec.device_id}") \
+            if signing_key is not None else None
         self._patient = patient
         self._rng = random.Random(f"device:{spec.seed}:{spec.device_id}")
         self._vitals_topic = vitals_topic(spec.hospital_id, spec.device_type, spec.device_id, spec.root)
@@ -196,8 +183,7 @@ class SimulatedDevice:
         self._battery = round(self._battery_start)
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=spec.device_id, protocol=mqtt.MQTTv311)
-        if endpoint.username:
-            client.username_pw_set(endpoint.username, endpoint.password)
+        endpoint.apply(client)
         client.will_set(self._status_topic, encode_status("offline"), qos=1, retain=True)
         client.reconnect_delay_set(1, 8)
         client.on_connect = self._on_connect
@@ -215,7 +201,8 @@ class SimulatedDevice:
         try:
             self._client.connect(self.endpoint.host, self.endpoint.port, keepalive=KEEPALIVE_SECONDS)
         except (OSError, ValueError) as exc:
-            raise BrokerError(f"cannot connect to {self.endpoint}: {exc}", "broker_unreachable") from exc
+            raise BrokerError(f"cannot connect to {self.endpoint}: {describe_tls_error(exc)}",
+                              "broker_unreachable") from exc
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -308,7 +295,12 @@ class SimulatedDevice:
 
     def _publish(self, topic: str, payload: bytes, kind: str = "reading", *, limit: int = MAX_PAYLOAD_BYTES) -> None:
         """Publish at QoS 1. ``kind`` is ``reading``, ``duplicate``, ``malformed`` or ``status``;
-        all but status count as published vitals."""
+        all but status count as published vitals. A signing device wraps every vitals message
+        (firstcare.signing), unless the wrapper would outgrow the limit (only ``oversized`` can)."""
+        if self._signing is not None and kind != "status":
+            signed = sign(self._signing[0], self._signing[1], topic, payload)
+            if len(signed) <= limit:
+                payload = signed
         if len(payload) > limit:
             self._count("errors")
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import heapq
 import math
 import os
@@ -24,8 +25,9 @@ from dataclasses import dataclass, fields
 from typing import TextIO
 
 from firstcare.errors import BrokerError, ConfigError
+from firstcare.tls import ClientTls, warn_if_insecure
 from firstcare.topics import DEFAULT_ROOT, DEVICE_TYPES, check_root, is_valid_id
-from simulators.devices import FAULTS, DeviceSpec, MqttEndpoint, SimulatedDevice
+from simulators.devices import FAULTS, DeviceSpec, SimulatedDevice, parse_endpoint
 from simulators.physiology import DEVICE_METRICS, SCENARIOS, Patient
 
 SCENARIO_NAMES: tuple[str, ...] = (*SCENARIOS, *FAULTS)
@@ -58,10 +60,26 @@ class SimulationConfig:
     device_prefix: str = ""
     ramp_seconds: float = 30.0
     fault_after: float = 10.0
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    certs_dir: str | None = None
+    sign: bool = False
+    tls_insecure: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
-        MqttEndpoint.parse(self.mqtt_url)
+        endpoint = parse_endpoint(self.mqtt_url)
+        tls_options = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file,
+                       "certs_dir": self.certs_dir, "tls_insecure": self.tls_insecure or None}
+        for key, value in tls_options.items():
+            _require(value is None or endpoint.tls is not None, key, value, "only with an mqtts:// URL")
+        _require((self.cert_file is None) == (self.key_file is None), "cert_file", self.cert_file,
+                 "a certificate and its key (--cert-file with --key-file)")
+        _require(not (self.certs_dir and self.cert_file), "certs_dir", self.certs_dir,
+                 "either --certs (a certificate per device) or --cert-file (one for all)")
+        _require(not self.sign or self.certs_dir is not None, "sign", self.sign,
+                 "--certs DIR as well (each device's signing key lives there)")
         check_root(self.root)
         _require(self.patients >= 1, "patients", self.patients, "at least 1")
         _require(bool(self.devices), "devices", self.devices, "at least one device type")
@@ -141,9 +159,39 @@ class SimulationSummary:
 Progress = Callable[[SimulationSummary], None]
 
 
+def device_identities(config: SimulationConfig) -> list[tuple[str, str, str]]:
+    """(hospital, device type, device id) of every simulated device."""
+    return [(config.hospital_id, t, config.device_id(t, n)) for n in range(1, config.patients + 1)
+            for t in config.devices]
+
+
+def _credentials(config: SimulationConfig, spec: DeviceSpec) -> tuple[ClientTls | None, object]:
+    """The device's TLS settings and signing key: from ``certs_dir`` (issued there from its CA
+    when missing, for development), else the one client certificate for all."""
+    if config.certs_dir is None:
+        return ClientTls(config.ca_file, config.cert_file, config.key_file, config.tls_insecure), None
+    from firstcare.certs import Pki
+    from firstcare.certs_cli import ensure_device_credentials
+    from firstcare.identity import device_identity
+    from firstcare.signing import load_private
+
+    pki = Pki(config.certs_dir)
+    identity = device_identity(spec.hospital_id, spec.device_type, spec.device_id)
+    pair = pki.client(identity)
+    if not (pair.cert.exists() or pki.has_ca()):
+        raise ConfigError(f"no certificate for {identity} in {pki.dir} and no CA key there to issue one "
+                          f"(firstcare certs device ...)", "certificate_missing")
+    cert, key, _ = ensure_device_credentials(pki, identity, config.sign)
+    tls = ClientTls(config.ca_file or str(pki.ca_file), cert, key, config.tls_insecure)
+    signing_key = load_private(pki.signing_key(identity).read_bytes()) if config.sign else None
+    return tls, signing_key
+
+
 def build_fleet(config: SimulationConfig) -> list[SimulatedDevice]:
     """One device per patient and type; devices of a patient share its :class:`Patient`."""
-    endpoint = MqttEndpoint.parse(config.mqtt_url)
+    endpoint = parse_endpoint(config.mqtt_url)
+    if endpoint.tls is not None:
+        warn_if_insecure(config.tls_insecure, "the simulated devices", "--tls-insecure")
     fleet = []
     for number in range(1, config.patients + 1):
         patient_id = config.patient_id(number)
@@ -155,7 +203,12 @@ def build_fleet(config: SimulationConfig) -> list[SimulatedDevice]:
                 config.hospital_id, device_type, config.device_id(device_type, number), patient_id,
                 config.root, fault, config.fault_after, config.seed,
             )
-            fleet.append(SimulatedDevice(spec, endpoint, patient))
+            if endpoint.tls is None:
+                fleet.append(SimulatedDevice(spec, endpoint, patient))
+                continue
+            tls, signing_key = _credentials(config, spec)
+            fleet.append(SimulatedDevice(spec, dataclasses.replace(endpoint, tls=tls), patient,
+                                         signing_key))  # type: ignore[arg-type]
     return fleet
 
 
@@ -348,11 +401,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     default_url = environ.get(MQTT_URL_ENV, DEFAULT_MQTT_URL)
     add = parser.add_argument
     try:
-        shown_url = str(MqttEndpoint.parse(default_url))
+        shown_url = str(parse_endpoint(default_url))
     except ConfigError:
         shown_url = default_url
     add("--mqtt-url", default=default_url, metavar="URL",
-        help=f"broker, mqtt://[user:pass@]host[:port] (env {MQTT_URL_ENV}; default {shown_url})")
+        help=f"broker, mqtt[s]://[user:pass@]host[:port] (env {MQTT_URL_ENV}; default {shown_url})")
     add("--hospital", default="h1", metavar="ID", help="hospital id in the topics (default %(default)s)")
     add("--patients", type=_positive(int), default=1, metavar="N", help="number of patients (default %(default)s)")
     add("--devices", default="monitor", metavar="TYPES",
@@ -374,6 +427,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--patient-prefix", default="p-", metavar="PREFIX", help="patient ids are PREFIX001... (default %(default)s)")
     add("--device-prefix", default="", metavar="PREFIX",
         help="prefix for device (client) ids, so two simulators can share a broker")
+    add("--ca-file", metavar="PEM", help="mqtts://: CA the broker's certificate must chain to (default: system)")
+    add("--cert-file", metavar="PEM", help="mqtts://: one client certificate for every device (QA brokers only)")
+    add("--key-file", metavar="PEM", help="the key of --cert-file")
+    add("--certs", dest="certs_dir", metavar="DIR",
+        help="mqtts://: a certificate per device from DIR/clients (firstcare certs); missing ones are issued "
+             "from DIR's CA when its key is there (development)")
+    add("--sign", action="store_true", help="sign every reading with the device's Ed25519 key from --certs DIR")
+    add("--tls-insecure", action="store_true",
+        help="DEVELOPMENT ONLY: do not verify the broker's certificate (logged as a WARNING)")
     add("--quiet", action="store_true", help="no progress on stderr, only the summary")
     return parser
 
@@ -384,7 +446,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         devices=tuple(t.strip() for t in args.devices.split(",") if t.strip()), rate=args.rate, seed=args.seed,
         scenario=args.scenario, mix=args.mix, duration=args.duration, count=args.count, root=args.root,
         patient_prefix=args.patient_prefix, device_prefix=args.device_prefix, ramp_seconds=args.ramp,
-        fault_after=args.fault_after,
+        fault_after=args.fault_after, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+        certs_dir=args.certs_dir, sign=args.sign, tls_insecure=args.tls_insecure,
     )
 
 
@@ -401,7 +464,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    endpoint = MqttEndpoint.parse(config.mqtt_url)
+    endpoint = parse_endpoint(config.mqtt_url)
     fleet_size = config.patients * len(config.devices)
     if not args.quiet:
         print(f"{parser.prog}: {fleet_size} devices for {config.patients} patients on {endpoint} "
@@ -414,6 +477,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except BrokerError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mosquitto
+from tests.support.pki import Certs, gateway_acl_lines
 
 # --------------------------------------------------------------------------
 # Mosquitto (real broker, built from broker-config/; see tests/support/brokers.py)
@@ -21,11 +22,19 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoIns
     broker.stop()
 
 
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, a server certificate for 127.0.0.1, client certificates on demand (tests/support/pki.py)."""
+    return Certs(tmp_path_factory.mktemp("certs"))
+
+
 @pytest.fixture(scope="module")
-def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoInstance]:
-    """Production broker (broker-config/mosquitto.conf): passwd + ACL enforced."""
+def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[MosquittoInstance]:
+    """Production broker (broker-config/mosquitto.conf): TLS only, a client certificate per
+    identity, the ACL enforced; plus the test gateway's ACL block and a second bridge."""
     require_mosquitto()
-    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto-secure"), dev=False)
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto-secure"), dev=False, certs=certs.dir,
+                             acl_lines=[*gateway_acl_lines(), "user bridge-2", "topic read fc/#"])
     yield broker
     broker.stop()
 

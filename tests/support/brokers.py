@@ -1,12 +1,14 @@
 """Real Mosquitto brokers for tests, built from the project's own config files.
 
-``start_mosquitto(tmp_dir, dev=...)`` reads ``broker-config/mosquitto.conf`` (or
-``mosquitto-dev.conf``), rewrites only what must differ on a test machine, and
+``start_mosquitto(tmp_dir, dev=..., certs=...)`` reads ``broker-config/mosquitto.conf``
+(or ``mosquitto-dev.conf``), rewrites only what must differ on a test machine, and
 starts ``mosquitto -c <tmp>/mosquitto.conf``:
 
 * every ``listener`` gets a free port on 127.0.0.1 (never all interfaces);
-* ``persistence_location``, ``password_file`` and ``acl_file`` point into
-  ``tmp_dir`` (copies of broker-config/passwd and acl);
+* ``persistence_location`` and ``acl_file`` point into ``tmp_dir`` (a copy of
+  broker-config/acl, plus ``acl_lines`` for test identities);
+* ``cafile``, ``certfile``, ``keyfile`` and ``crlfile`` point into ``certs`` (a
+  directory laid out by ``firstcare certs``: ca.pem, server.pem, server-key.pem);
 * ``user root``: mosquitto started as root otherwise drops to the
   ``mosquitto`` user, which cannot write the tmp dir;
 * logs go to ``<tmp_dir>/mosquitto.log`` (``log_text()``).
@@ -35,21 +37,9 @@ BROKER_CONFIG_DIR = REPO_ROOT / "broker-config"
 PRODUCTION_CONF = BROKER_CONFIG_DIR / "mosquitto.conf"
 DEV_CONF = BROKER_CONFIG_DIR / "mosquitto-dev.conf"
 ACL_FILE = BROKER_CONFIG_DIR / "acl"
-PASSWD_FILE = BROKER_CONFIG_DIR / "passwd"
 
 MOSQUITTO_DEFAULT_BIN = "/usr/sbin/mosquitto"
-
-# Dev credentials hashed in broker-config/passwd (never production secrets).
-BRIDGE_USER, BRIDGE_PASSWORD = "bridge", "bridge-dev-password"
-DEVICE_USER, DEVICE_PASSWORD = "device", "device-dev-password"
-SIMULATOR_USER, SIMULATOR_PASSWORD = "simulator", "simulator-dev-password"
-GATEWAY_USER, GATEWAY_PASSWORD = "gateway", "gateway-dev-password"
-DEV_CREDENTIALS: dict[str, str] = {
-    BRIDGE_USER: BRIDGE_PASSWORD,
-    DEVICE_USER: DEVICE_PASSWORD,
-    SIMULATOR_USER: SIMULATOR_PASSWORD,
-    GATEWAY_USER: GATEWAY_PASSWORD,
-}
+TLS_FILE_OPTIONS = ("cafile", "certfile", "keyfile", "crlfile")
 
 # Brokers still running when the interpreter exits (a crashed script, a
 # fixture without teardown) are killed rather than left behind.
@@ -65,7 +55,7 @@ def _kill_leftovers() -> None:
 # Options start_mosquitto always rewrites; ``overrides`` may not touch them.
 _MANAGED = frozenset(
     {"listener", "port", "bind_address", "persistence_location", "password_file",
-     "acl_file", "log_dest", "user", "pid_file"}
+     "acl_file", "log_dest", "user", "pid_file", *TLS_FILE_OPTIONS}
 )
 # Options that may legitimately appear several times in a config.
 _REPEATABLE = frozenset({"listener", "log_type", "include_dir", "auth_opt"})
@@ -119,8 +109,9 @@ class MosquittoInstance:
     workdir: Path
     config_path: Path
     dev: bool
-    # original listener port -> test port (``port`` is the one for 1883)
+    # original listener port -> test port (``port`` is the first listener's)
     ports: dict[int, int] = field(default_factory=dict)
+    certs: Path | None = None  # the TLS listener's certificate directory
     binary: str = MOSQUITTO_DEFAULT_BIN
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -132,14 +123,19 @@ class MosquittoInstance:
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
 
+    @property
+    def tls(self) -> bool:
+        return self.certs is not None
+
     def url(self, username: str | None = None, password: str | None = None) -> str:
-        """``mqtt://user:pass@127.0.0.1:PORT`` or ``mqtt://127.0.0.1:PORT``."""
+        """``mqtt[s]://user:pass@127.0.0.1:PORT`` or ``mqtt[s]://127.0.0.1:PORT``."""
+        scheme = "mqtts" if self.tls else "mqtt"
         if username is None:
-            return f"mqtt://{self.host}:{self.port}"
+            return f"{scheme}://{self.host}:{self.port}"
         auth = quote(username, safe="")
         if password is not None:
             auth += ":" + quote(password, safe="")
-        return f"mqtt://{auth}@{self.host}:{self.port}"
+        return f"{scheme}://{auth}@{self.host}:{self.port}"
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -238,6 +234,8 @@ def render_config(
     ports: Mapping[int, int] | None = None,
     overrides: Mapping[str, str] | None = None,
     extra_lines: Sequence[str] = (),
+    certs: Path | None = None,
+    acl_lines: Sequence[str] = (),
 ) -> tuple[Path, dict[int, int]]:
     """Write a test copy of ``source`` into ``workdir``; return (path, port map)."""
     workdir = Path(workdir)
@@ -259,6 +257,10 @@ def render_config(
             out.append(" ".join(["listener", str(port_map[original]), host, *parts[2:]]))
         elif key == "persistence_location":
             out.append(f"persistence_location {data_dir}/")
+        elif key in TLS_FILE_OPTIONS:
+            if certs is None:
+                raise ValueError(f"{source} has a TLS listener: pass certs= (a `firstcare certs` directory)")
+            out.append(f"{key} {Path(certs) / Path(value).name}")
         elif key == "password_file":
             dest = workdir / "passwd"
             shutil.copyfile(BROKER_CONFIG_DIR / Path(value).name, dest)
@@ -266,7 +268,8 @@ def render_config(
             out.append(f"password_file {dest}")
         elif key == "acl_file":
             dest = workdir / "acl"
-            shutil.copyfile(BROKER_CONFIG_DIR / Path(value).name, dest)
+            text = (BROKER_CONFIG_DIR / Path(value).name).read_text()
+            dest.write_text(text + "".join(f"\n{line}" for line in acl_lines) + "\n")
             out.append(f"acl_file {dest}")
         elif key in ("log_dest", "user", "pid_file", "port", "bind_address"):
             continue
@@ -295,9 +298,14 @@ def start_mosquitto(
     extra_lines: Sequence[str] = (),
     binary: str | None = None,
     timeout: float = 10.0,
+    certs: Path | str | None = None,
+    acl_lines: Sequence[str] = (),
 ) -> MosquittoInstance:
     """Start a real mosquitto from broker-config/ (``dev``: mosquitto-dev.conf).
 
+    The production config listens only with TLS: ``certs`` is the certificate
+    directory (``firstcare certs`` layout) its ``cafile``/``certfile``/``keyfile``
+    name; ``acl_lines`` are appended to the ACL copy (test gateways, bridges).
     ``overrides`` replaces option values (e.g. ``{"max_queued_messages": "10"}``),
     ``extra_lines`` are appended verbatim. Raises RuntimeError (with the broker
     log) if it does not come up; FileNotFoundError if mosquitto is missing.
@@ -307,17 +315,20 @@ def start_mosquitto(
         raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
     workdir = Path(tmp_dir)
     source = DEV_CONF if dev else PRODUCTION_CONF
+    certs = Path(certs) if certs is not None else None
     config_path, ports = render_config(
-        source, workdir, overrides=overrides, extra_lines=extra_lines
+        source, workdir, overrides=overrides, extra_lines=extra_lines, certs=certs, acl_lines=acl_lines
     )
+    tls = any(key in TLS_FILE_OPTIONS for key, _ in parse_config(config_path))
     instance = MosquittoInstance(
         host="127.0.0.1",
-        port=ports.get(1883, next(iter(ports.values()))),
+        port=next(iter(ports.values())),
         workdir=workdir,
         config_path=config_path,
         dev=dev,
         ports=ports,
         binary=binary,
+        certs=certs if tls else None,
     )
     instance.start(timeout)
     return instance

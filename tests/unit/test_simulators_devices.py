@@ -7,7 +7,8 @@ import pytest
 from firstcare.errors import ConfigError, TopicError
 from firstcare.payloads import MAX_PAYLOAD_BYTES, decode_vitals
 from firstcare.topics import parse_topic, vitals_topic
-from simulators.devices import MALFORMED_KINDS, OVERSIZE_LIMIT_BYTES, MqttEndpoint, malformed_message
+from firstcare.tls import ClientTls
+from simulators.devices import MALFORMED_KINDS, OVERSIZE_LIMIT_BYTES, MqttEndpoint, malformed_message, parse_endpoint
 from simulators.physiology import DEVICE_METRICS, Patient, measure
 
 TS_MS = 1_800_000_000_000
@@ -60,10 +61,12 @@ def test_unknown_malformed_kind_is_refused() -> None:
         ("mqtt://broker", MqttEndpoint("broker", 1883), "mqtt://broker:1883"),
         ("tcp://qa:s%3Dcret@broker:1883", MqttEndpoint("broker", 1883, "qa", "s=cret"), "mqtt://qa:***@broker:1883"),
         ("mqtt://[::1]:1883", MqttEndpoint("::1", 1883), "mqtt://[::1]:1883"),
+        ("mqtts://broker", MqttEndpoint("broker", 8883, tls=ClientTls()), "mqtts://broker:8883"),
+        ("ssl://qa@broker:9883", MqttEndpoint("broker", 9883, "qa", tls=ClientTls()), "mqtts://qa@broker:9883"),
     ],
 )
 def test_mqtt_urls(url: str, expected: MqttEndpoint, shown: str) -> None:
-    endpoint = MqttEndpoint.parse(url)
+    endpoint = parse_endpoint(url)
     assert endpoint == expected
     assert str(endpoint) == shown
 
@@ -71,4 +74,4 @@ def test_mqtt_urls(url: str, expected: MqttEndpoint, shown: str) -> None:
 @pytest.mark.parametrize("url", ["http://broker:1883", "mqtt://", "mqtt://broker:99999", "broker:1883", "embedded"])
 def test_bad_mqtt_urls_name_the_url(url: str) -> None:
     with pytest.raises(ConfigError, match="invalid MQTT URL"):
-        MqttEndpoint.parse(url)
+        parse_endpoint(url)
