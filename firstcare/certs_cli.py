@@ -61,6 +61,10 @@ def _print_pair(pki: Pki, identity: str) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     pki = Pki(args.dir)
+    if args.exist_ok and pki.has_ca():
+        pki.ensure_dev(tuple(args.host))
+        print(f"{pki.dir} has a CA already; kept it (and any certificate it had)")
+        return 0
     pki.init_ca(args.ca_name, args.ca_days)
     pki.issue_server(tuple(args.host), args.days)
     pki.issue_client("bridge", args.days)
@@ -102,6 +106,9 @@ def cmd_device(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     pki = Pki(args.dir)
     identity = gateway_identity(args.hospital, args.id)
+    if args.exist_ok and pki.client(identity).cert.exists():
+        print(f"gateway {identity}: certificate exists, kept")
+        return 0
     pki.issue_client(identity, args.days)
     print(f"gateway {identity}")
     _print_pair(pki, identity)
@@ -200,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-name", default="FirstCare development CA")
     p.add_argument("--ca-days", type=int, default=3650)
     p.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity of the leaf certificates (default {LEAF_DAYS})")
+    p.add_argument("--exist-ok", action="store_true", help="keep a CA that is there already (containers restarting)")
     p.set_defaults(func=cmd_init)
 
     p = add("server", "(re)issue the server certificate, e.g. for more host names")
@@ -222,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acl", metavar="FILE", help="append the ACL lines to this file instead of printing them")
     p.add_argument("--root", default="fc", help="topic root (default fc)")
     p.add_argument("--days", type=int, default=LEAF_DAYS)
+    p.add_argument("--exist-ok", action="store_true", help="keep the gateway's certificate when it exists")
     p.set_defaults(func=cmd_gateway)
 
     p = add("bridge", "a bridge's client certificate (bridge, or bridge-NAME for more bridges)")

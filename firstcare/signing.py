@@ -141,15 +141,15 @@ def open_message(topic: Topic, topic_text: str, payload: bytes, keys: dict[str, 
     key = keys.get(kid)
     if key is None:
         return Rejection("signature_key_unknown", f"no registered key {kid!r} (or it was revoked)")
-    if not key.covers(topic):
-        return Rejection("signature_key_scope",
-                         f"key {kid!r} is registered for {_scope(key)}, not {topic.hospital_id}/"
-                         f"{topic.device_type}/{topic.device_id}")
     try:
         _public_key(key.public_key).verify(signature, signing_input(topic_text, inner))
     except (InvalidSignature, ValueError):
         return Rejection("signature_invalid",
                          f"signature by {kid!r} does not match this topic and payload (tampered or moved)")
+    if not key.covers(topic):
+        return Rejection("signature_key_scope",
+                         f"key {kid!r} is registered for {_scope(key)}, not {topic.hospital_id}/"
+                         f"{topic.device_type}/{topic.device_id}")
     return Opened(inner, kid)
 
 

@@ -172,6 +172,7 @@ class SimulatedDevice:
         self._acked_early: set[int] = set()
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._ever_connected = False
         self._dead = False
         self._seq = 0
         self.boot = os.urandom(6).hex()  # a new power cycle per run: never seeded, never reused
@@ -344,10 +345,15 @@ class SimulatedDevice:
         if self._dead:
             self._drop_connection()
             return
+        self._ever_connected = True
         self._connected.set()
         self._publish_status("online")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._ever_connected and self.endpoint.tls is not None and self._refused is None:
+            # a TLS 1.3 server refuses a client certificate after the client's handshake is done:
+            # the connection then ends before any CONNACK
+            self._refused = f"closed the connection before CONNACK ({reason_code}): is the device's certificate valid?"
         self._connected.clear()
         if self._dead:
             client.loop_stop()

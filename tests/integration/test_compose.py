@@ -7,24 +7,24 @@ bridge and gateway (with the container's port swapped for the test's).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from firstcare.certs_cli import gateway_acl
+from firstcare.identity import file_stem, gateway_identity, parse_identity
 from tests.support.bridge import BridgeThread, bridge_settings
-from tests.support.brokers import (DEV_CREDENTIALS, PASSWD_FILE, REPO_ROOT, free_port, require_mosquitto,
+from tests.support.brokers import (PRODUCTION_CONF, REPO_ROOT, free_port, parse_config, require_mosquitto,
                                    start_mosquitto)
 from tests.support.edge import EdgeProcess
+from tests.support.pki import Certs
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 
@@ -83,9 +83,11 @@ def test_host_ports_leave_room_for_what_already_runs_on_a_host():
     ports = host_ports()
     published = [port for service in ports.values() for port in service]
     assert len(published) == len(set(published)), ports
-    # a system Mosquitto (1883), `firstcare up`'s embedded broker (1884), Redis, PostgreSQL
-    assert not set(published) & {1883, 1884, 6379, 5432}, ports
-    assert ports["mosquitto"] == [11883] and ports["redis"] == []
+    # a system Mosquitto (1883, 8883), `firstcare up`'s embedded broker (1884), Redis, PostgreSQL
+    assert not set(published) & {1883, 8883, 1884, 6379, 5432}, ports
+    assert ports["mosquitto"] == [18883] and ports["redis"] == []
+    # only the devices' listener: the service listener (8884) is for bridges and gateways
+    assert compose()["services"]["mosquitto"]["ports"] == ["18883:8883"]
     assert ports["bridge"] == [8000] and sorted(ports["edge"]) == [1885, 8010]
 
 
@@ -107,45 +109,39 @@ def test_compose_mounts_exist_and_match_mosquitto_conf():
     assert mounted == {
         "./broker-config/mosquitto.conf": "/mosquitto/config/mosquitto.conf",
         "./broker-config/acl": "/mosquitto/config/acl",
-        "./broker-config/passwd": "/mosquitto/config/passwd",
     }
     # the paths mosquitto.conf names are the ones mounted
-    conf = (REPO_ROOT / "broker-config" / "mosquitto.conf").read_text()
-    assert "password_file /mosquitto/config/passwd" in conf
-    assert "acl_file /mosquitto/config/acl" in conf
-    data = [v for v in services["mosquitto"]["volumes"] if v.endswith(":/mosquitto/data")]
+    conf = dict(parse_config(PRODUCTION_CONF))
+    assert conf["acl_file"] == "/mosquitto/config/acl" and "password_file" not in conf
+    volumes = services["mosquitto"]["volumes"]
+    assert "certs:/mosquitto/config/certs:ro" in volumes
+    for option, value in parse_config(PRODUCTION_CONF):
+        if option in ("cafile", "certfile", "keyfile"):
+            assert value.startswith("/mosquitto/config/certs/"), option
+    data = [v for v in volumes if v.endswith(":/mosquitto/data")]
     assert data and not data[0].startswith("."), "broker persistence needs a named volume"
 
 
-def mosquitto_password_ok(user: str, password: str, passwd: Path = PASSWD_FILE) -> bool:
-    """Check a password against a mosquitto_passwd ($7$ = PBKDF2-SHA512) entry."""
-    for line in passwd.read_text().splitlines():
-        name, _, encoded = line.partition(":")
-        if name != user:
-            continue
-        _, kind, iterations, salt, digest = encoded.split("$")
-        assert kind == "7", f"unexpected hash type ${kind}$ for {user}"
-        derived = hashlib.pbkdf2_hmac(
-            "sha512", password.encode(), base64.b64decode(salt), int(iterations), 64
-        )
-        return hmac.compare_digest(base64.b64encode(derived).decode(), digest)
-    return False
+def test_every_broker_client_uses_tls_with_its_own_certificate():
+    services = compose()["services"]
+    clients = {"bridge": ("FC_MQTT_URL", "FC_MQTT_CA_FILE", "FC_MQTT_CERT_FILE", "FC_MQTT_KEY_FILE"),
+               "edge": ("FC_EDGE_UPSTREAM_URL", "FC_EDGE_CA_FILE", "FC_EDGE_CERT_FILE", "FC_EDGE_KEY_FILE")}
+    for name, (url_key, ca, cert, key) in clients.items():
+        env = services[name]["environment"]
+        url = urlsplit(env[url_key])
+        # the service listener: only the service CA's certificates, client ids kept (bridge lease)
+        assert (url.scheme, url.hostname, url.port, url.username) == ("mqtts", "mosquitto", 8884, None), url
+        assert "certs:/certs:ro" in services[name]["volumes"]
+        assert all(env[k].startswith("/certs/") for k in (ca, cert, key))
 
 
-def compose_mqtt_urls() -> dict[str, str]:
-    """The broker account each service uses on Mosquitto (see broker-config/acl)."""
-    services = resolved()["services"]
-    return {"bridge": services["bridge"]["environment"]["FC_MQTT_URL"],
-            "gateway": services["edge"]["environment"]["FC_EDGE_UPSTREAM_URL"]}
-
-
-def test_compose_credentials_are_in_passwd():
-    for account, url in compose_mqtt_urls().items():
-        parts = urlsplit(url)
-        assert parts.hostname == "mosquitto" and parts.port == 1883, url
-        user, password = unquote(parts.username or ""), unquote(parts.password or "")
-        assert user == account, f"should log in as {account!r} (see broker-config/acl)"
-        assert mosquitto_password_ok(user, password), f"{account}: password not in passwd"
+def test_the_gateway_certificate_has_its_acl_block():
+    edge = compose()["services"]["edge"]["environment"]
+    identity = gateway_identity(edge["FC_EDGE_HOSPITAL_ID"], edge["FC_EDGE_GATEWAY_ID"])
+    assert file_stem(identity) in edge["FC_EDGE_CERT_FILE"]
+    acl = (REPO_ROOT / "broker-config" / "acl").read_text()
+    assert gateway_acl(parse_identity(identity)) in acl
+    assert f"--id {edge['FC_EDGE_GATEWAY_ID']}" in compose()["services"]["certs"]["command"][0]
 
 
 def test_the_simulator_publishes_through_the_edge_gateway():
@@ -153,13 +149,6 @@ def test_the_simulator_publishes_through_the_edge_gateway():
     command = services["simulator"]["command"]
     url = urlsplit(command[command.index("--mqtt-url") + 1])
     assert (url.hostname, url.port) == ("edge", int(services["edge"]["environment"]["FC_EDGE_LOCAL_PORT"]))
-
-
-def test_passwd_holds_exactly_the_documented_dev_users():
-    for user, password in DEV_CREDENTIALS.items():
-        assert mosquitto_password_ok(user, password), user
-    users = [line.split(":")[0] for line in PASSWD_FILE.read_text().splitlines() if line]
-    assert sorted(users) == sorted(DEV_CREDENTIALS)
 
 
 def health_check(service: str) -> list[str]:
@@ -180,33 +169,40 @@ def run_check(test: list[str], port_in_container: int, port: int, env: dict[str,
 
 def test_every_service_has_its_own_health_check():
     services = resolved()["services"]
-    assert set(services) == {"mosquitto", "redis", "bridge", "edge", "simulator"}
+    assert set(services) == {"certs", "mosquitto", "redis", "bridge", "edge", "simulator"}
     # the image's default checks the bridge's port: every service built from it says what fits it
     for name, service in services.items():
         assert "healthcheck" in service, name
     assert health_check("redis") == ["CMD", "redis-cli", "ping"]
     assert health_check("simulator") == ["NONE"], "the simulator serves nothing to check"
+    assert health_check("certs") == ["NONE"], "a one-shot job"
+    assert services["mosquitto"]["depends_on"] == {"certs": {"condition": "service_completed_successfully"}}
     for name, port_variable in (("bridge", "FC_HTTP_PORT"), ("edge", "FC_EDGE_HTTP_PORT")):
         port = services[name]["environment"][port_variable]
         assert f"http://127.0.0.1:{port}/healthz" in " ".join(health_check(name)), name
-    for name in ("mosquitto", "bridge", "edge"):
+    for name in ("bridge", "edge"):
         assert all(d["condition"] == "service_healthy" for d in services[name].get("depends_on", {}).values())
     assert set(services["simulator"]["depends_on"]) == {"edge", "bridge"}
 
 
-def test_the_mosquitto_check_logs_in_to_the_production_broker(tmp_path: Path):
+def run_mosquitto_check(broker_port: int, certs_dir: Path) -> int:
+    """The compose check with the container's certificate directory swapped for ``certs_dir``."""
+    kind, script = health_check("mosquitto")
+    return run_check([kind, script.replace("/mosquitto/config/certs/", f"{certs_dir}/")], 8884, broker_port)
+
+
+def test_the_mosquitto_check_logs_in_to_the_production_broker(tmp_path: Path, certs: Certs):
     require_mosquitto()
     if shutil.which("mosquitto_sub") is None:
         pytest.fail("mosquitto_sub (Debian's mosquitto-clients) is not installed")
-    services = resolved()["services"]
-    env = services["mosquitto"]["environment"]
-    broker = start_mosquitto(tmp_path / "mosquitto", dev=False)  # broker-config/mosquitto.conf, passwd, acl
+    # broker-config/mosquitto.conf and acl, with a test certificate directory laid out as `certs` makes it
+    broker = start_mosquitto(tmp_path / "mosquitto", dev=False, certs=certs.dir)
     try:
-        assert run_check(health_check("mosquitto"), 1883, broker.port, env) == 0
-        assert run_check(health_check("mosquitto"), 1883, broker.port, {"MQTT_BRIDGE_PASSWORD": "wrong"}) != 0
+        assert run_mosquitto_check(broker.service_port, certs.dir) == 0
+        assert run_mosquitto_check(broker.service_port, certs.rogue.dir) != 0, "another CA's certificates"
     finally:
         broker.stop()
-    assert run_check(health_check("mosquitto"), 1883, broker.port, env) != 0, "a stopped broker is unhealthy"
+    assert run_mosquitto_check(broker.service_port, certs.dir) != 0, "a stopped broker is unhealthy"
 
 
 def test_the_bridge_check_asks_the_bridge(tmp_path: Path):

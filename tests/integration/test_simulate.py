@@ -23,9 +23,9 @@ from firstcare.payloads import decode_status, decode_vitals, encode_status
 from firstcare.topics import parse_topic
 from simulators.physiology import DEVICE_METRICS
 from simulators.runner import SimulationConfig, SimulationSummary, main, run_simulation
-from tests.support.brokers import (
-    BRIDGE_PASSWORD, BRIDGE_USER, DEVICE_PASSWORD, DEVICE_USER, MosquittoInstance, free_port,
-)
+from firstcare.tls import ClientTls, client_context
+from tests.support.brokers import MosquittoInstance, free_port
+from tests.support.pki import Certs
 
 WAIT = 30.0
 
@@ -42,7 +42,7 @@ class Recorder:
 
     def __init__(
         self, broker: MosquittoInstance, hospital_id: str, name: str = "recorder",
-        credentials: tuple[str, str] | None = None,
+        credentials: tuple[str, str] | None = None, tls: ClientTls | None = None,
     ) -> None:
         self.messages: list[Received] = []
         self._lock = threading.Lock()
@@ -52,6 +52,8 @@ class Recorder:
         self._client.on_subscribe = lambda *args: self._subscribed.set()
         if credentials:
             self._client.username_pw_set(*credentials)
+        if tls is not None:
+            self._client.tls_set_context(client_context(tls))
         self._client.connect(broker.host, broker.port)
         self._client.subscribe(f"fc/v1/{hospital_id}/#", qos=1)
         self._client.loop_start()
@@ -295,23 +297,27 @@ def test_ctrl_c_stops_cleanly_with_a_summary(mosquitto: MosquittoInstance, recor
     assert b'"battery"' in statuses(final, "monitor-001")[-1].payload
 
 
-def test_production_acl_accepts_devices_because_client_id_is_device_id(mosquitto_secure: MosquittoInstance) -> None:
-    """The production ACL lets the ``device`` user write only under its own client id."""
-    rec = Recorder(mosquitto_secure, "h-acl", credentials=(BRIDGE_USER, BRIDGE_PASSWORD))
+def test_production_broker_takes_simulated_devices_each_with_its_own_certificate(
+        mosquitto_secure: MosquittoInstance, certs: Certs) -> None:
+    """TLS, a certificate per device (issued from the CA in --certs on the fly) and the ACL:
+    each simulated device publishes under its own identity, signed."""
+    rec = Recorder(mosquitto_secure, "h-acl", tls=certs.client("bridge"))
     try:
-        config = SimulationConfig(
-            mosquitto_secure.url(DEVICE_USER, DEVICE_PASSWORD), "h-acl", devices=("thermometer", "scale"),
-            rate=20, count=5,
-        )
+        config = SimulationConfig(mosquitto_secure.url(), "h-acl", devices=("thermometer", "scale"), rate=20,
+                                  count=5, certs_dir=str(certs.dir), sign=True)
         summary = run_simulation(config)
         assert summary.errors == 0 and summary.acknowledged == summary.published == 10
-        seqs = seqs_by_device(rec.wait_for(lambda ms: len(vitals(ms)) >= 10, "readings through the ACL"))
-        assert seqs == {"thermometer-001": [1, 2, 3, 4, 5], "scale-001": [1, 2, 3, 4, 5]}
+        got = rec.wait_for(lambda ms: len(vitals(ms)) >= 10, "readings through the ACL")
+        assert all(m.payload.startswith(b'{"signed":') for m in got if m.topic.endswith("/vitals"))
+        assert (certs.dir / "clients" / "h-acl.thermometer.thermometer-001.pem").exists()
     finally:
         rec.close()
 
 
-def test_wrong_password_is_a_refusal_naming_the_broker(mosquitto_secure: MosquittoInstance) -> None:
-    config = SimulationConfig(mosquitto_secure.url(DEVICE_USER, "wrong"), duration=1)
-    with pytest.raises(BrokerError, match=r"mqtt://device:\*\*\*@127.0.0.1:\d+ refused device monitor-001"):
+def test_a_certificate_from_another_ca_is_a_refusal_naming_the_broker(
+        mosquitto_secure: MosquittoInstance, certs: Certs) -> None:
+    foreign = certs.foreign("h-x/monitor/monitor-001")
+    config = SimulationConfig(mosquitto_secure.url(), "h-x", duration=1, ca_file=certs.ca_file,
+                              cert_file=foreign.cert_file, key_file=foreign.key_file)
+    with pytest.raises(BrokerError, match=r"mqtts://127.0.0.1:\d+ refused device monitor-001"):
         run_simulation(config)

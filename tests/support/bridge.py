@@ -58,10 +58,12 @@ class BridgeThread:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.url = f"http://127.0.0.1:{settings.http_port}"
+        self.url = f"{'https' if settings.http_cert_file else 'http'}://127.0.0.1:{settings.http_port}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.http_port,
                                                      log_level="warning", lifespan="on",
-                                                     ws_per_message_deflate=False, timeout_graceful_shutdown=5))
+                                                     ws_per_message_deflate=False, timeout_graceful_shutdown=5,
+                                                     ssl_certfile=settings.http_cert_file,
+                                                     ssl_keyfile=settings.http_key_file))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -127,8 +129,14 @@ class BridgeThread:
         return subscriber.qsize()
 
     def http(self, role: str = "admin", **claims: Any) -> httpx.Client:
+        """A client with a token; over HTTPS it trusts the CA the bridge's MQTT settings name."""
+        verify: Any = True
+        if self.settings.http_cert_file:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=self.settings.mqtt_ca_file)
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token(role, **claims)}"},
-                            timeout=15)
+                            timeout=15, verify=verify)
 
     def stats(self) -> dict[str, Any]:
         with self.http() as client:

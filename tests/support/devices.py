@@ -10,19 +10,25 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from firstcare.payloads import encode_status, format_ts
+from firstcare.signing import sign
+from firstcare.tls import ClientTls, client_context
 from firstcare.topics import status_topic, vitals_topic
 
 
 class Device:
     def __init__(self, port: int, device_id: str = "ox-1", device_type: str = "oximeter", hospital_id: str = "h1",
                  host: str = "127.0.0.1", username: str | None = None, password: str | None = None,
-                 will: bool = True) -> None:
+                 will: bool = True, tls: ClientTls | None = None, signing_key: Any = None,
+                 kid: str | None = None) -> None:
         self.device_type, self.device_id, self.hospital_id = device_type, device_id, hospital_id
         self.vitals_topic = vitals_topic(hospital_id, device_type, device_id)
         self.status_topic = status_topic(hospital_id, device_type, device_id)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(client_context(tls))
+        self.signing_key, self.kid = signing_key, kid or f"{hospital_id}/{device_type}/{device_id}"
         if will:
             self.client.will_set(self.status_topic, encode_status("offline"), qos=1, retain=True)
         self.client.connect(host, port, keepalive=5)
@@ -36,14 +42,23 @@ class Device:
 
     def vitals(self, metrics: dict[str, Any], seq: int | None = None, patient_id: str | None = "p-001",
                ts_ms: int | None = None) -> int:
+        """Publish a reading; signed when the device has a signing key."""
         if seq is None:
             self.seq += 1
             seq = self.seq
+        self.publish(self.vitals_topic, self.reading(metrics, seq, patient_id, ts_ms))
+        return seq
+
+    def reading(self, metrics: dict[str, Any], seq: int, patient_id: str | None = "p-001",
+                ts_ms: int | None = None, topic: str | None = None) -> bytes:
+        """The payload of a reading as this device sends it (a signature wrapper when it signs)."""
         body: dict[str, Any] = {"seq": seq, "ts": format_ts(ts_ms or int(time.time() * 1000)), "metrics": metrics}
         if patient_id is not None:
             body["patient_id"] = patient_id
-        self.publish(self.vitals_topic, json.dumps(body))
-        return seq
+        payload = json.dumps(body).encode()
+        if self.signing_key is None:
+            return payload
+        return sign(self.signing_key, self.kid, topic or self.vitals_topic, payload)
 
     def status(self, state: str = "online", battery: int | None = None) -> None:
         self.publish(self.status_topic, encode_status(state, battery=battery, firmware="1.0.0"), retain=True)
