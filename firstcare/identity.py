@@ -57,8 +57,15 @@ def parse_identity(name: str) -> Identity:
         "gateway/{hospital}/{gateway_id} or bridge[-name]", "identity_invalid")
 
 
+RESERVED_HOSPITALS = frozenset({"gateway"})
+"""``gateway/...`` names a gateway, so no device can belong to a hospital called ``gateway``."""
+
+
 def device_identity(hospital_id: str, device_type: str, device_id: str) -> str:
-    return parse_identity(f"{hospital_id}/{device_type}/{device_id}").name
+    identity = parse_identity(f"{hospital_id}/{device_type}/{device_id}")
+    if hospital_id in RESERVED_HOSPITALS or identity.kind != "device":
+        raise ConfigError(f"hospital id {hospital_id!r} is reserved for gateway identities", "identity_invalid")
+    return identity.name
 
 
 def gateway_identity(hospital_id: str, gateway_id: str) -> str:

@@ -212,7 +212,8 @@ def test_gateway_forwards_only_its_hospital_and_owns_only_its_status(mosquitto_s
     gateway.publish("fc/v1/h1/monitor/m-1/vitals", b"forwarded")
     gateway.publish("fc/v1/h1/oximeter/ox-9/status", b"forwarded status")
     for denied in ("fc/v1/h2/monitor/m-1/vitals", "fc/edge/h1/other-gw/status", "fc/edge/h2/gw-test/status",
-                   "fc/v1/h1/monitor/m-1/other"):
+                   "fc/v1/h1/monitor/m-1/other",
+                   "fc/v1/gateway/h1/gw-test/vitals"):  # what the device pattern would name for a gateway
         gateway.publish(denied, b"denied")
     gateway.publish("fc/edge/h1/gw-test/status", b'{"state": "online"}')
     assert received(bridge_probe, b'{"state": "online"}') == [b"forwarded", b"forwarded status",

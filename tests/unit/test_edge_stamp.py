@@ -7,8 +7,11 @@ import json
 import pytest
 
 from edge.bedmap import parse_bed_map
-from edge.stamp import PRIORITY_STATUS, PRIORITY_VITALS, stamp
+from edge.stamp import PRIORITY_STATUS, PRIORITY_VITALS, sign_within, stamp
 from firstcare.mqtt import Inbound
+from firstcare.payloads import MAX_PAYLOAD_BYTES, vitals_body
+from firstcare.signing import KeyRecord, new_signing_key, open_message, public_raw, sign
+from firstcare.topics import parse_topic
 
 T = 1_790_000_000_000
 
@@ -119,3 +122,54 @@ def test_boot_travels_untouched_on_readings_batches_and_status(boot: str | int) 
 def test_a_nested_payload_is_refused_at_the_edge() -> None:
     out, (refused,) = stamp(message("fc/v1/h1/monitor/m1/vitals", b'{"a":' * 1000 + b"1" + b"}" * 1000), "h1", beds)
     assert out == [] and refused.rejection.reason == "payload_too_deep"
+
+
+# --- signed readings ------------------------------------------------------------------------
+
+DEVICE_KEY, GATEWAY_KEY = new_signing_key(), new_signing_key()
+M1 = "fc/v1/h1/monitor/m1/vitals"
+
+
+def gateway_signer(topic: str, payload: bytes) -> bytes:
+    return sign(GATEWAY_KEY, "gateway/h1/gw", topic, payload)
+
+
+def test_a_device_signed_reading_is_forwarded_byte_for_byte_without_stamping() -> None:
+    signed = sign(DEVICE_KEY, "h1/monitor/m1", M1, json.dumps({"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}).encode())
+    (out,), refused = stamp(Inbound(M1, signed, T + 500), "h1", beds, signer=gateway_signer)
+    assert refused == [] and (out.topic, out.payload, out.priority) == (M1, signed, PRIORITY_VITALS)
+    key = {"h1/monitor/m1": KeyRecord("h1/monitor/m1", public_raw(DEVICE_KEY), "device", "h1", "monitor", "m1")}
+    assert open_message(parse_topic(M1), M1, out.payload, key, True).signed_by == "h1/monitor/m1"
+
+
+@pytest.mark.parametrize(("topic", "inner", "reason"), [
+    (M1, {"seq": 1, "ts": T, "metrics": {"heart_rate": 900}}, "value_out_of_range"),  # checked, then refused here
+    ("fc/v1/h2/monitor/m1/vitals", {"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}, "hospital_mismatch"),
+])
+def test_a_bad_signed_message_is_dead_lettered_at_the_gateway(topic: str, inner: dict, reason: str) -> None:
+    signed = sign(DEVICE_KEY, "h1/monitor/m1", topic, json.dumps(inner).encode())
+    out, (refused,) = stamp(Inbound(topic, signed, T + 500), "h1", beds)
+    assert out == [] and refused.rejection.reason == reason and refused.payload == signed
+
+
+def test_a_malformed_wrapper_is_dead_lettered_at_the_gateway() -> None:
+    out, (refused,) = stamp(Inbound(M1, b'{"sig": "x", "kid": "k"}', T), "h1", beds)
+    assert out == [] and refused.rejection.reason == "signature_invalid"
+
+
+def test_the_gateway_signs_what_it_stamps_for_the_topic_it_forwards_to() -> None:
+    body = {"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}
+    (out,), _ = stamp(message("fc/v1/elsewhere/monitor/m1/vitals", body), "h1", beds, signer=gateway_signer)
+    key = {"gateway/h1/gw": KeyRecord("gateway/h1/gw", public_raw(GATEWAY_KEY), "gateway", "h1", gateway_id="gw")}
+    opened = open_message(parse_topic(out.topic), out.topic, out.payload, key, True)
+    assert opened.signed_by == "gateway/h1/gw"
+    assert json.loads(opened.payload)["patient_id"] == "p-bed"  # stamped, then signed
+
+
+def test_signed_batches_are_split_to_fit_once_escaped() -> None:
+    bodies = [vitals_body(i, T, {"heart_rate": 70, "spo2": 97, "respiratory_rate": 16}, "p-1") for i in range(3000)]
+    messages = sign_within(bodies, M1, gateway_signer)
+    assert all(len(m) <= MAX_PAYLOAD_BYTES for m in messages) and len(messages) > 2
+    key = {"gateway/h1/gw": KeyRecord("gateway/h1/gw", public_raw(GATEWAY_KEY), "gateway", "h1", gateway_id="gw")}
+    seqs = [r["seq"] for m in messages for r in json.loads(open_message(parse_topic(M1), M1, m, key, True).payload)["readings"]]
+    assert seqs == list(range(3000))
