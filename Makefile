@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 SIMULATE ?= 20
+TLS ?=
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
@@ -26,8 +27,9 @@ $(DEV): pyproject.toml $(RUNTIME)
 venv: $(DEV)
 
 ## Broker + bridge + REST API on embedded defaults, with $(SIMULATE) simulated patients.
+## TLS=1: a development CA in data/certs, mqtts with a certificate per device, HTTPS/WSS, signed readings.
 up: $(RUNTIME)
-	$(BIN)/firstcare up --simulate $(SIMULATE)
+	$(BIN)/firstcare up --simulate $(SIMULATE) $(if $(TLS),--tls)
 
 ## The whole test suite (needs the services listed under Prerequisites in the README).
 test: $(DEV)

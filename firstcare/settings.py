@@ -126,7 +126,7 @@ class EnvSettings:
 class Settings(EnvSettings):
     """Every bridge setting, its default, and (in ``metadata['doc']``) the README description."""
 
-    mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtt://user:pass@host:port`"})
+    mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtts://host:port` (TLS, port 8883 by default) or `mqtt://user:pass@host:port`"})
     mqtt_host: str = field(default="127.0.0.1", metadata={"doc": "bind address of the embedded broker"})
     mqtt_port: int = field(default=1884, metadata={"doc": "port of the embedded broker (1884 so it can sit beside a system Mosquitto on 1883)"})
     mqtt_client_id: str = field(default="firstcare-bridge", metadata={"doc": "fixed client id of the bridge's persistent MQTT session (`[A-Za-z0-9_.-]`, at most 128); one bridge per client id and broker (see Delivery guarantee)"})

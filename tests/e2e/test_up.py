@@ -193,3 +193,47 @@ def test_a_second_up_shows_a_live_ward_at_once(tmp_path: Path) -> None:
     assert second_boot != first_boot and first_boot and second_boot
     new_monitor = [r for r in second if r["device_id"] == "monitor-001" and r["boot"] == second_boot]
     assert [r["seq"] for r in new_monitor][:3] == [1, 2, 3], "the restarted device's readings are stored from seq 1"
+
+
+def test_up_with_tls_runs_everything_encrypted_with_a_certificate_per_device(tmp_path: Path) -> None:
+    """`make up TLS=1`: a development CA, mqtts with a certificate per simulated device, signed
+    readings, HTTPS and WSS; a client that does not trust the CA gets nothing."""
+    import ssl
+
+    http_port, mqtt_port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "firstcare.cli", "up", "--tls", "--simulate", "2", "--http-port", str(http_port),
+             "--mqtt-port", str(mqtt_port)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        match = wait_until(lambda: re.search(r"admin token\s+(\S+)", log.read_text()), timeout=60,
+                           what="the printed admin token")
+        certs = tmp_path / "data" / "certs"
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        base = f"https://127.0.0.1:{http_port}"
+        text = log.read_text()
+        assert f"{base}/docs" in text and f"mqtts://127.0.0.1:{mqtt_port}" in text
+        with httpx.Client(base_url=base, verify=context, headers={"Authorization": f"Bearer {match.group(1)}"},
+                          timeout=10) as client:
+            readings = wait_until(lambda: client.get("/api/patients/p-001/readings").json()["items"], timeout=30,
+                                  what="readings of p-001")
+            assert readings[0]["verified"] is True and readings[0]["signed_by"].startswith("h1/monitor/")
+        assert (certs / "clients" / "h1.monitor.monitor-001.pem").exists()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/healthz", timeout=10)
+        with connect(f"wss://127.0.0.1:{http_port}/realtime/ws/patient/p-001?token={match.group(1)}",
+                     ssl=context) as live:
+            assert json.loads(live.recv(10))["type"] == "welcome"
+        plain = socket.create_connection(("127.0.0.1", mqtt_port), timeout=10)
+        with plain:  # a plain MQTT CONNECT to the TLS listener gets no CONNACK
+            try:
+                plain.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+                answer = plain.recv(4)
+            except ConnectionError:
+                answer = b""
+            assert answer[:1] != b"\x20"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
