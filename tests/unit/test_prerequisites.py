@@ -29,11 +29,12 @@ def test_the_python_version_is_the_one_the_project_requires() -> None:
 
 
 def test_ci_run_installs_every_debian_package_the_tests_need() -> None:
-    needed = {"mosquitto", "mosquitto-clients", "redis-server", "postgresql", "chromium", "docker-compose"}
+    needed = {"mosquitto", "mosquitto-clients", "redis-server", "postgresql", "chromium", "docker-compose",
+              "nginx-light"}
     installed = set(re.findall(r"missing\+=\(([\w-]+)\)", CI_RUN))
     assert needed <= installed, needed - installed
     prerequisites = section("Prerequisites")
-    for name in ("mosquitto", "mosquitto-clients", "Redis", "PostgreSQL", "chromium", "docker-compose"):
+    for name in ("mosquitto", "mosquitto-clients", "Redis", "PostgreSQL", "chromium", "docker-compose", "nginx-light"):
         assert name in prerequisites, name
 
 
