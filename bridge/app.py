@@ -114,6 +114,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        s.check_bridge_client()
         self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
         self.audit.start()
         if s.mqtt_tls:

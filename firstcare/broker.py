@@ -171,6 +171,9 @@ class _IdentityBroker(Broker):
             session.parent = 1
         else:
             session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
         return handler, session
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],

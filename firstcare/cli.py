@@ -41,6 +41,8 @@ EPILOGS = {
   firstcare bridge --mqtt-url mqtt://127.0.0.1:1883 --http-port 8001""",
     "broker": """examples:
   firstcare broker                   embedded amqtt broker on 127.0.0.1:1884
+  FC_BROKER_CERT_FILE=certs/server.pem FC_BROKER_KEY_FILE=certs/server-key.pem FC_MQTT_CA_FILE=certs/ca.pem \\
+    firstcare broker                 the same with TLS only and a certificate per client
   firstcare broker --mqtt-host 0.0.0.0 --mqtt-port 1884""",
     "edge": """examples:
   firstcare edge --upstream-url mqtts://uplink:8883 --hospital h1 --gateway-id ward-3 --ca-file certs/ca.pem \\
@@ -119,6 +121,7 @@ async def _serve(settings: Settings, on_ready: Any = None, on_stopping: Any = No
     if settings.mqtt_url == "embedded":
         check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT", "--mqtt-port", "FC_MQTT_PORT")
     check_port_free(settings.http_host, settings.http_port, "HTTP", "--http-port", "FC_HTTP_PORT")
+    settings.check_bridge_client()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, timeout_graceful_shutdown=5,
                             ws_max_size=max(65536, settings.ws_max_message_bytes * 2),
@@ -313,16 +316,21 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from firstcare.broker import EmbeddedBroker, check_port_free
+    from firstcare.broker import BrokerTls, EmbeddedBroker, check_port_free
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
     check_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT", "--mqtt-port", "FC_MQTT_PORT")
 
+    tls = (BrokerTls(settings.broker_cert_file, settings.broker_key_file or "", settings.mqtt_ca_file or "",
+                     root=settings.topic_root) if settings.broker_cert_file else None)
+
     async def run() -> None:
-        broker = EmbeddedBroker(settings.mqtt_host, settings.mqtt_port)
+        broker = EmbeddedBroker(settings.mqtt_host, settings.mqtt_port, tls=tls)
         await broker.start()
-        print(f"embedded MQTT broker listening on {broker.url} (Ctrl-C to stop)", flush=True)
+        print(f"embedded MQTT broker listening on {broker.url}"
+              f"{' (TLS; a client certificate from FC_MQTT_CA_FILE required)' if tls else ''} (Ctrl-C to stop)",
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -217,10 +217,9 @@ class Settings(EnvSettings):
         if self.broker_cert_file is not None:
             if self.mqtt_url != "embedded":
                 raise self.bad("broker_cert_file", "configures the embedded broker: FC_MQTT_URL must be 'embedded'")
-            for needed in ("mqtt_ca_file", "mqtt_cert_file"):
-                if getattr(self, needed) is None:
-                    raise self.bad(needed, "the embedded TLS broker requires client certificates: set the CA "
-                                           "that issues them and the bridge's own certificate and key")
+            if self.mqtt_ca_file is None:
+                raise self.bad("mqtt_ca_file", "the embedded TLS broker requires client certificates: set the CA "
+                                               "that issues them")
         elif self.mqtt_url == "embedded":
             for name in ("mqtt_ca_file", "mqtt_cert_file"):
                 if getattr(self, name) is not None:
@@ -234,6 +233,13 @@ class Settings(EnvSettings):
         for hospital in self.require_signatures:
             if hospital != "*" and not is_valid_id(hospital):
                 raise self.bad("require_signatures", "hospital ids ([A-Za-z0-9_-]{1,64}) or *")
+
+    def check_bridge_client(self) -> None:
+        """The bridge needs its own certificate to reach the embedded TLS broker (which takes
+        nobody without one); ``firstcare broker`` alone does not."""
+        if self.broker_cert_file is not None and self.mqtt_url == "embedded" and self.mqtt_cert_file is None:
+            raise self.bad("mqtt_cert_file", "the bridge needs its own client certificate (CN bridge) to "
+                                             "connect to the embedded TLS broker")
 
     @property
     def mqtt_tls(self) -> bool:

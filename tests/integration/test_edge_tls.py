@@ -140,3 +140,28 @@ def test_device_signatures_pass_the_gateway_untouched_and_the_gateway_signs_for_
     assert rows(bridge, "monitor-7") == [(1, "p-own", 1, M7)]
     # ... and the gateway stamped and signed the unsigned device's reading for it
     assert rows(bridge, "monitor-8") == [(1, "p-bed-8", 1, "gateway/h1/gw-test")]
+
+
+def test_nothing_refused_by_mosquitto_reaches_a_real_bridge(upstream: MosquittoInstance, bridge: BridgeThread,
+                                                            certs: Certs) -> None:
+    """The production broker in front of the real bridge: refused handshakes and denied topics
+    leave no trace in the database, not even a dead letter."""
+    for tls in (certs.server_only(), certs.expired(M7), certs.foreign(M7)):
+        intruder = Probe(upstream.host, upstream.port, "monitor-7", tls=tls)
+        try:
+            assert intruder.refusal()
+        finally:
+            intruder.close()
+    device = Device(upstream.port, "monitor-7", "monitor", "h1", tls=certs.client(M7))
+    try:
+        for topic in ("fc/v1/h1/monitor/monitor-8/vitals", "fc/v1/h2/monitor/monitor-7/vitals",
+                      "fc/v1/h1/oximeter/monitor-7/vitals"):
+            device.publish(topic, device.reading({"heart_rate": 99}, seq=1))
+        device.vitals({"heart_rate": 70}, seq=2)
+        wait_until(lambda: rows(bridge, "monitor-7"), what="the device's own reading")
+    finally:
+        device.close()
+    with sqlite3.connect(bridge.settings.sqlite_path) as db:
+        assert db.execute("SELECT hospital_id, device_type, device_id, seq FROM readings").fetchall() == [
+            ("h1", "monitor", "monitor-7", 2)]
+    assert bridge.runtime.core.counters["dead_letters"] == 0

@@ -68,7 +68,6 @@ def settings(**values: object) -> Settings:
     ({"mqtt_url": "mqtts://b", "mqtt_ca_file": "/nonexistent"}, "no such file"),
     ({"mqtt_url": "mqtts://b", "broker_cert_file": EXISTING, "broker_key_file": EXISTING}, "must be 'embedded'"),
     ({"broker_cert_file": EXISTING, "broker_key_file": EXISTING}, "FC_MQTT_CA_FILE"),
-    ({"broker_cert_file": EXISTING, "broker_key_file": EXISTING, "mqtt_ca_file": EXISTING}, "FC_MQTT_CERT_FILE"),
     ({"mqtt_ca_file": EXISTING}, "plain MQTT unless FC_BROKER_CERT_FILE"),
     ({"http_cert_file": EXISTING}, "FC_HTTP_KEY_FILE"),
     ({"signature_max_age_seconds": 0}, "greater than 0"),
@@ -78,6 +77,12 @@ def settings(**values: object) -> Settings:
 def test_security_settings_are_checked_with_the_key_named(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         settings(**values)
+
+
+def test_the_bridge_needs_its_own_certificate_for_the_embedded_tls_broker() -> None:
+    broker_only = settings(broker_cert_file=EXISTING, broker_key_file=EXISTING, mqtt_ca_file=EXISTING)
+    with pytest.raises(ConfigError, match="FC_MQTT_CERT_FILE"):
+        broker_only.check_bridge_client()  # `firstcare broker` alone does not call it
 
 
 def test_valid_security_settings() -> None:
