@@ -21,7 +21,7 @@ import pytest
 
 from firstcare.tls import ClientTls, client_context
 
-WAIT = 10.0  # generous: a timeout here means "never", not "slow"
+WAIT = 30.0  # generous: a timeout here means "never", not "slow" (TLS on a loaded machine)
 NOT_AUTHORIZED = 0x87  # MQTT 5 reason code
 
 
