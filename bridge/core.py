@@ -282,6 +282,7 @@ class BridgeCore:
                     continue
                 tx.insert_reading(r, verdict.boot)
                 tally["readings_stored"] += 1
+                tally["readings_verified"] += r.verified
                 tally["reboots"] += verdict.reboot
                 after, gap = dev.on_reading(before, r, verdict)
                 self.devices[after.key] = changed[after.key] = after

@@ -240,6 +240,7 @@ def test_a_signed_reading_is_stored_verified_and_shown(bridge: BridgeThread, sig
         keys = client.get("/api/devices/monitor/monitor-7/keys").json()["items"]
     assert (item["verified"], item["signed_by"]) == (True, M7)
     assert [(k["kid"], k["scope"], k["revoked_at"]) for k in keys] == [(M7, "device", None)]
+    assert bridge.stats()["ingest"]["readings_verified"] == 1
 
 
 def test_tampered_moved_and_unknown_signatures_are_dead_lettered(bridge: BridgeThread, signer: Device,
