@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mosquitto
 from tests.support.pki import Certs, gateway_acl_lines
+from tests.support.probe import Probe
 
 # --------------------------------------------------------------------------
 # Mosquitto (real broker, built from broker-config/; see tests/support/brokers.py)
@@ -38,6 +41,24 @@ def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> 
     yield broker
     broker.stop()
 
+
+
+@pytest.fixture
+def probes() -> Iterator[Any]:
+    """Factory for MQTT probes (tests/support/probe.py) on a broker (anything with ``host`` and
+    ``port``), all closed after the test."""
+    made: list[Probe] = []
+
+    def make(broker: Any, client_id: str | None = None, username: str | None = None,
+             password: str | None = None, **kwargs: Any) -> Probe:
+        probe = Probe(broker.host, broker.port, client_id or f"t-{uuid.uuid4().hex[:10]}", username, password,
+                      **kwargs)
+        made.append(probe)
+        return probe
+
+    yield make
+    for probe in made:
+        probe.close()
 
 
 # --------------------------------------------------------------------------

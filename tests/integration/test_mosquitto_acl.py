@@ -24,7 +24,7 @@ from tests.support.brokers import (
     start_mosquitto,
 )
 from tests.support.pki import TEST_GATEWAY, Certs, gateway_acl_lines
-from tests.support.probe import NOT_AUTHORIZED, WAIT, Probe, probes, received, unique  # noqa: F401 - fixture
+from tests.support.probe import NOT_AUTHORIZED, WAIT, Probe, received, unique
 
 M7, M8 = "h1/monitor/monitor-7", "h1/monitor/monitor-8"
 M7_TOPIC = "fc/v1/h1/monitor/monitor-7/vitals"

@@ -20,7 +20,7 @@ from firstcare.signing import b64url, new_signing_key, public_raw, sign
 from tests.support.bridge import BridgeThread, bridge_settings, token, wait_until
 from tests.support.devices import Device
 from tests.support.pki import Certs
-from tests.support.probe import Probe, probes  # noqa: F401 - fixture
+from tests.support.probe import Probe
 
 M7, M8 = "h1/monitor/monitor-7", "h1/monitor/monitor-8"
 

@@ -13,7 +13,6 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -155,20 +154,3 @@ def received(probe: Probe, until_payload: bytes) -> list[bytes]:
         seen.append(msg.payload)
         if msg.payload == until_payload:
             return seen
-
-
-@pytest.fixture
-def probes() -> Iterator[Any]:
-    """Factory for probes on a broker (anything with ``host`` and ``port``), all closed after the test."""
-    made: list[Probe] = []
-
-    def make(broker: Any, client_id: str | None = None, username: str | None = None,
-             password: str | None = None, **kwargs: Any) -> Probe:
-        probe = Probe(broker.host, broker.port, client_id or f"t-{uuid.uuid4().hex[:10]}", username, password,
-                      **kwargs)
-        made.append(probe)
-        return probe
-
-    yield make
-    for probe in made:
-        probe.close()
