@@ -12,8 +12,8 @@ signed, the same message replayed on another device's (or hospital's) topic fail
 
 Ed25519, not HMAC: a device keeps its private key and the bridge stores only public keys, so
 a leaked bridge database (or a backup) cannot forge a reading, and one key pair per device
-is registered once at provisioning. Signing and verifying each take a fraction of a
-millisecond of CPU (measured: well under 0.3 ms on this project's 2-core test machine).
+is registered once at provisioning. Measured on this project's (busy) 2-core machine: ~0.07 ms
+to sign, 0.2-0.3 ms to verify, ~2 µs to pass an unsigned message through.
 
 A key is registered for one device (valid only on that device's topic) or for one edge
 gateway (valid on any device topic of its hospital, for gateways that sign on behalf of
