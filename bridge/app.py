@@ -153,7 +153,8 @@ class Runtime:
                                  quarantine=self.quarantine)
         loop = asyncio.get_running_loop()
         self.lease = LeaseKeeper(target.host, target.port, target.username, target.password, s.mqtt_client_id,
-                                 on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message))
+                                 on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message),
+                                 tls=target.tls)
         self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
                       asyncio.create_task(self._fan_out(), name="fc-fan-out")]
         try:

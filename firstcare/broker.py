@@ -5,9 +5,11 @@ Its configuration is ``broker-config/amqtt.yaml``; the listener address comes fr
 
 With :class:`BrokerTls` it enforces what the production Mosquitto does (broker-config/): the
 listener speaks only TLS, a client without a certificate from the configured CA fails the
-handshake, the certificate's common name is the client's identity *and* its client id (one
-session per identity, so nobody can take over or delete another's session), and
-:mod:`firstcare.identity` decides every publish, will, subscription and delivery.
+handshake, the certificate's common name is the client's identity, a device's client id is
+replaced by its identity (so no device can take over or delete another client's session, the
+bridge's included), and :mod:`firstcare.identity` decides every publish, will, subscription and
+delivery. Bridges and gateways keep the client ids they choose (the bridge's lease connection
+needs a second one), as on Mosquitto's service listener.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from firstcare.errors import BrokerError, ConfigError
 from firstcare.identity import Identity, may_publish, may_read, parse_identity
@@ -123,9 +126,10 @@ class _IdentityBroker(Broker):
     * a client certificate is required (amqtt asks for one but lets a client without one in);
     * the identity comes from *this* connection's certificate: amqtt keeps the SSL object of
       the first connection on a stored session and would authenticate a later one with it;
-    * the client id is replaced by the identity before amqtt looks up, takes over or deletes a
-      session, which it does before authentication: otherwise any client could delete the
-      bridge's queued messages by connecting with its client id and clean session on.
+    * a device's client id is replaced by its identity before amqtt looks up, takes over or
+      deletes a session, which it does before authentication: otherwise any device could delete
+      the bridge's queued messages by connecting with its client id and clean session on.
+      Bridges and gateways (trusted services) keep theirs.
 
     It also sends retained messages only for the connecting client's own subscriptions, each
     checked against the topic rule (amqtt sends every retained message matching anyone's).
@@ -155,7 +159,12 @@ class _IdentityBroker(Broker):
         if identity is None:  # cannot pass the CERT_REQUIRED handshake; refuse all the same
             await writer.close()
             raise MQTTError(f"{remote_address}:{remote_port} presented no client certificate")
-        session.client_id = identity
+        try:
+            pinned = parse_identity(identity).kind == "device"
+        except ConfigError:
+            pinned = True  # refused by the auth plugin below; meanwhile it touches only its own name
+        if pinned or not session.client_id:
+            session.client_id = identity if pinned else gen_client_id()
         session.username = identity
         session.password = None
         session.ssl_object = ssl_object

@@ -3,12 +3,19 @@ certificates whose common name is the broker identity (see :mod:`firstcare.ident
 
 ``firstcare certs`` writes them into one directory (``data/certs`` by default)::
 
-    ca.pem  ca-key.pem                 the CA (its key signs everything else: keep it offline)
+    ca.pem                             the trust bundle: both CAs below. Every client and embedded broker
+    site-ca.pem  site-ca-key.pem       the CA of servers and devices (keep its key offline)
+    service-ca.pem  service-ca-key.pem the CA of bridges and gateways only (keep its key offline)
     server.pem  server-key.pem         brokers and HTTPS, SANs localhost, 127.0.0.1, ::1 and --host names
     bridge.pem  bridge-key.pem         the bridge's client certificate (CN bridge)
     clients/{stem}.pem  {stem}-key.pem devices (CN h1/monitor/monitor-7) and gateways (CN gateway/h1/ward-3)
     clients/{stem}.sign-key.pem        Ed25519 signing key of a device or gateway (never leaves it)
     clients/{stem}.sign.pub            its public half, to register with the bridge
+
+Two CAs, because Mosquitto can pin a client id to the certificate only per listener: devices
+connect to the device listener (client id = certificate name, so no device can take over the
+bridge's session), bridges and gateways to the service listener, which trusts ``service-ca.pem``
+only, so no device certificate is accepted there (see broker-config/README.md).
 
 The directory is 0700, private keys 0600, certificates 0644. Everything here is pure except the
 ``write_*`` and ``Pki`` methods, which touch only that directory.
@@ -151,11 +158,16 @@ class Pki:
 
     @property
     def ca_file(self) -> Path:
+        """The trust bundle (both CAs): what clients verify servers with, and embedded brokers clients."""
         return self.dir / "ca.pem"
 
+    def ca_pair(self, kind: str) -> Pair:
+        """``site`` (servers, devices) or ``service`` (bridges, gateways)."""
+        return Pair(self.dir / f"{kind}-ca.pem", self.dir / f"{kind}-ca-key.pem")
+
     @property
-    def ca_key_file(self) -> Path:
-        return self.dir / "ca-key.pem"
+    def service_ca_file(self) -> Path:
+        return self.ca_pair("service").cert
 
     @property
     def server(self) -> Pair:
@@ -182,27 +194,34 @@ class Pki:
         (self.dir / "clients").chmod(0o700)
 
     def has_ca(self) -> bool:
-        return self.ca_file.exists() and self.ca_key_file.exists()
+        return self.ca_file.exists() and all(p.cert.exists() and p.key.exists()
+                                             for p in (self.ca_pair("site"), self.ca_pair("service")))
 
     def init_ca(self, common_name: str = "FirstCare development CA", days: int = CA_DAYS) -> None:
         if self.has_ca():
             raise ConfigError(f"{self.ca_file} exists already; remove the directory to start over", "ca_exists")
         self._mkdir()
-        cert, key = make_ca(common_name, days)
-        write_private(self.ca_key_file, key_pem(key))
-        write_public(self.ca_file, cert_pem(cert))
+        bundle = b""
+        for kind, name in (("site", common_name), ("service", f"{common_name} for services")):
+            cert, key = make_ca(name, days)
+            pair = self.ca_pair(kind)
+            write_private(pair.key, key_pem(key))
+            write_public(pair.cert, cert_pem(cert))
+            bundle += cert_pem(cert)
+        write_public(self.ca_file, bundle)
 
-    def load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def load_ca(self, kind: str = "site") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         if not self.has_ca():
             raise ConfigError(f"no CA in {self.dir}: run `firstcare certs init --dir {self.dir}` first", "ca_missing")
-        cert = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
-        key = serialization.load_pem_private_key(self.ca_key_file.read_bytes(), password=None)
+        pair = self.ca_pair(kind)
+        cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+        key = serialization.load_pem_private_key(pair.key.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{self.ca_key_file} is not an EC key", "ca_invalid")
+            raise ConfigError(f"{pair.key} is not an EC key", "ca_invalid")
         return cert, key
 
-    def _issue(self, pair: Pair, name: str, **kwargs: object) -> Pair:
-        ca_cert, ca_key = self.load_ca()
+    def _issue(self, pair: Pair, name: str, ca: str = "site", **kwargs: object) -> Pair:
+        ca_cert, ca_key = self.load_ca(ca)
         self._mkdir()
         cert, key = issue(ca_cert, ca_key, name, **kwargs)  # type: ignore[arg-type]
         write_private(pair.key, key_pem(key))
@@ -217,7 +236,8 @@ class Pki:
         """A client certificate for a device, gateway or bridge identity (validated)."""
         parsed = parse_identity(identity)
         pair = self.bridge if parsed.kind == "bridge" and identity == "bridge" else self.client(identity)
-        return self._issue(pair, identity, client=True, days=days)
+        return self._issue(pair, identity, ca="site" if parsed.kind == "device" else "service", client=True,
+                           days=days)
 
     def ensure_dev(self, names: tuple[str, ...] = ()) -> None:
         """What ``firstcare up --tls`` needs: a CA, a server certificate and the bridge's."""

@@ -68,10 +68,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     pki.init_ca(args.ca_name, args.ca_days)
     pki.issue_server(tuple(args.host), args.days)
     pki.issue_client("bridge", args.days)
-    print(f"""CA and certificates in {pki.dir}:
-  ca.pem          give it to every client (devices, gateways, bridges, browsers for HTTPS)
-  ca-key.pem      the CA's private key: keep it offline; it makes every other certificate
-  server.pem      brokers (Mosquitto 8883, embedded) and HTTPS; names: localhost, 127.0.0.1, ::1{''.join(', ' + h for h in args.host)}
+    print(f"""CAs and certificates in {pki.dir}:
+  ca.pem          the trust bundle: give it to every client (devices, gateways, bridges, browsers for HTTPS)
+  site-ca.pem     the CA of servers and devices ({'site-ca-key.pem'}: keep it offline)
+  service-ca.pem  the CA of bridges and gateways (service-ca-key.pem: keep it offline); Mosquitto's
+                  service listener (8884) trusts only this one, so no device can connect there
+  server.pem      brokers (Mosquitto 8883/8884, embedded) and HTTPS; names: localhost, 127.0.0.1, ::1{''.join(', ' + h for h in args.host)}
   bridge.pem      the bridge's client certificate (identity "bridge")
 next: firstcare certs device --hospital H --type T --id D --dir {pki.dir}""")
     return 0

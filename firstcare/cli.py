@@ -35,7 +35,7 @@ EPILOGS = {
   firstcare up --tls --simulate 20   mqtts with a certificate per device, HTTPS/WSS, signed readings
   FC_HTTP_PORT=9000 firstcare up --mqtt-port 1885""",
     "bridge": """examples:
-  FC_MQTT_URL=mqtts://mosquitto:8883 FC_MQTT_CA_FILE=certs/ca.pem FC_MQTT_CERT_FILE=certs/bridge.pem \\
+  FC_MQTT_URL=mqtts://mosquitto:8884 FC_MQTT_CA_FILE=certs/ca.pem FC_MQTT_CERT_FILE=certs/bridge.pem \\
     FC_MQTT_KEY_FILE=certs/bridge-key.pem FC_JWT_SECRET=... firstcare bridge
   FC_MQTT_URL=mqtt://bridge:secret@mosquitto:1883 FC_JWT_SECRET=... firstcare bridge
   firstcare bridge --mqtt-url mqtt://127.0.0.1:1883 --http-port 8001""",
@@ -45,7 +45,7 @@ EPILOGS = {
     firstcare broker                 the same with TLS only and a certificate per client
   firstcare broker --mqtt-host 0.0.0.0 --mqtt-port 1884""",
     "edge": """examples:
-  firstcare edge --upstream-url mqtts://uplink:8883 --hospital h1 --gateway-id ward-3 --ca-file certs/ca.pem \\
+  firstcare edge --upstream-url mqtts://uplink:8884 --hospital h1 --gateway-id ward-3 --ca-file certs/ca.pem \\
       --cert-file certs/clients/gateway.h1.ward-3.pem --key-file certs/clients/gateway.h1.ward-3-key.pem \\
       --local-cert-file certs/server.pem --local-key-file certs/server-key.pem
   firstcare edge --upstream-url mqtt://gateway:secret@uplink:1883 --hospital h1 --gateway-id ward-3

@@ -2,7 +2,8 @@
 embedded broker's topic check.
 
 A client's identity is the common name (CN) of its TLS client certificate; Mosquitto uses it as
-the username (``use_identity_as_username``) and as the client id (``use_username_as_clientid``).
+the username (``use_identity_as_username``) and, on the devices' listener, as the client id
+(``use_username_as_clientid``).
 The naming rule binds hospital and device type into the certificate itself::
 
     h1/monitor/monitor-7     a device: {hospital_id}/{device_type}/{device_id}
@@ -30,6 +31,8 @@ from firstcare.errors import ConfigError
 from firstcare.topics import DEFAULT_ROOT, DEVICE_TYPES, VERSION, is_valid_id
 
 Kind = Literal["device", "gateway", "bridge"]
+LEASE_PREFIX = "firstcare/lease/"
+"""Where a bridge holds the lease on its MQTT client id (firstcare.lease): bridges only."""
 _BRIDGE = re.compile(r"bridge(-[A-Za-z0-9_-]{1,57})?")
 
 
@@ -86,10 +89,12 @@ def _levels(topic: str, root: str) -> list[str] | None:
 def may_publish(identity: Identity, topic: str, root: str = DEFAULT_ROOT) -> bool:
     """A device writes its own vitals and status; a gateway writes any device topic of its
     hospital and its own status under ``{root}/edge/{hospital}/{gateway}/``; a bridge writes
-    nothing. Wills are publishes too."""
+    nothing there (only its client-id lease under ``firstcare/lease/``). Wills are publishes too."""
     if identity.kind == "device":
         own = f"{root}/{VERSION}/{identity.name}/"
         return topic in (own + "vitals", own + "status")
+    if identity.kind == "bridge":
+        return topic.startswith(LEASE_PREFIX)
     if identity.kind == "gateway":
         levels = _levels(topic, root)
         if levels is not None:
@@ -103,6 +108,8 @@ def may_read(identity: Identity, topic_or_filter: str, root: str = DEFAULT_ROOT,
     """Readings are patient data: only the bridge (or an identity the broker names in
     ``readers``, such as an edge gateway reading its own ward broker) reads under the root. A
     gateway also reads its own edge status. Devices read nothing."""
+    if identity.kind == "bridge" and topic_or_filter.startswith(LEASE_PREFIX):
+        return True
     if identity.kind == "bridge" or identity.name in readers:
         return topic_or_filter.startswith(root + "/")
     if identity.kind == "gateway":

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 import paho.mqtt.client as mqtt
 
 from firstcare.errors import BrokerError
+from firstcare.tls import ClientTls, client_context, describe_tls_error
 
 log = logging.getLogger("firstcare.lease")
 
@@ -125,7 +126,8 @@ class _Seen:
 class LeaseKeeper:
     def __init__(self, host: str, port: int, username: str | None, password: str | None, client_id: str,
                  on_yield: Callable[[str], None] | None = None, heartbeat_s: float = HEARTBEAT_S,
-                 lease_s: float = LEASE_S, clock: Callable[[], int] | None = None) -> None:
+                 lease_s: float = LEASE_S, clock: Callable[[], int] | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.host, self.port = host, port
         self.client_id = client_id
         self.topic = lease_topic(client_id)
@@ -152,6 +154,8 @@ class LeaseKeeper:
                                    clean_session=True, protocol=mqtt.MQTTv311)
         if username:
             self._client.username_pw_set(username, password)
+        if tls is not None:  # the same TLS identity as the bridge's session (firstcare.tls)
+            self._client.tls_set_context(client_context(tls))
         self._client.reconnect_delay_set(0.5, 10)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -224,8 +228,9 @@ class LeaseKeeper:
         hint = (f"the bridge's MQTT user needs readwrite access to {TOPIC_PREFIX}# on the broker (see broker-config/acl)")
         try:
             self._client.connect(self.host, self.port, keepalive=30)
-        except OSError as exc:
-            raise BrokerUnreachable(f"cannot reach the MQTT broker at {where} to check the client-id lease: {exc}") from exc
+        except (OSError, ValueError) as exc:  # TLS refusals included
+            raise BrokerUnreachable(f"cannot reach the MQTT broker at {where} to check the client-id lease: "
+                                    f"{describe_tls_error(exc)}") from exc
         self._client.loop_start()
         try:
             if not self._subscribed.wait(CONNECT_TIMEOUT_S):

@@ -126,7 +126,7 @@ class EnvSettings:
 class Settings(EnvSettings):
     """Every bridge setting, its default, and (in ``metadata['doc']``) the README description."""
 
-    mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtts://host:port` (TLS, port 8883 by default) or `mqtt://user:pass@host:port`"})
+    mqtt_url: str = field(default="embedded", metadata={"doc": "`embedded` runs the amqtt broker in-process; else `mqtts://host:port` (TLS, port 8883 by default; the production Mosquitto's listener for the bridge is 8884) or `mqtt://user:pass@host:port`"})
     mqtt_host: str = field(default="127.0.0.1", metadata={"doc": "bind address of the embedded broker"})
     mqtt_port: int = field(default=1884, metadata={"doc": "port of the embedded broker (1884 so it can sit beside a system Mosquitto on 1883)"})
     mqtt_client_id: str = field(default="firstcare-bridge", metadata={"doc": "fixed client id of the bridge's persistent MQTT session (`[A-Za-z0-9_.-]`, at most 128); one bridge per client id and broker (see Delivery guarantee)"})
@@ -185,6 +185,7 @@ class Settings(EnvSettings):
             raise self.bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
         if urlsplit(self.hub_url).scheme not in ("memory", "redis", "rediss"):
             raise self.bad("hub_url", "expected memory:// or redis://host:port/db")
+        self.validate_security()
         self.check_mqtt_session()
         if not (math.isfinite(self.store_busy_timeout_seconds) and 0 < self.store_busy_timeout_seconds <= 60):
             raise self.bad("store_busy_timeout_seconds", "must be greater than 0 and at most 60 (seconds)")
@@ -207,7 +208,6 @@ class Settings(EnvSettings):
             check_root(self.topic_root)
         except Exception as exc:
             raise self.bad("topic_root", str(exc)) from exc
-        self.validate_security()
 
     def validate_security(self) -> None:
         self.check_tls_client("mqtt_url", "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file")
@@ -265,7 +265,8 @@ class Settings(EnvSettings):
                            " the queue (e.g. 1209600, 14 days) or use FC_MQTT_PROTOCOL=3.1.1")
         if self.mqtt_session_expiry_seconds < 0 or self.mqtt_session_expiry_seconds > 0xFFFFFFFF:
             raise self.bad("mqtt_session_expiry_seconds", "must be 0..4294967295 seconds")
-        if not urlsplit(self.mqtt_url).username and not self.mqtt_allow_anonymous:
+        certified = self.is_tls_url("mqtt_url") and self.mqtt_cert_file is not None  # the certificate names it
+        if not urlsplit(self.mqtt_url).username and not self.mqtt_allow_anonymous and not certified:
             raise self.bad("mqtt_url", "no username: the bridge's session would be anonymous, and the amqtt broker"
                                        " (`firstcare broker`) discards the queue of anonymous sessions, so readings"
                                        " published while the bridge is away would be lost. Put the bridge's user in"

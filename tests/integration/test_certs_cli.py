@@ -29,12 +29,19 @@ def test_init_device_and_gateway_write_what_they_say_with_tight_permissions(
     out = capsys.readouterr().out
     assert "PUT" in out and "/api/devices/monitor/monitor-7/key" in out
     assert mode(d) == 0o700 and mode(d / "clients") == 0o700
-    for key in ("ca-key.pem", "server-key.pem", "bridge-key.pem", "clients/h1.monitor.monitor-7-key.pem",
+    for key in ("site-ca-key.pem", "service-ca-key.pem", "server-key.pem", "bridge-key.pem", "clients/h1.monitor.monitor-7-key.pem",
                 "clients/h1.monitor.monitor-7.sign-key.pem", "clients/gateway.h1.ward-3-key.pem"):
         assert mode(d / key) == 0o600, key
-    for cert in ("ca.pem", "server.pem", "bridge.pem", "clients/h1.monitor.monitor-7.pem",
+    for cert in ("ca.pem", "site-ca.pem", "service-ca.pem", "server.pem", "bridge.pem", "clients/h1.monitor.monitor-7.pem",
                  "clients/h1.monitor.monitor-7.sign.pub"):
         assert mode(d / cert) == 0o644, cert
+    # the gateway's and the bridge's certificates come from the service CA, the device's from the site CA
+    site = x509.load_pem_x509_certificate((d / "site-ca.pem").read_bytes())
+    service = x509.load_pem_x509_certificate((d / "service-ca.pem").read_bytes())
+    for name, issuer in (("bridge.pem", service), ("clients/gateway.h1.ward-3.pem", service),
+                         ("clients/h1.monitor.monitor-7.pem", site), ("server.pem", site)):
+        x509.load_pem_x509_certificate((d / name).read_bytes()).verify_directly_issued_by(issuer)
+    assert (d / "ca.pem").read_bytes() == (d / "site-ca.pem").read_bytes() + (d / "service-ca.pem").read_bytes()
     server = x509.load_pem_x509_certificate((d / "server.pem").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "broker.example" in names.get_values_for_type(x509.DNSName)
@@ -45,7 +52,7 @@ def test_init_device_and_gateway_write_what_they_say_with_tight_permissions(
 def test_init_never_replaces_a_ca_unless_told_to_keep_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = str(tmp_path / "certs")
     assert main(["init", "--dir", d]) == 0
-    ca = (tmp_path / "certs" / "ca.pem").read_bytes()
+    ca = (tmp_path / "certs" / "ca.pem").read_bytes()  # the bundle of both CAs
     assert main(["init", "--dir", d]) == 2
     assert "exists already" in capsys.readouterr().err
     assert main(["init", "--dir", d, "--exist-ok"]) == 0

@@ -30,8 +30,15 @@ M7, M8 = "h1/monitor/monitor-7", "h1/monitor/monitor-8"
 M7_TOPIC = "fc/v1/h1/monitor/monitor-7/vitals"
 
 
+class Services:
+    """The service listener (8884) of a production broker: bridges and gateways connect there."""
+
+    def __init__(self, broker: MosquittoInstance) -> None:
+        self.host, self.port = broker.host, broker.service_port
+
+
 def bridge(make, broker, certs: Certs, topic: str = "fc/#", identity: str = "bridge", **kwargs) -> Probe:
-    probe = make(broker, unique("bridge"), tls=certs.client(identity), live_only=True, **kwargs)
+    probe = make(Services(broker), unique("bridge"), tls=certs.client(identity), live_only=True, **kwargs)
     probe.connect_ok()
     rcs = probe.subscribe(topic, 1)
     assert not rcs[0].is_failure, rcs
@@ -148,6 +155,25 @@ def test_client_id_is_the_certificate_identity_so_no_device_can_take_over_anothe
     assert received(bridge_probe, b"marker") == [b"marker"]
 
 
+def test_no_device_certificate_is_accepted_on_the_service_listener(mosquitto_secure, probes, certs):
+    assert probes(Services(mosquitto_secure), "monitor-7", tls=certs.client(M7)).refusal()
+
+
+def test_the_bridge_keeps_its_session_whatever_client_id_a_device_claims(mosquitto_secure, probes, certs):
+    """On the service listener the bridge keeps its own client id (its lease needs a second
+    connection); a device claiming that id on its listener is renamed to its identity."""
+    bridge_probe = probes(Services(mosquitto_secure), "firstcare-bridge", tls=certs.client("bridge"),
+                          clean_session=False, live_only=True).connect_ok()
+    bridge_probe.subscribe("fc/#", 1)
+    lease = probes(Services(mosquitto_secure), "firstcare-bridge.lease.1", tls=certs.client("bridge")).connect_ok()
+    # a device, and even another bridge's certificate, on the devices' listener: renamed to their identity
+    for identity in (M7, "bridge-2"):
+        probes(mosquitto_secure, "firstcare-bridge", tls=certs.client(identity)).connect_ok().close()
+    assert not bridge_probe.disconnected.is_set() and not lease.disconnected.is_set()
+    device(probes, mosquitto_secure, certs, M8).publish("fc/v1/h1/monitor/monitor-8/vitals", b"marker")
+    assert received(bridge_probe, b"marker") == [b"marker"]
+
+
 def test_device_cannot_read_anything(mosquitto_secure, probes, certs):
     bridge_probe = bridge(probes, mosquitto_secure, certs)
     dev = device(probes, mosquitto_secure, certs)
@@ -189,7 +215,7 @@ def test_device_cannot_set_a_will_for_another_device(mosquitto_secure, probes, c
 
 def test_bridge_only_reads(mosquitto_secure, probes, certs):
     bridge_probe = bridge(probes, mosquitto_secure, certs)
-    other = probes(mosquitto_secure, unique("bridge"), tls=certs.client("bridge-2")).connect_ok()
+    other = probes(Services(mosquitto_secure), unique("bridge"), tls=certs.client("bridge-2")).connect_ok()
     other.publish("fc/v1/h1/monitor/monitor-7/vitals", b"denied")
     other.publish("fc/edge/h1/gw-test/status", b"denied")
     device(probes, mosquitto_secure, certs).publish(M7_TOPIC, b"marker")
@@ -206,7 +232,7 @@ def test_bridge_shared_subscription_mqtt5(mosquitto_secure, probes, certs):
 
 def test_gateway_forwards_only_its_hospital_and_owns_only_its_status(mosquitto_secure, probes, certs):
     bridge_probe = bridge(probes, mosquitto_secure, certs)
-    gateway = probes(mosquitto_secure, unique("gw"), tls=certs.client(TEST_GATEWAY)).connect_ok()
+    gateway = probes(Services(mosquitto_secure), unique("gw"), tls=certs.client(TEST_GATEWAY)).connect_ok()
     assert not gateway.subscribe("fc/edge/h1/gw-test/status")[0].is_failure
     gateway.subscribe("fc/v1/#")  # granted or not, nothing may arrive
     gateway.publish("fc/v1/h1/monitor/m-1/vitals", b"forwarded")
@@ -225,7 +251,7 @@ def test_gateway_forwards_only_its_hospital_and_owns_only_its_status(mosquitto_s
 
 def test_a_gateway_without_its_acl_block_can_publish_nothing(mosquitto_secure, probes, certs):
     bridge_probe = bridge(probes, mosquitto_secure, certs)
-    stranger = probes(mosquitto_secure, unique("gw"), tls=certs.client("gateway/h1/unprovisioned")).connect_ok()
+    stranger = probes(Services(mosquitto_secure), unique("gw"), tls=certs.client("gateway/h1/unprovisioned")).connect_ok()
     stranger.publish("fc/v1/h1/monitor/m-1/vitals", b"denied")
     device(probes, mosquitto_secure, certs).publish(M7_TOPIC, b"marker")
     assert received(bridge_probe, b"marker") == [b"marker"]
@@ -237,7 +263,7 @@ def test_a_gateway_without_its_acl_block_can_publish_nothing(mosquitto_secure, p
 
 def test_contract_sized_payload_passes(mosquitto_secure, probes, certs):
     bridge_probe = bridge(probes, mosquitto_secure, certs)
-    gateway = probes(mosquitto_secure, unique("gw"), tls=certs.client(TEST_GATEWAY)).connect_ok()
+    gateway = probes(Services(mosquitto_secure), unique("gw"), tls=certs.client(TEST_GATEWAY)).connect_ok()
     topic = f"fc/v1/h1/thermometer/{'d' * 64}/vitals"  # the longest id the contract allows
     for size in (60 * 1024, 64 * 1024):
         payload = bytes([size % 251]) * size
@@ -268,19 +294,19 @@ def publish_many(probe: Probe, topic: str, count: int) -> None:
 def queued_for_offline_bridge(broker: MosquittoInstance, make, certs: Certs, count: int, restart=None) -> list[int]:
     """Bridge subscribes (clean session off), goes away, ``count`` readings are
     published, the broker is optionally restarted, the bridge comes back."""
-    first = make(broker, "firstcare-bridge", tls=certs.client("bridge"), clean_session=False).connect_ok()
+    first = make(Services(broker), "firstcare-bridge", tls=certs.client("bridge"), clean_session=False).connect_ok()
     first.subscribe("fc/#", 1)
     first.close()
-    gateway = make(broker, unique("gw"), tls=certs.client(TEST_GATEWAY))
+    gateway = make(Services(broker), unique("gw"), tls=certs.client(TEST_GATEWAY))
     gateway.client.max_inflight_messages_set(1000)  # paho allows this only before connect
     gateway.connect_ok()
     publish_many(gateway, "fc/v1/h1/monitor/m-1/vitals", count)
     gateway.close()
     if restart is not None:
         restart()
-    again = make(broker, "firstcare-bridge", tls=certs.client("bridge"), clean_session=False).connect_ok()
+    again = make(Services(broker), "firstcare-bridge", tls=certs.client("bridge"), clean_session=False).connect_ok()
     # A marker published now is queued behind everything the session holds.
-    marker = make(broker, unique("gw"), tls=certs.client(TEST_GATEWAY)).connect_ok()
+    marker = make(Services(broker), unique("gw"), tls=certs.client(TEST_GATEWAY)).connect_ok()
     marker.publish("fc/v1/h1/monitor/m-1/vitals", b"-1")
     return [int(p) for p in received(again, b"-1")[:-1]]
 
@@ -332,17 +358,30 @@ def test_broker_crash_loses_at_most_one_autosave_interval(own_broker, probes, ce
 # the shipped files
 # --------------------------------------------------------------------------
 
+def listener_blocks(conf: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    blocks: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for key, value in conf:
+        if key == "listener":
+            current = blocks.setdefault(value, {})
+        elif current is not None and key in LISTENER_AND_AUTH - {"allow_anonymous", "acl_file", "password_file"}:
+            current[key] = value
+    return blocks
+
+
 def test_production_listens_only_with_tls_and_a_certificate_per_client():
     conf = parse_config(PRODUCTION_CONF)
-    listeners = [v for k, v in conf if k == "listener"]
-    assert listeners == ["8883"], "a plain-text listener would carry readings in clear"
+    blocks = listener_blocks(conf)
+    assert sorted(blocks) == ["8883", "8884"], "a plain-text listener would carry readings in clear"
+    for block in blocks.values():
+        assert block["require_certificate"] == "true" and block["use_identity_as_username"] == "true"
+        assert block["tls_version"] in ("tlsv1.2", "tlsv1.3") and block["certfile"].endswith("server.pem")
+    assert blocks["8883"]["use_username_as_clientid"] == "true"      # devices: client id = certificate
+    assert blocks["8883"]["cafile"].endswith("/ca.pem")
+    assert blocks["8884"]["cafile"].endswith("/service-ca.pem")        # services: no device certificate
+    assert "use_username_as_clientid" not in blocks["8884"]
     options = dict(conf)
-    assert options["require_certificate"] == "true"
-    assert options["use_identity_as_username"] == "true"
-    assert options["use_username_as_clientid"] == "true"
-    assert options["allow_anonymous"] == "false"
-    assert options["tls_version"] in ("tlsv1.2", "tlsv1.3")
-    assert "password_file" not in options
+    assert options["allow_anonymous"] == "false" and "password_file" not in options
 
 
 def test_dev_config_accepts_anonymous_publish_and_subscribe(mosquitto, probes):

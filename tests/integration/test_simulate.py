@@ -297,11 +297,16 @@ def test_ctrl_c_stops_cleanly_with_a_summary(mosquitto: MosquittoInstance, recor
     assert b'"battery"' in statuses(final, "monitor-001")[-1].payload
 
 
+class ServiceListener:
+    def __init__(self, broker: MosquittoInstance) -> None:
+        self.host, self.port = broker.host, broker.service_port
+
+
 def test_production_broker_takes_simulated_devices_each_with_its_own_certificate(
         mosquitto_secure: MosquittoInstance, certs: Certs) -> None:
     """TLS, a certificate per device (issued from the CA in --certs on the fly) and the ACL:
     each simulated device publishes under its own identity, signed."""
-    rec = Recorder(mosquitto_secure, "h-acl", tls=certs.client("bridge"))
+    rec = Recorder(ServiceListener(mosquitto_secure), "h-acl", tls=certs.client("bridge"))
     try:
         config = SimulationConfig(mosquitto_secure.url(), "h-acl", devices=("thermometer", "scale"), rate=20,
                                   count=5, certs_dir=str(certs.dir), sign=True)

@@ -127,6 +127,14 @@ class MosquittoInstance:
     def tls(self) -> bool:
         return self.certs is not None
 
+    @property
+    def service_port(self) -> int:
+        """The production config's listener for bridges and gateways (8884); else the only one."""
+        return self.ports.get(8884, self.port)
+
+    def service_url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.service_port}"
+
     def url(self, username: str | None = None, password: str | None = None) -> str:
         """``mqtt[s]://user:pass@127.0.0.1:PORT`` or ``mqtt[s]://127.0.0.1:PORT``."""
         scheme = "mqtts" if self.tls else "mqtt"

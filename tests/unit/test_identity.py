@@ -67,10 +67,20 @@ def test_builders_and_file_names() -> None:
     (GW, "fc/edge/h1/ward-3/status", True),
     (GW, "fc/edge/h1/ward-4/status", False),
     (GW, "fc/edge/h2/ward-3/status", False),
-    (BRIDGE, "fc/v1/h1/monitor/m-1/vitals", False),       # the bridge only reads
+    (BRIDGE, "fc/v1/h1/monitor/m-1/vitals", False),       # the bridge only reads readings
+    (BRIDGE, "firstcare/lease/firstcare-bridge", True),   # ... and holds its client-id lease
+    (M7, "firstcare/lease/firstcare-bridge", False),
+    (GW, "firstcare/lease/x", False),
 ])
 def test_who_may_publish(identity: Identity, topic: str, allowed: bool) -> None:
     assert may_publish(identity, topic) is allowed
+
+
+def test_the_lease_prefix_is_the_leases() -> None:
+    from firstcare.identity import LEASE_PREFIX
+    from firstcare.lease import TOPIC_PREFIX
+
+    assert LEASE_PREFIX == TOPIC_PREFIX
 
 
 def test_the_root_is_respected() -> None:
@@ -84,6 +94,8 @@ def test_the_root_is_respected() -> None:
     (parse_identity("bridge-2"), "fc/#", (), True),
     (BRIDGE, "#", (), False),                            # not beyond the root
     (BRIDGE, "+/v1/#", (), False),
+    (BRIDGE, "firstcare/lease/#", (), True),
+    (M7, "firstcare/lease/#", (), False),
     (M7, "fc/v1/h1/monitor/monitor-7/vitals", (), False),  # devices read nothing, not even their own
     (M7, "fc/#", (), False),
     (GW, "fc/v1/#", (), False),
