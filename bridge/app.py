@@ -55,7 +55,7 @@ from firstcare.lease import BrokerUnreachable, LeaseError, LeaseHeld, LeaseKeepe
 from firstcare.permissions import Claims
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, backoff_delay
 from firstcare.settings import Settings
-from firstcare.tls import ClientTls, warn_if_insecure
+from firstcare.tls import ClientTls, note_plaintext, warn_if_insecure
 from firstcare.topics import subscription_filter
 
 log = logging.getLogger("firstcare.bridge")
@@ -119,10 +119,10 @@ class Runtime:
         self.audit.start()
         if s.mqtt_tls:
             warn_if_insecure(s.tls_insecure, "the bridge's MQTT connection", "FC_TLS_INSECURE")
+        elif s.mqtt_url == "embedded":
+            note_plaintext("the embedded broker (no FC_BROKER_CERT_FILE)", s.mqtt_host)
         else:
-            log.warning("MQTT is not encrypted (%s): readings cross the network in clear text; use mqtts:// "
-                        "(or FC_BROKER_CERT_FILE for the embedded broker) for anything but a laptop",
-                        "embedded broker without FC_BROKER_CERT_FILE" if s.mqtt_url == "embedded" else s.mqtt_url)
+            note_plaintext("the bridge's MQTT connection", self.mqtt_target.host)
         if s.mqtt_url == "embedded":
             tls = (BrokerTls(s.broker_cert_file, s.broker_key_file or "", s.mqtt_ca_file or "", root=s.topic_root)
                    if s.broker_cert_file else None)

@@ -35,7 +35,7 @@ from firstcare.broker import BrokerTls, EmbeddedBroker
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, describe_error
 from firstcare.payloads import Rejection, now_ms
 from firstcare.signing import load_private, sign
-from firstcare.tls import ClientTls, warn_if_insecure
+from firstcare.tls import ClientTls, note_plaintext, warn_if_insecure
 
 log = logging.getLogger("firstcare.edge")
 
@@ -133,11 +133,14 @@ class Gateway:
 
     def warn_plaintext(self) -> None:
         s = self.settings
-        for what, secure in (("upstream", s.is_tls_url("upstream_url")), ("ward", s.ward_tls)):
+        ward_host = s.local_host if s.local_url == "embedded" else MqttTarget.parse(s.local_url).host
+        links = (("upstream", s.is_tls_url("upstream_url"), MqttTarget.parse(s.upstream_url).host),
+                 ("ward", s.ward_tls, ward_host))
+        for what, secure, host in links:
             if secure:
                 warn_if_insecure(s.tls_insecure, f"the gateway's {what} broker", "FC_EDGE_TLS_INSECURE")
             else:
-                log.warning("the %s MQTT link is not encrypted: readings cross the network in clear text", what)
+                note_plaintext(f"the gateway's {what} link", host)
 
     @contextlib.asynccontextmanager
     async def running(self) -> Any:

@@ -9,6 +9,7 @@ and every process that uses it logs a WARNING at start, every start.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
@@ -113,6 +114,24 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | Non
 def warn_if_insecure(insecure: bool, what: str, switch: str) -> None:
     if insecure:
         log.warning(INSECURE_WARNING, what, switch)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def note_plaintext(what: str, host: str) -> None:
+    """A plain MQTT link: a WARNING when it leaves this machine (readings cross a network in clear
+    text), INFO on loopback (development: ``firstcare up``, tests)."""
+    if is_loopback(host):
+        log.info("%s is plain MQTT on loopback (%s): fine for development, use TLS on any network", what, host)
+    else:
+        log.warning("%s is not encrypted (%s): readings cross the network in clear text; use mqtts://", what, host)
 
 
 def describe_tls_error(exc: BaseException) -> str:

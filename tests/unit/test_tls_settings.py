@@ -124,3 +124,15 @@ def test_edge_tls_on_either_side_uses_the_gateway_certificate() -> None:
     assert ward_only.ward_tls and ward_only.identity == "gateway/h1/gw1"
     upstream = EdgeSettings.from_env({}, upstream_url="mqtts://up", ca_file=EXISTING)
     assert not upstream.ward_tls
+
+
+@pytest.mark.parametrize(("host", "level"), [("127.0.0.1", "INFO"), ("localhost", "INFO"), ("::1", "INFO"),
+                                             ("0.0.0.0", "WARNING"), ("10.1.2.3", "WARNING"),
+                                             ("mqtt.hospital.example", "WARNING")])
+def test_a_plain_link_is_loud_once_it_leaves_the_machine(host: str, level: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from firstcare.tls import note_plaintext
+
+    with caplog.at_level("INFO", logger="firstcare.tls"):
+        note_plaintext("the link", host)
+    assert [r.levelname for r in caplog.records] == [level]
