@@ -29,7 +29,7 @@ venv: $(DEV)
 ## Broker + bridge + REST API on embedded defaults, with $(SIMULATE) simulated patients.
 ## TLS=1: a development CA in data/certs, mqtts with a certificate per device, HTTPS/WSS, signed readings.
 up: $(RUNTIME)
-	$(BIN)/firstcare up --simulate $(SIMULATE) $(if $(TLS),--tls)
+	$(BIN)/firstcare up --simulate $(SIMULATE)$(if $(TLS), --tls)
 
 ## The whole test suite (needs the services listed under Prerequisites in the README).
 test: $(DEV)
