@@ -319,11 +319,16 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pending:
-    """An abnormal run not yet long enough to raise: how many readings, since when."""
+class Pending:
+    """An abnormal run not yet long enough to raise: how many readings, from the earliest
+    to the latest device time counted (persisted, so another bridge continues the count)."""
 
     count: int
     first_ms: int
+    last_ms: int
+
+    def add(self, ts_ms: int) -> "Pending":
+        return Pending(self.count + 1, min(self.first_ms, ts_ms), max(self.last_ms, ts_ms))
 
 
 def patient_subject(patient_id: str) -> str:
@@ -363,7 +368,9 @@ class _Context:
 class AlertBook:
     """Active alerts and pending condition delays. Mutable, but deterministic and I/O free.
 
-    One instance per bridge process. Every change comes back as a list of transitions in a
+    The bridge builds one per transaction from the state of the subjects that transaction
+    locked (:mod:`bridge.state`), so several bridge processes can share one database; a test
+    may keep one for a whole lifecycle. Every change comes back as a list of transitions in a
     stable order (rule order for a reading), for the caller to store and then publish.
     """
 
@@ -380,7 +387,7 @@ class AlertBook:
         self._patient_rules: dict[str, list[Rule]] = {}
         self._active: dict[tuple[str, str], Alert] = {}
         self._by_id: dict[str, tuple[str, str]] = {}
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending: dict[tuple[str, str], Pending] = {}
         self._resolved: OrderedDict[str, Alert] = OrderedDict()
         for patient_id, patient_overrides in (overrides or {}).items():
             self.set_overrides(patient_id, patient_overrides)
@@ -424,6 +431,14 @@ class AlertBook:
 
     # ------------------------------------------------------------------------- state access
 
+    def load_pending(self, pending: Mapping[tuple[str, str], Pending]) -> None:
+        """Restore pending condition delays (keyed by (subject, rule id)) from the store."""
+        self._pending.update(pending)
+
+    def pending(self) -> dict[tuple[str, str], Pending]:
+        """The pending condition delays, for the caller to store with the transitions."""
+        return dict(self._pending)
+
     def load_active(self, alerts: Iterable[Alert]) -> list[Alert]:
         """Restore active alerts after a restart; returns the ones it did not take.
 
@@ -461,12 +476,18 @@ class AlertBook:
 
     # -------------------------------------------------------------------------- clinical
 
-    def evaluate(self, reading: Reading, now_ms: int | None = None) -> list[Transition]:
+    def evaluate(self, reading: Reading, now_ms: int | None = None, *, late: bool = False) -> list[Transition]:
         """Run the patient's rules over one reading.
 
         ``now_ms`` (default: the reading's receive time) stamps the transitions and starts the
         escalation clock. The condition delay is measured on the readings' own ``ts_ms``, so a
         gateway backlog replayed in one burst raises (and clears) as it did at the bedside.
+
+        ``late``: the reading is older than one of its device already evaluated (it arrived
+        out of order, e.g. through another bridge). It may prove a condition (an abnormal value
+        counts towards the delay, raises or re-triggers) but never its absence: a normal or
+        in-between value neither breaks a pending run nor clears an alarm, because the newer
+        reading already decided that (docs/cluster-state.md).
         """
         if reading.patient_id is None:
             return []
@@ -479,7 +500,7 @@ class AlertBook:
         for rule in self.rules_for(reading.patient_id):
             value = reading.metrics.get(rule.metric)
             if value is not None:
-                transitions += self._step(rule, ctx, float(value), reading.ts_ms, now)
+                transitions += self._step(rule, ctx, float(value), reading.ts_ms, now, late)
         return [replace(t, device_ms=reading.ts_ms) for t in transitions]
 
     def evaluate_derived(self, patient_id: str, hospital_id: str, values: Mapping[str, float], ts_ms: int,
@@ -503,18 +524,21 @@ class AlertBook:
             transitions += self._step(rule, ctx, float(value), ts_ms, now_ms)
         return transitions
 
-    def _step(self, rule: Rule, ctx: _Context, value: float, ts_ms: int, now_ms: int) -> list[Transition]:
+    def _step(self, rule: Rule, ctx: _Context, value: float, ts_ms: int, now_ms: int, late: bool = False
+              ) -> list[Transition]:
         """One value against one threshold rule: the heart of the state machine."""
         key = (ctx.subject, rule.id)
         verdict = rule.classify(value)
+        if late and verdict != "abnormal":
+            return []  # a late value proves a condition, never its absence (see evaluate)
         alert = self._active.get(key)
         if alert is None:
             if verdict != "abnormal":
                 self._pending.pop(key, None)  # the run of abnormal readings is broken
                 return []
             pending = self._pending.get(key)
-            pending = _Pending(1, ts_ms) if pending is None else _Pending(pending.count + 1, pending.first_ms)
-            if pending.count < rule.delay_readings or ts_ms - pending.first_ms < rule.delay_seconds * 1000:
+            pending = Pending(1, ts_ms, ts_ms) if pending is None else pending.add(ts_ms)
+            if pending.count < rule.delay_readings or pending.last_ms - pending.first_ms < rule.delay_seconds * 1000:
                 self._pending[key] = pending
                 return []
             self._pending.pop(key, None)
@@ -707,7 +731,7 @@ def _technical_rule(rule_id: str, latching: bool = False) -> Rule:
 
 
 __all__ = [
-    "ACTIONS", "AlertBook", "AlertError", "Alert", "BATTERY_CLEAR_AT", "BATTERY_LOW_BELOW", "DEVICE_BATTERY_LOW",
+    "ACTIONS", "AlertBook", "AlertError", "Alert", "Pending", "BATTERY_CLEAR_AT", "BATTERY_LOW_BELOW", "DEVICE_BATTERY_LOW",
     "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT", "INGEST_SESSION_LOST", "PRIORITIES", "Rule", "RuleOverride", "STATES",
     "Transition", "apply_overrides", "default_rules", "load_rules", "validate_rule",
 ]

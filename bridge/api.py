@@ -184,7 +184,7 @@ def latest_vitals(request: Request, c: Auth, patient_id: ID) -> dict[str, Any]:
 @router.get("/api/patients/{patient_id}/alert-rules", tags=["alerts"])
 def patient_rules(request: Request, c: Auth, patient_id: ID) -> dict[str, Any]:
     _check_patient(request, c, patient_id)
-    rules = _runtime(request).core.book.rules_for(patient_id)
+    rules = _runtime(request).core.rules_for(patient_id)
     return {"patient_id": patient_id, "rules": [msgspec.to_builtins(r) for r in rules]}
 
 

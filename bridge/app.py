@@ -1,7 +1,8 @@
 """Composition: settings in, a running bridge out (broker, store, writer, hub, ingest, API).
 
     create_app(settings) -> FastAPI whose lifespan starts, in order:
-      embedded broker (FC_MQTT_URL=embedded) -> store (locked: one bridge per database)
+      embedded broker (FC_MQTT_URL=embedded) -> store (SQLite: locked, one bridge per file;
+        PostgreSQL: shared) -> cluster membership (bridge.cluster: who runs the timers)
         -> writer/core -> hub -> client-id lease on the broker -> ingest -> timers
     and stops them in reverse. A refusal at start (database in use, client id in use, a
     session that cannot be persistent) stops the process with a message saying what to change.
@@ -40,6 +41,7 @@ from bridge.audit_http import AuditMiddleware
 from bridge.audit_http import router as audit_router
 from bridge.audit_log import AuditLog, audit_path
 from bridge.fhir_api import router as fhir_router
+from bridge.cluster import Cluster, open_cluster
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.hub import Hub, HubError, open_hub
 from bridge.router import rooms_for
@@ -74,6 +76,8 @@ class Runtime:
                                       settings.jwt_audience, settings.jwt_issuer)
         self.broker: EmbeddedBroker | None = None
         self.store: Store
+        self.cluster: Cluster | None = None
+        self.leader = False  # runs the cluster's timers now (always, with SQLite)
         self.core: BridgeCore
         self.writer: Writer
         self.hub: Hub
@@ -129,12 +133,14 @@ class Runtime:
             self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port, tls=tls)
             await self.broker.start()
         rules = load_rules(Path(s.alert_rules).read_text()) if s.alert_rules else default_rules()
-        self.store = open_store(s.store_url, s.store_busy_timeout_seconds)
+        self.store = open_store(s.store_url, s.store_busy_timeout_seconds, s.store_statement_timeout_seconds)
+        self.cluster = open_cluster(s.store_url, self.node)
         self.core = BridgeCore(self.store, rules, CoreSettings(
             topic_root=s.topic_root, silent_ms=int(s.device_silent_seconds * 1000),
             offline_ms=int(s.device_offline_seconds * 1000), escalation_ms=int(s.escalation_seconds * 1000),
             dead_letter_bytes=s.dead_letter_bytes, require_signatures=frozenset(s.require_signatures),
-            signature_max_age_ms=int(s.signature_max_age_seconds * 1000)))
+            signature_max_age_ms=int(s.signature_max_age_seconds * 1000),
+            seq_gap_grace_ms=int(s.seq_gap_grace_seconds * 1000), reorder_ms=int(s.alarm_reorder_seconds * 1000)))
         self.writer = Writer(self.core)
         self.hub = open_hub(s.hub_url, s.history_size, s.history_seconds, self.node)
         await self.hub.start()
@@ -226,6 +232,8 @@ class Runtime:
             await asyncio.to_thread(self.writer.close)
         if hasattr(self, "hub"):
             await self.hub.stop()
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.close)  # gives up leadership at once
         if hasattr(self, "store"):
             self.store.close()
         if self.broker is not None:
@@ -272,18 +280,30 @@ class Runtime:
                 failing = True
 
     async def _timers(self) -> None:
+        """Every second: the timers (device heartbeats, sequence gaps, NEWS2 staleness,
+        escalation) on the cluster's leader only; every bridge opens a transaction, so a store
+        that refuses writes shows in readiness. Hourly on the leader: partitions ahead, retention."""
+        assert self.cluster is not None
         loop = asyncio.get_running_loop()
         next_purge = loop.time() + 60
+        next_maintain = loop.time()
         while True:
             await asyncio.sleep(TICK_S)
             try:
+                lead = await asyncio.to_thread(self.cluster.is_leader)
+                if lead != self.leader:
+                    log.info("this bridge %s the cluster's timers", "now runs" if lead else "no longer runs")
+                self.leader = lead
                 try:
-                    await self.publish(await self.writer.run(self.core.tick))
+                    await self.publish(await self.writer.run(self.core.tick, lead))
                     self.tick_store_error = None
                 except StoreError as exc:
                     self.tick_store_error = str(exc)  # the store refuses writes: readiness says so
                     raise
-                if self.settings.retention_days > 0 and loop.time() >= next_purge:
+                if lead and loop.time() >= next_maintain:
+                    next_maintain = loop.time() + PURGE_EVERY_S
+                    await self.writer.run(self.core.maintain)
+                if lead and self.settings.retention_days > 0 and loop.time() >= next_purge:
                     next_purge = loop.time() + PURGE_EVERY_S
                     cutoff = self.core.clock() - int(self.settings.retention_days * 86_400_000)
                     await self.writer.run(self.core.purge, cutoff)
@@ -325,6 +345,7 @@ class Runtime:
             "hub": {**self.hub.stats(), "outbox_depth": self._outbox.qsize(), "outbox_dropped": self.outbox_dropped},
             "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
+            "cluster": {"node": self.node, "leader": self.leader},
             "audit": self.audit.stats() if self.audit is not None else {},
         }
 

@@ -1,28 +1,38 @@
 """The bridge's state machine: everything between a received MQTT message and an event.
 
-All of it runs on one writer thread (:class:`Writer`), so the store's single writer, the alert
-book and the device registry never need locks, and an API acknowledgement is ordered with the
-readings around it. One batch is one transaction::
+All of it runs on one writer thread (:class:`Writer`), so an API acknowledgement is ordered
+with the readings around it. One batch is one transaction::
 
     decode (pure; a message that breaks the decoder is dead-lettered ``internal_error``)
-      -> per message, in arrival order: identity (bridge.sequence: new, duplicate, reboot,
-         conflict) -> insert reading -> device status, gaps -> alert rules
-      -> dead letters -> COMMIT -> events (returned to the caller to publish)
+      -> each device's readings in device-time order (the batch's other items keep their place)
+      -> lock + load the working set (bridge.state): devices, then their patients
+      -> per item: identity (bridge.sequence: new, duplicate, reboot, conflict) -> insert
+         reading -> device status, provisional gaps -> alert rules -> NEWS2
+      -> write the working set back, dead letters -> COMMIT -> events (for the caller to publish)
 
-If the transaction fails, the in-memory state (alert book, devices, patients) may be ahead of
-the database, so it is reloaded from the database before the error propagates; the consumer
-then retries the batch (store unavailable) or splits it until the failing message is alone and
-hands it to :meth:`BridgeCore.quarantine`. The writer thread owns every attribute here; other
-threads read ``stats()`` only.
+No alarm, device, ownership or NEWS2 state outlives a transaction here: it is loaded under the
+keys' locks and written back before the commit, so several bridges can share one PostgreSQL
+database and a device's readings may reach any of them (docs/cluster-state.md). A failed
+transaction therefore leaves nothing to undo in memory: the consumer retries the batch (store
+unavailable) or splits it until the failing message is alone and hands it to
+:meth:`BridgeCore.quarantine`.
+
+Late readings: a reading older than one of its device already stored is stored and published,
+and fed to the alarm rules only as evidence of a condition (it may raise, never clear) and only
+within ``reorder_ms`` of the device's newest reading. Sequence gaps are provisional: a late
+reading fills them, and the timers raise ``device.seq_gap`` only for what is still missing
+after ``seq_gap_grace_ms``.
+
+Timers (:meth:`BridgeCore.tick`) run on the cluster's leader only (:mod:`bridge.cluster`), and
+each sweep locks and re-reads what it acts on, so even two ticking bridges fire a timer once.
 
 Only after the commit does the caller acknowledge the batch to the broker, so a crash at any
 point leaves the broker holding whatever was not stored. Alert transitions commit in the same
 transaction as the readings that caused them: an alarm is persisted before it is fanned out.
 
-Threads: the writer thread owns everything here (the book, ``devices``, ``patients``,
-``counters``). Other threads (the stats and metrics endpoints) read only :attr:`snapshot`, a
-frozen :class:`CoreSnapshot` the writer builds after each operation and swaps in by one
-assignment, so a reader never iterates a dictionary the writer is changing.
+Threads: the writer thread owns everything here (``counters``, the gauges). Other threads (the
+stats and metrics endpoints) read only :attr:`snapshot`, a frozen :class:`CoreSnapshot` the
+writer builds after each operation and swaps in by one assignment.
 """
 
 from __future__ import annotations
@@ -33,18 +43,27 @@ import dataclasses
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from bridge import devices as dev
 from bridge import sequence
-from bridge.alerts import INGEST_SESSION_LOST, TECHNICAL_MESSAGES, TECHNICAL_PRIORITY, AlertBook, Rule, RuleOverride, Transition, apply_overrides
-from bridge.news2_state import News2State
-from bridge.store_clinical import ObservationRecord
-from bridge.store import DeadLetter, DeviceRecord, SeqGap, Store, alert_json, device_json
-from firstcare.errors import FirstCareError, StoreUnavailable, TopicError
+from bridge.alerts import (
+    INGEST_SESSION_LOST,
+    TECHNICAL_MESSAGES,
+    TECHNICAL_PRIORITY,
+    AlertBook,
+    AlertError,
+    Rule,
+    RuleOverride,
+    Transition,
+    apply_overrides,
+)
+from bridge.state import WorkingSet, open_working_set
+from bridge.store import DeadLetter, DeviceKey, DeviceRecord, Gauges, ObservationRecord, Store, alert_json, device_json
+from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
 from firstcare.payloads import (
     MAX_PAYLOAD_BYTES,
@@ -85,6 +104,9 @@ class CoreSettings:
     dead_letter_bytes: int = 4096
     require_signatures: frozenset[str] = frozenset()  # hospital ids, or "*" for all (FC_REQUIRE_SIGNATURES)
     signature_max_age_ms: int = 7 * 86_400_000
+    seq_gap_grace_ms: int = 30_000  # a gap still unfilled this long after it was seen raises device.seq_gap
+    reorder_ms: int = 30_000  # a late reading this much older than its device's newest is not evaluated
+    sweep_limit: int = 1000  # keys one timer transaction locks at most
 
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
@@ -102,18 +124,39 @@ class CoreSnapshot:
     ingest_lag_ms: int = 0
 
 
-class DeviceTable(dict[tuple[str, str], DeviceRecord]):
-    """The writer's device registry; keeps the number online as devices are put, so a
-    snapshot after every batch costs nothing per device."""
+def in_device_order(items: Sequence[Reading | StatusReport]) -> list[Reading | StatusReport]:
+    """Each device's readings sorted by device time (stable), in the places its readings held;
+    statuses and other devices' readings keep theirs. A batch thus evaluates every device in
+    the order it measured, whatever order the network delivered.
 
-    def __init__(self, devices: Sequence[DeviceRecord] = ()) -> None:
-        super().__init__((d.key, d) for d in devices)
-        self.online = sum(1 for d in devices if d.state == "online")
+        [r(m1, ts 5), s(m1), r(m1, ts 3)] -> [r(m1, ts 3), s(m1), r(m1, ts 5)]
+    """
+    places: dict[DeviceKey, list[int]] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, Reading):
+            places.setdefault(item.device_key, []).append(i)
+    out = list(items)
+    for indexes in places.values():
+        if len(indexes) > 1:
+            ordered = sorted((items[i] for i in indexes), key=lambda r: r.ts_ms)  # type: ignore[union-attr]
+            for i, r in zip(indexes, ordered):
+                out[i] = r
+    return out
 
-    def __setitem__(self, key: tuple[str, str], device: DeviceRecord) -> None:
-        before = self.get(key)
-        self.online += (device.state == "online") - (before is not None and before.state == "online")
-        super().__setitem__(key, device)
+
+def subject_keys(subjects: Iterable[str]) -> dict[str, list[Any]]:
+    """Alert subjects as the keys a working set takes (``devices``, ``patients``, ``hospitals``)."""
+    keys: dict[str, list[Any]] = {"devices": [], "patients": [], "hospitals": []}
+    for subject in subjects:
+        kind, _, rest = subject.partition(":")
+        if kind == "device":
+            device_type, _, device_id = rest.partition(":")
+            keys["devices"].append((device_type, device_id))
+        elif kind == "patient":
+            keys["patients"].append(rest)
+        elif kind == "ingest":
+            keys["hospitals"].append(rest)
+    return keys
 
 
 def vitals_event(r: Reading) -> Event:
@@ -138,58 +181,62 @@ class BridgeCore:
     def __init__(self, store: Store, rules: list[Rule], settings: CoreSettings,
                  clock: Callable[[], int] = now_ms) -> None:
         self.store = store
-        self.rules = rules
+        self.rules = [*AlertBook(rules, str).rules_for(None)]  # validated once, here
         self.settings = settings
         self.clock = clock
         self.counters: Counter[str] = Counter()
         self.dead_letter_reasons: Counter[str] = Counter()
         self.last_ingest_lag_ms = 0
+        self.gauges = Gauges()
         self.snapshot = CoreSnapshot()
-        self._stale = False
-        self._load()
+        self.keys: dict[str, KeyRecord] = {}
+        self.signature_policies: dict[str, bool] = {}
+        self._load_keys()
+        self._refresh_gauges()
 
-    def _reload(self) -> None:
-        """Reload the state from the database; if even that fails the store is down: say so
-        (so the batch is retried, not blamed) and reload before the next piece of work."""
+    def _load_keys(self) -> None:
+        """Public keys and signature policies, read again every tick: small tables, and a key
+        registered or revoked through any bridge of a cluster applies on all within a second."""
+        self.keys = {k.kid: k for k in self.store.load_signing_keys()}
+        self.signature_policies = self.store.load_signature_policies()
+
+    @staticmethod
+    def _new_id() -> str:
+        return uuid.uuid4().hex
+
+    def _working_set(self, tx: Any, **keys: Iterable[Any]) -> WorkingSet:
+        return open_working_set(tx, self.rules, self._new_id, **keys)
+
+    def _refresh_keys(self) -> None:
         try:
-            self._load()
-        except Exception as exc:
-            self._stale = True
-            raise StoreUnavailable(f"cannot reload state from the database: {exc}") from exc
-        self._stale = False
+            self._load_keys()
+        except Exception as exc:  # noqa: BLE001 - keep the keys we have; the tick reports the store
+            log.debug("signing keys not refreshed: %s", exc)
 
-    def _load(self) -> None:
-        self.book = AlertBook(self.rules, new_id=lambda: uuid.uuid4().hex, overrides=self.store.load_overrides())
-        self.book.load_active(self.store.load_active_alerts())
-        self.devices: DeviceTable = DeviceTable(self.store.load_devices())
-        self.patients: dict[str, str] = self.store.load_patients()
-        self.news2 = News2State.load(self.store)  # NEWS2 inputs and scores (bridge/news2_state.py)
-        self.keys: dict[str, KeyRecord] = {k.kid: k for k in self.store.load_signing_keys()}
-        self.signature_policies: dict[str, bool] = self.store.load_signature_policies()
+    def _refresh_gauges(self) -> None:
+        try:
+            self.gauges = self.store.gauges()
+        except Exception as exc:  # noqa: BLE001 - figures for stats only; readiness reports the store
+            log.debug("gauges not refreshed: %s", exc)
         self._publish_snapshot()
 
     def _publish_snapshot(self) -> None:
+        g = self.gauges
         self.snapshot = CoreSnapshot(
             MappingProxyType(dict(self.counters)), MappingProxyType(dict(self.dead_letter_reasons)),
-            len(self.devices), self.devices.online, self.book.active_count(), self.last_ingest_lag_ms)
+            g.devices, g.devices_online, g.alerts_active, self.last_ingest_lag_ms)
 
     def _committed(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(tx)`` in a transaction. If it fails, in-memory state may be ahead of the
-        database, so it is reloaded from the database before the error propagates. Either
-        way a fresh snapshot is published."""
-        if self._stale:
-            self._reload()
+        """Run ``fn(tx)`` in one transaction; a fresh snapshot is published either way."""
         try:
             with self.store.transaction() as tx:
                 return fn(tx)
-        except BaseException:
-            self._reload()
-            raise
         finally:
             self._publish_snapshot()
 
-    def _device(self, device_type: str, device_id: str, hospital_id: str | None) -> DeviceRecord:
-        return self.devices.get((device_type, device_id)) or dev.new_device(device_type, device_id, hospital_id)
+    def rules_for(self, patient_id: str) -> list[Rule]:
+        """The rules in force for a patient, as stored (any thread)."""
+        return apply_overrides(self.rules, self.store.overrides(patient_id))
 
     # --- ingest -------------------------------------------------------------------------
 
@@ -251,28 +298,34 @@ class BridgeCore:
 
     def process(self, messages: Sequence[Inbound]) -> list[Event]:
         """Validate, store and evaluate one batch; return the events to publish after commit."""
-        items, dead = self._decode(messages)
+        decoded, dead = self._decode(messages)
+        items = in_device_order(decoded)
 
         def work(tx: Any) -> tuple[list[Event], Counter[str], list[Transition], list[DeadLetter]]:
+            ws = WorkingSet(tx, self.rules, self._new_id)
+            ws.take(devices={(i.device_type, i.device_id) for i in items})
+            # a reading without a patient id takes its device's binding, known once the device is loaded
+            items_ = [self._with_patient(i, ws) if isinstance(i, Reading) else i for i in items]
+            ws.take(patients={i.patient_id for i in items_ if isinstance(i, Reading) and i.patient_id})
+            ws.open()
+            versions = tx.versions_of({(i.device_type, i.device_id, i.seq) for i in items_ if isinstance(i, Reading)})
             events: list[Event] = []
             transitions: list[Transition] = []
-            changed: dict[tuple[str, str], DeviceRecord] = {}
-            gaps: list[SeqGap] = []
             tally: Counter[str] = Counter()
             letters = list(dead)
-            for item in items:
+            for item in items_:
                 if isinstance(item, StatusReport):
                     tally["status_messages"] += 1
-                    events += self._status(item, changed, transitions, tally)
+                    events += self._status(ws, item, transitions, tally)
                     continue
                 tally["readings_valid"] += 1
-                r = self._owned(self._with_patient(item), letters)
+                r = self._owned(ws, item, letters)
                 if r is None:
                     continue
-                before = self._device(r.device_type, r.device_id, r.hospital_id)
-                verdict = sequence.classify(dev.seq_state(before), r.boot, r.seq,
-                                            sequence.Content.of(r.ts_ms, r.metrics),
-                                            tx.reading_versions(r.device_type, r.device_id, r.seq))
+                before = ws.device(r.device_type, r.device_id, r.hospital_id)
+                content = sequence.Content.of(r.ts_ms, r.metrics)
+                stored = versions.setdefault((r.device_type, r.device_id, r.seq), {})
+                verdict = sequence.classify(dev.seq_state(before), r.boot, r.seq, content, stored)
                 if verdict.kind == "duplicate":
                     tally["duplicates"] += 1
                     continue
@@ -281,27 +334,26 @@ class BridgeCore:
                     letters.append(self._conflict_letter(r, verdict.boot))
                     continue
                 tx.insert_reading(r, verdict.boot)
+                stored[verdict.boot] = content
                 tally["readings_stored"] += 1
                 tally["readings_verified"] += r.verified
                 tally["reboots"] += verdict.reboot
                 after, gap = dev.on_reading(before, r, verdict)
-                self.devices[after.key] = changed[after.key] = after
-                transitions += self._device_alerts(before, after, r.received_ms)
+                ws.put_device(after)
+                transitions += self._device_alerts(ws.book, before, after, r.received_ms)
                 if gap is not None:
-                    gaps.append(gap)
-                    transitions += self.book.seq_gap(r.hospital_id, r.device_type, r.device_id, after.patient_id,
-                                                     gap.last_missing - gap.first_missing + 1, r.received_ms)
-                transitions += self.book.evaluate(r)
+                    ws.add_gap(gap)  # provisional: raised by the timers if still missing after the grace period
+                    tally["seq_gaps_provisional"] += 1
+                elif not verdict.reboot and ws.fill_gap(after.key, verdict.boot, r.seq):
+                    tally["seq_gaps_filled"] += 1
+                transitions += self._evaluate(ws, before, r, tally)
                 if before.state != after.state:
                     events.append(device_event(after, r.received_ms))
                 events.append(vitals_event(r))
-                if self.news2.on_reading(r):  # NEWS2: a new input, score again (bridge/news2_state.py)
-                    transitions += self.news2.evaluate(tx, self.book, r.patient_id or "", r.ts_ms, self.clock(), events)
-            tx.upsert_devices(changed.values())
-            tx.insert_gaps(gaps)
-            tx.save_transitions(transitions)
+                if ws.news2.on_reading(r):  # NEWS2: a new input, score again (bridge/news2_state.py)
+                    transitions += ws.news2.evaluate(tx, ws.book, r.patient_id or "", r.ts_ms, self.clock(), events)
+            ws.save(transitions)
             tx.insert_dead_letters(letters)
-            tally["seq_gaps"] += len(gaps)
             return events, tally, transitions, letters
 
         events, tally, transitions, letters = self._committed(work)
@@ -312,16 +364,29 @@ class BridgeCore:
         self._publish_snapshot()
         return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
 
-    def _status(self, s: StatusReport, changed: dict[tuple[str, str], DeviceRecord],
-                transitions: list[Transition], tally: Counter[str]) -> list[Event]:
-        before = self._device(s.device_type, s.device_id, s.hospital_id)
+    def _evaluate(self, ws: WorkingSet, before: DeviceRecord, r: Reading, tally: Counter[str]) -> list[Transition]:
+        """The alarm rules over one stored reading, in device-time order per device: a reading
+        older than one of its device already stored is late; within the reorder window it may
+        raise but never clear (AlertBook.evaluate), beyond it it is not evaluated."""
+        newest = before.last_ts_ms
+        if newest is None or r.ts_ms >= newest:
+            return ws.book.evaluate(r)
+        if newest - r.ts_ms <= self.settings.reorder_ms:
+            tally["readings_late"] += 1
+            return ws.book.evaluate(r, late=True)
+        tally["readings_late_unevaluated"] += 1
+        return []
+
+    def _status(self, ws: WorkingSet, s: StatusReport, transitions: list[Transition],
+                tally: Counter[str]) -> list[Event]:
+        before = ws.device(s.device_type, s.device_id, s.hospital_id)
         after = dev.on_status(before, s)
         tally["reboots"] += after.boot != before.boot  # an online status announcing a new boot
-        self.devices[after.key] = changed[after.key] = after
-        transitions += self._device_alerts(before, after, s.received_ms)
+        ws.put_device(after)
+        transitions += self._device_alerts(ws.book, before, after, s.received_ms)
         if s.battery is not None:
-            transitions += self.book.battery(s.hospital_id, s.device_type, s.device_id, after.patient_id,
-                                             s.battery, s.received_ms)
+            transitions += ws.book.battery(s.hospital_id, s.device_type, s.device_id, after.patient_id,
+                                           s.battery, s.received_ms)
         if (before.state, before.battery, before.firmware) != (after.state, after.battery, after.firmware):
             return [device_event(after, s.received_ms)]
         return []
@@ -354,11 +419,12 @@ class BridgeCore:
             return policy
         return "*" in self.settings.require_signatures or hospital_id in self.settings.require_signatures
 
-    def _owned(self, r: Reading, dead: list[DeadLetter]) -> Reading | None:
-        """Patient ids are global and belong to the first hospital that reports them; a reading
-        for that patient from another hospital is dead-lettered, never mixed into its record."""
+    def _owned(self, ws: WorkingSet, r: Reading, dead: list[DeadLetter]) -> Reading | None:
+        """Patient ids are global and belong to the first hospital that reports them (claimed
+        under the patient's lock, so two bridges cannot both claim one); a reading for that
+        patient from another hospital is dead-lettered, never mixed into its record."""
         if r.patient_id is not None:
-            owner = self.patients.setdefault(r.patient_id, r.hospital_id)
+            owner = ws.owner(r.patient_id, r.hospital_id, r.received_ms)
             if owner != r.hospital_id:
                 payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id, r.boot)
                 dead.append(DeadLetter(r.received_ms, vitals_topic(r.hospital_id, r.device_type, r.device_id,
@@ -369,28 +435,30 @@ class BridgeCore:
                 return None
         return r
 
-    def _with_patient(self, r: Reading) -> Reading:
+    @staticmethod
+    def _with_patient(r: Reading, ws: WorkingSet) -> Reading:
         if r.patient_id is not None:
             return r
-        device = self.devices.get(r.device_key)
+        device = ws.devices.get(r.device_key)
         if device is None or device.patient_id is None:
             return r
         return dataclasses.replace(r, patient_id=device.patient_id)
 
-    def _device_alerts(self, before: DeviceRecord, after: DeviceRecord, at_ms: int) -> list[Transition]:
+    @staticmethod
+    def _device_alerts(book: AlertBook, before: DeviceRecord, after: DeviceRecord, at_ms: int) -> list[Transition]:
         """Technical alarms for a change of device state (continuous monitors only)."""
         if not dev.is_continuous(after.device_type):
             return []
         args = (after.hospital_id or "", after.device_type, after.device_id, after.patient_id)
         out: list[Transition] = []
         if after.state == "offline" and before.state != "offline":
-            out += self.book.device_offline(*args, at_ms)
+            out += book.device_offline(*args, at_ms)
         elif after.state == "online" and before.state != "online":
-            out += self.book.device_online(*args, at_ms)
+            out += book.device_online(*args, at_ms)
         if after.silent and not before.silent:
-            out += self.book.device_silent(*args, at_ms)
+            out += book.device_silent(*args, at_ms)
         elif before.silent and not after.silent and after.state == "online":
-            out += self.book.device_data(*args, at_ms)
+            out += book.device_data(*args, at_ms)
         return out
 
     def _count(self, tally: Counter[str], dead: list[DeadLetter], transitions: list[Transition]) -> None:
@@ -406,36 +474,111 @@ class BridgeCore:
 
     # --- timers -------------------------------------------------------------------------
 
-    def tick(self) -> list[Event]:
-        """Heartbeat and silence timeouts, alert escalation."""
+    def tick(self, lead: bool = True) -> list[Event]:
+        """Heartbeat and silence timeouts, sequence gaps past their grace period, NEWS2 inputs
+        gone stale, alert escalation: on the cluster's leader (``lead``). Each sweep finds what
+        is due, locks it, re-reads it and acts only if it is still due, so a timer fires once
+        even if two bridges believed they led. Every bridge opens a transaction each tick, so a
+        store that refuses writes shows in readiness even when no reading arrives."""
         now = self.clock()
+        self._refresh_keys()
+        if not lead:
+            self._committed(lambda tx: None)
+            self._refresh_gauges()
+            return []
+        events: list[Event] = []
+        for sweep in (self._sweep_devices, self._confirm_gaps, self._expire_news2, self._escalate):
+            for _ in range(20):  # a bounded number of chunks per tick; the rest waits for the next
+                found, more = self._timer(sweep, now)
+                events += found
+                if not more:
+                    break
+        self._refresh_gauges()
+        return events
 
-        def work(tx: Any) -> list[Event]:
+    def _timer(self, sweep: Callable[[Any, int, list[Event], Counter[str]], tuple[list[Transition], bool]],
+               now: int) -> tuple[list[Event], bool]:
+        def work(tx: Any) -> tuple[list[Event], list[Transition], Counter[str], bool]:
             events: list[Event] = []
-            transitions: list[Transition] = []
-            changed = []
-            for before in list(self.devices.values()):
-                after = dev.sweep(before, now, self.settings.silent_ms, self.settings.offline_ms)
-                if after is None:
-                    continue
-                self.devices[after.key] = after
-                changed.append(after)
-                transitions += self._device_alerts(before, after, now)
-                if after.state != before.state:
-                    events.append(device_event(after, now))
-            escalation = self.settings.escalation_ms
-            transitions += self.news2.expire(tx, self.book, now, events)  # NEWS2 inputs gone stale
-            transitions += self.book.escalate_due(now, {"high": escalation, "medium": escalation})
-            tx.upsert_devices(changed)
-            tx.save_transitions(transitions)
-            for t in transitions:
-                self.counters[f"alerts_{t.action}"] += 1
-            return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
+            tally: Counter[str] = Counter()
+            transitions, more = sweep(tx, now, events, tally)
+            return events, transitions, tally, more
 
-        return self._committed(work)
+        events, transitions, tally, more = self._committed(work)
+        self._count(tally, [], transitions)
+        return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS], more
+
+    def _sweep_devices(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+                       ) -> tuple[list[Transition], bool]:
+        s = self.settings
+        due = tx.due_devices(now, s.silent_ms, s.offline_ms, dev.SPOT_CHECK_OFFLINE_MS, sorted(dev.CONTINUOUS_TYPES),
+                             s.sweep_limit)
+        if not due:
+            return [], False
+        ws = self._working_set(tx, devices=due)
+        transitions: list[Transition] = []
+        for key in sorted(due):
+            before = ws.devices.get(key)
+            after = None if before is None else dev.sweep(before, now, s.silent_ms, s.offline_ms)
+            if before is None or after is None:
+                continue  # no longer due: another transaction changed it in between
+            ws.put_device(after)
+            transitions += self._device_alerts(ws.book, before, after, now)
+            if after.state != before.state:
+                events.append(device_event(after, now))
+        ws.save(transitions)
+        return transitions, len(due) >= s.sweep_limit
+
+    def _confirm_gaps(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+                      ) -> tuple[list[Transition], bool]:
+        cutoff = now - self.settings.seq_gap_grace_ms
+        due = tx.due_gaps(cutoff, self.settings.sweep_limit)
+        if not due:
+            return [], False
+        ws = self._working_set(tx, devices=due)
+        transitions: list[Transition] = []
+        for key in sorted(due):
+            device = ws.devices.get(key)
+            for gap in ws.confirm_gaps(key, cutoff, now):
+                tally["seq_gaps"] += 1
+                hospital = device.hospital_id if device is not None else None
+                patient = device.patient_id if device is not None else None
+                transitions += ws.book.seq_gap(hospital or "", gap.device_type, gap.device_id, patient, gap.missing, now)
+        ws.save(transitions)
+        return transitions, len(due) >= self.settings.sweep_limit
+
+    def _expire_news2(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+                      ) -> tuple[list[Transition], bool]:
+        due = tx.due_news2(now, self.settings.sweep_limit)
+        if not due:
+            return [], False
+        ws = self._working_set(tx, patients=due)
+        transitions: list[Transition] = []
+        for patient_id in sorted(due):
+            expiry = ws.news2.expiry(patient_id)
+            if expiry is not None and expiry <= now:  # still due once locked
+                transitions += ws.news2.evaluate(tx, ws.book, patient_id, now, now, events)
+        ws.save(transitions)
+        return transitions, len(due) >= self.settings.sweep_limit
+
+    def _escalate(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+                  ) -> tuple[list[Transition], bool]:
+        escalation = self.settings.escalation_ms
+        timeouts = {"high": escalation, "medium": escalation}
+        due = tx.due_escalations(now - escalation, sorted(timeouts), self.settings.sweep_limit)
+        if not due:
+            return [], False
+        ws = self._working_set(tx, **subject_keys(due))
+        transitions = ws.book.escalate_due(now, timeouts)
+        ws.save(transitions)
+        return transitions, len(due) >= self.settings.sweep_limit
 
     def purge(self, older_than_ms: int) -> int:
         return self.store.purge(older_than_ms)
+
+    def maintain(self) -> None:
+        """Housekeeping ahead of time (the PostgreSQL readings partitions of the coming days)."""
+        self.store.maintain(self.clock())
 
     # --- API operations -----------------------------------------------------------------
 
@@ -443,33 +586,42 @@ class BridgeCore:
         now = self.clock()
 
         def work(tx: Any) -> list[Transition]:
-            transitions = self.book.acknowledge(alert_id, by, now)
-            tx.save_transitions(transitions)
+            found = tx.alert_by_id(alert_id)
+            if found is None:
+                raise AlertError(f"no alert {alert_id!r}", "alert_not_found")
+            ws = self._working_set(tx, **subject_keys([found.subject]))  # locked, then read again
+            if ws.book.get(alert_id) is None:
+                raise AlertError(f"alert {alert_id!r} is already resolved", "alert_not_active")
+            transitions = ws.book.acknowledge(alert_id, by, now)
+            ws.save(transitions)
             return transitions
 
         transitions = self._committed(work)
-        for t in transitions:
-            self.counters[f"alerts_{t.action}"] += 1
+        self._count(Counter(), [], transitions)
         self._publish_snapshot()
         return alert_json(transitions[-1].alert), [alert_event(t) for t in transitions]
 
     def set_binding(self, device_type: str, device_id: str, patient_id: str | None,
                     hospital_id: str | None) -> tuple[DeviceRecord, list[Event]]:
         """Raises PatientConflict when the patient id belongs to another hospital."""
-        before = self._device(device_type, device_id, hospital_id)
-        after = dev.on_binding(before, patient_id, hospital_id)
-        if patient_id is not None and self.patients.get(patient_id, after.hospital_id) != after.hospital_id:
-            raise PatientConflict(f"patient id {patient_id!r} is in use by another hospital")
 
-        def work(tx: Any) -> None:
-            tx.upsert_devices([after])
-            if patient_id is not None and after.hospital_id is not None:
-                tx.claim_patient(patient_id, after.hospital_id, self.clock())
-                self.patients.setdefault(patient_id, after.hospital_id)
+        def work(tx: Any) -> DeviceRecord:
+            ws = WorkingSet(tx, self.rules, self._new_id)
+            ws.take(devices=[(device_type, device_id)])
+            after = dev.on_binding(ws.device(device_type, device_id, hospital_id), patient_id, hospital_id)
+            if patient_id is not None:
+                ws.take(patients=[patient_id])
+                owner = ws.owners.get(patient_id)
+                if owner is not None and owner != after.hospital_id:
+                    raise PatientConflict(f"patient id {patient_id!r} is in use by another hospital")
+                if after.hospital_id is not None:
+                    ws.owner(patient_id, after.hospital_id, self.clock())
+            ws.open()
+            ws.put_device(after)
+            ws.save([])
+            return after
 
-        self._committed(work)
-        self.devices[after.key] = after
-        self._publish_snapshot()
+        after = self._committed(work)
         return after, [device_event(after, self.clock())]
 
     def register_key(self, key: KeyRecord) -> None:
@@ -499,25 +651,28 @@ class BridgeCore:
         rules = apply_overrides(self.rules, overrides)  # validates before anything is stored
 
         def work(tx: Any) -> None:
+            ws = self._working_set(tx, patients=[patient_id])
             tx.set_overrides(patient_id, overrides)
+            ws.book.set_overrides(patient_id, overrides)  # pending delays restart (other thresholds)
+            ws.save([])
 
         self._committed(work)
-        self.book.set_overrides(patient_id, overrides)
         return rules
 
     def observe(self, records: Sequence[ObservationRecord]) -> tuple[list[int], list[Event]]:
         """Clinician observations (NEWS2 inputs): stored, scored, alarms evaluated, one commit."""
         now = self.clock()
 
-        def work(tx: Any) -> tuple[list[int], list[Event]]:
+        def work(tx: Any) -> tuple[list[int], list[Event], list[Transition]]:
             events: list[Event] = []
-            ids, transitions = self.news2.observe(tx, self.book, records, now, events)
-            tx.save_transitions(transitions)
-            for t in transitions:
-                self.counters[f"alerts_{t.action}"] += 1
-            return ids, events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
+            ws = self._working_set(tx, patients={r.patient_id for r in records})
+            ids, transitions = ws.news2.observe(tx, ws.book, records, now, events)
+            ws.save(transitions)
+            return ids, events, transitions
 
-        return self._committed(work)
+        ids, events, transitions = self._committed(work)
+        self._count(Counter(), [], transitions)
+        return ids, events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
 
     # --- MQTT session --------------------------------------------------------------------
 
@@ -527,22 +682,21 @@ class BridgeCore:
 
     def session_lost(self, client_id: str, broker: str) -> list[Event]:
         """The broker had no session where one was expected: readings it queued for the bridge
-        may be gone. A technical alarm for every hospital the bridge knows (one with an empty
+        may be gone. A technical alarm for every hospital the store knows (one with an empty
         hospital id when it knows none), stored like any alarm, plus a ``system.alert``."""
         now = self.clock()
-        hospitals = sorted({d.hospital_id for d in self.devices.values() if d.hospital_id}
-                           | set(self.patients.values())) or [""]
         detail = (f"the MQTT broker {broker} had no session for client id {client_id!r}; readings it held for the"
                   " bridge may be lost (missing ones show as sequence gaps)")
 
-        def work(tx: Any) -> list[Transition]:
-            transitions = [t for h in hospitals for t in self.book.session_lost(h, detail, now)]
-            tx.save_transitions(transitions)
-            return transitions
+        def work(tx: Any) -> tuple[list[str], list[Transition]]:
+            hospitals = sorted(tx.hospitals()) or [""]
+            ws = self._working_set(tx, hospitals=hospitals)
+            transitions = [t for h in hospitals for t in ws.book.session_lost(h, detail, now)]
+            ws.save(transitions)
+            return hospitals, transitions
 
-        transitions = self._committed(work)
-        for t in transitions:
-            self.counters[f"alerts_{t.action}"] += 1
+        hospitals, transitions = self._committed(work)
+        self._count(Counter(), [], transitions)
         self._publish_snapshot()
         system = make_event("system.alert", {
             "kind": "technical", "rule_id": INGEST_SESSION_LOST, "priority": TECHNICAL_PRIORITY[INGEST_SESSION_LOST],

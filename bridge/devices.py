@@ -10,6 +10,7 @@ offline alarm, and a heartbeat timeout of at least a day.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from bridge import sequence
 from bridge.sequence import SeqState, Verdict
@@ -54,7 +55,8 @@ def on_reading(device: DeviceRecord, reading: Reading, verdict: Verdict | None =
         verdict = sequence.continue_boot(seq_state(device), reading.seq, reading.ts_ms)
     gap = None
     if verdict.gap is not None:
-        gap = SeqGap(device.device_type, device.device_id, verdict.gap[0], verdict.gap[1], reading.received_ms)
+        gap = SeqGap(device.device_type, device.device_id, verdict.gap[0], verdict.gap[1], reading.received_ms,
+                     verdict.boot)
     stale = device.state == "offline" and device.status_ms is not None and reading.ts_ms < device.status_ms
     updated = dataclasses.replace(
         with_seq_state(device, verdict.state),
@@ -65,6 +67,27 @@ def on_reading(device: DeviceRecord, reading: Reading, verdict: Verdict | None =
         last_data_ms=max(device.last_data_ms or 0, reading.received_ms),
     )
     return updated, gap
+
+
+def fill_gaps(gaps: Sequence[SeqGap], boot: str, seq: int) -> list[SeqGap] | None:
+    """A new reading numbered ``seq`` of ``boot`` was stored: the provisional gaps of that boot
+    holding ``seq`` shrink or split around it (one that held only ``seq`` disappears). None
+    when it fills none, so the caller knows nothing changed.
+
+        fill_gaps([gap 5..7 of boot b], "b", 6) -> [gap 5..5, gap 7..7]
+    """
+    out: list[SeqGap] = []
+    filled = False
+    for g in gaps:
+        if g.confirmed_ms is not None or g.boot != boot or not g.first_missing <= seq <= g.last_missing:
+            out.append(g)
+            continue
+        filled = True
+        if g.first_missing < seq:
+            out.append(dataclasses.replace(g, last_missing=seq - 1))
+        if seq < g.last_missing:
+            out.append(dataclasses.replace(g, first_missing=seq + 1))
+    return out if filled else None
 
 
 def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:

@@ -1,10 +1,11 @@
-"""NEWS2 per patient, kept current on the writer thread (:mod:`bridge.core`).
+"""NEWS2 of the patients one transaction has locked (:mod:`bridge.state`), pure over their
+stored state.
 
-Owned by the writer thread alone, like the alert book: no locks. Inputs come from stored
-readings (respiratory rate, SpO2, systolic pressure, pulse, temperature: the newest by the
-device's own time) and clinician observations (air or oxygen, ACVPU, the SpO2 scale). Whenever
-one changes, or an input passes its freshness limit (checked every tick), the score is computed
-again (:func:`firstcare.news2.score`) and
+Inputs come from stored readings (respiratory rate, SpO2, systolic pressure, pulse,
+temperature: the newest by the device's own time) and clinician observations (air or oxygen,
+ACVPU, the SpO2 scale). Whenever one changes, or an input passes its freshness limit (the
+timers find those through the stored expiry), the score is computed again
+(:func:`firstcare.news2.score`) and
 
 * fed to the alarm rules over ``news2`` / ``news2_max`` (``AlertBook.evaluate_derived``), with
   ``lower_bound`` set when inputs are missing or stale, so an incomplete score can raise an alarm
@@ -12,18 +13,22 @@ again (:func:`firstcare.news2.score`) and
 * stored and published as ``patient.news2.update`` when what a clinician sees changed (the
   scores, the band, completeness, which inputs are missing or stale), not at every new value.
 
-Everything happens inside the caller's transaction, so a score and the alarms it raises commit
-with the reading or observation that caused them, before anything is published.
+What was decided (the signature of the last stored score, when an input next goes stale) is
+written back with :meth:`News2State.save`, so the next transaction on the patient, in this
+bridge or another, starts from it. Everything happens inside the caller's transaction, so a
+score and the alarms it raises commit with the reading or observation that caused them.
+
+Threads: an instance lives inside one transaction on the writer thread.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bridge.alerts import AlertBook, Transition
-from bridge.store_clinical import ObservationRecord, PatientInputs
+from bridge.store import News2Record, ObservationRecord, PatientInputs
 from firstcare import news2
 from firstcare.events import Event, make_event
 from firstcare.payloads import Reading
@@ -39,19 +44,14 @@ def _json(signature: tuple[Any, ...]) -> str:
 
 
 class News2State:
-    def __init__(self, patients: dict[str, PatientInputs], signatures: dict[str, str]) -> None:
-        self._inputs: dict[str, dict[str, news2.Input]] = {p: dict(v.inputs) for p, v in patients.items()}
-        self._scales: dict[str, int] = {p: v.spo2_scale for p, v in patients.items()}
-        self._hospitals: dict[str, str] = {p: v.hospital_id for p, v in patients.items() if v.hospital_id}
-        self._stored = dict(signatures)  # JSON signature of each patient's last stored score (from the store)
-        self._signatures: dict[str, tuple[Any, ...]] = {}  # ... and as computed since start (cheaper to compare)
-        self._expiry: dict[str, int] = {}
-        self._initial_expiry = True
-
-    @classmethod
-    def load(cls, store: Any) -> News2State:
-        patients, signatures = store.load_news2()
-        return cls(patients, signatures)
+    def __init__(self, records: Mapping[str, News2Record] | None = None) -> None:
+        records = records or {}
+        self._inputs: dict[str, dict[str, news2.Input]] = {p: dict(r.known.inputs) for p, r in records.items()}
+        self._scales: dict[str, int] = {p: r.known.spo2_scale for p, r in records.items()}
+        self._hospitals: dict[str, str] = {p: r.known.hospital_id for p, r in records.items() if r.known.hospital_id}
+        self._stored: dict[str, str | None] = {p: r.signature for p, r in records.items()}
+        self._expiry: dict[str, int | None] = {p: r.expiry_ms for p, r in records.items()}
+        self._dirty: set[str] = set()
 
     def on_reading(self, r: Reading) -> bool:
         """Take the reading's NEWS2 inputs; True when one of them changed."""
@@ -97,36 +97,31 @@ class News2State:
         hospital_id = self._hospitals.get(patient_id)
         inputs = self._inputs.get(patient_id)
         if hospital_id is None or not inputs:
+            if patient_id in self._expiry and self._expiry[patient_id] is not None:
+                self._expiry[patient_id] = None  # nothing left to go stale
+                self._dirty.add(patient_id)
             return []
         s = news2.score(inputs, now_ms, self._scales.get(patient_id, 1))
         transitions = book.evaluate_derived(patient_id, hospital_id, {"news2": s.total, "news2_max": s.max_part},
                                             ts_ms, now_ms, lower_bound=not s.complete)
-        signature = s.signature()
-        known = self._signatures.get(patient_id)
-        if known is None:
-            changed = _json(signature) != self._stored.get(patient_id)
-        else:
-            changed = signature != known
-        self._signatures[patient_id] = signature
-        if changed:
-            score_id = tx.insert_news2(patient_id, hospital_id, s, _json(signature))
+        signature = _json(s.signature())
+        if signature != self._stored.get(patient_id):
+            score_id = tx.insert_news2(patient_id, hospital_id, s, signature)
             events.append(news2_event(patient_id, hospital_id, score_id, s))
-        expiry = news2.next_expiry(inputs, now_ms)
-        if expiry is None:
-            self._expiry.pop(patient_id, None)
-        else:
-            self._expiry[patient_id] = expiry
+            self._stored[patient_id] = signature
+        self._expiry[patient_id] = news2.next_expiry(inputs, now_ms)
+        self._dirty.add(patient_id)
         return transitions
 
-    def expire(self, tx: Any, book: AlertBook, now_ms: int, events: list[Event]) -> list[Transition]:
-        """Score again every patient one of whose inputs has just gone stale (tick)."""
-        if self._initial_expiry:
-            # after a restart: inputs may have gone stale while the bridge was down
-            self._initial_expiry = False
-            due = list(self._inputs)
-        else:
-            due = [pid for pid, at in self._expiry.items() if at <= now_ms]
-        transitions: list[Transition] = []
-        for pid in due:
-            transitions += self.evaluate(tx, book, pid, now_ms, now_ms, events)
-        return transitions
+    def save(self, tx: Any) -> None:
+        """Write back what was decided for each patient scored in this transaction."""
+        for patient_id in sorted(self._dirty):
+            tx.save_news2_state(patient_id, self._stored.get(patient_id) or "", self._expiry.get(patient_id))
+        self._dirty.clear()
+
+    def expiry(self, patient_id: str) -> int | None:
+        return self._expiry.get(patient_id)
+
+
+def empty_record(hospital_id: str | None = None) -> News2Record:
+    return News2Record(PatientInputs(hospital_id, {}, 1))

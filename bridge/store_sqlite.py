@@ -20,14 +20,29 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from bridge.alerts import Alert, RuleOverride, Transition
+from bridge.alerts import Alert, Pending, RuleOverride, Transition
+from bridge.cluster import LockKey
 from bridge.sequence import Content
-from bridge.store import MAX_PAGE, DeadLetter, DeviceRecord, Page, SeqGap, alert_json, device_json, key_json
-from bridge.store_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
+from bridge.store import (
+    MAX_PAGE,
+    DeadLetter,
+    DeviceKey,
+    DeviceRecord,
+    Gauges,
+    Page,
+    ReadingKey,
+    SeqGap,
+    alert_json,
+    cursor_parts,
+    device_json,
+    key_json,
+    page_limit,
+)
+from bridge.store_sqlite_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError, StoreUnavailable
 from firstcare.payloads import Reading, format_ts
 from firstcare.signing import KeyRecord
@@ -88,7 +103,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     "ALTER TABLE devices ADD COLUMN status_ms INTEGER;",
-    # clinical: NEWS2 observations and scores (bridge/store_clinical.py), the alarm report's window
+    # clinical: NEWS2 observations and scores (bridge/store_sqlite_clinical.py), the alarm report's window
     """
     CREATE TABLE observations (
         id INTEGER PRIMARY KEY AUTOINCREMENT, patient_id TEXT NOT NULL, hospital_id TEXT NOT NULL,
@@ -150,6 +165,26 @@ MIGRATIONS: list[str] = [
     CREATE TABLE signature_policies (
         hospital_id TEXT PRIMARY KEY, require_signatures INTEGER NOT NULL, updated_ms INTEGER NOT NULL
     );
+    """,
+    # Cluster-correct state (bridge/state.py): everything the writer used to keep in memory is
+    # read per key from here. Pending condition delays and NEWS2 expiry are persisted; sequence
+    # gaps are provisional until confirmed (gaps stored before were all raised: confirmed).
+    """
+    CREATE TABLE alert_pending (
+        subject TEXT NOT NULL, rule_id TEXT NOT NULL, count INTEGER NOT NULL, first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL, PRIMARY KEY (subject, rule_id)
+    );
+    CREATE TABLE news2_state (patient_id TEXT PRIMARY KEY, signature TEXT NOT NULL, expiry_ms INTEGER);
+    CREATE INDEX news2_state_expiry ON news2_state (expiry_ms) WHERE expiry_ms IS NOT NULL;
+    INSERT INTO news2_state (patient_id, signature, expiry_ms)
+        SELECT patient_id, signature, 0 FROM news2_scores WHERE id IN (SELECT max(id) FROM news2_scores GROUP BY patient_id);
+    ALTER TABLE seq_gaps ADD COLUMN boot TEXT NOT NULL DEFAULT '';
+    ALTER TABLE seq_gaps ADD COLUMN confirmed_ms INTEGER;
+    UPDATE seq_gaps SET confirmed_ms = detected_ms;
+    CREATE INDEX seq_gaps_open ON seq_gaps (device_type, device_id) WHERE confirmed_ms IS NULL;
+    CREATE INDEX seq_gaps_detected ON seq_gaps (detected_ms);
+    CREATE INDEX devices_online ON devices (last_seen_ms) WHERE state = 'online';
+    CREATE INDEX alerts_subject ON alerts (subject) WHERE state != 'resolved';
     """,
 ]
 
@@ -227,20 +262,25 @@ def migrate(conn: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
-def _cursor_parts(cursor: str | None, n: int) -> list[int] | None:
-    if cursor is None:
-        return None
-    try:
-        parts = [int(p) for p in cursor.split(".") if p.isascii()]
-    except ValueError:
-        parts = []
-    if len(parts) != n or any(abs(p) >= 2**63 for p in parts):
-        raise ValueError(f"malformed cursor {cursor!r}")
-    return parts
+_cursor_parts = cursor_parts
 
 
-def _limit(limit: int) -> int:
-    return max(1, min(int(limit), MAX_PAGE))
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _chunks(values: Sequence[Any], size: int = 400) -> Iterator[Sequence[Any]]:
+    """Keeps an IN list under SQLite's limit on bound parameters."""
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+def _gap_from_row(row: sqlite3.Row) -> SeqGap:
+    return SeqGap(row["device_type"], row["device_id"], row["first_missing"], row["last_missing"], row["detected_ms"],
+                  row["boot"], row["confirmed_ms"])
+
+
+_limit = page_limit
 
 
 def alert_from_row(row: sqlite3.Row) -> Alert:
@@ -271,6 +311,10 @@ class SQLiteTransaction(ClinicalTransactionMixin):
             "SELECT boot, ts_ms, metrics FROM readings WHERE device_type=? AND device_id=? AND seq=?",
             (device_type, device_id, seq)).fetchall()
         return {row[0]: Content.of(row[1], json.loads(row[2])) for row in rows}
+
+    def versions_of(self, keys: Iterable[ReadingKey]) -> dict[ReadingKey, dict[str, Content]]:
+        """``reading_versions`` of many (device type, device id, seq) at once."""
+        return {key: found for key in keys if (found := self.reading_versions(*key))}
 
     def insert_readings(self, readings: Sequence[Reading]) -> list[bool]:
         """Bulk helper for tools and tests, no classification: each reading is inserted under
@@ -341,9 +385,108 @@ class SQLiteTransaction(ClinicalTransactionMixin):
 
     def insert_gaps(self, gaps: Iterable[SeqGap]) -> None:
         self._conn.executemany(
-            "INSERT INTO seq_gaps (device_type, device_id, first_missing, last_missing, detected_ms) VALUES (?,?,?,?,?)",
-            [(g.device_type, g.device_id, g.first_missing, g.last_missing, g.detected_ms) for g in gaps],
+            "INSERT INTO seq_gaps (device_type, device_id, first_missing, last_missing, detected_ms, boot, confirmed_ms)"
+            " VALUES (?,?,?,?,?,?,?)",
+            [(g.device_type, g.device_id, g.first_missing, g.last_missing, g.detected_ms, g.boot, g.confirmed_ms)
+             for g in gaps],
         )
+
+    # --- the state repository (bridge/state.py) -------------------------------------------
+
+    def lock(self, keys: Iterable[LockKey]) -> None:
+        """Nothing to do: one process owns the database and BEGIN IMMEDIATE serialises it."""
+
+    def _rows(self, sql: str, values: Sequence[Any], per: int = 1) -> list[sqlite3.Row]:
+        """``sql`` with ``{}`` replaced by an IN list, run over ``values`` in chunks."""
+        rows: list[sqlite3.Row] = []
+        for chunk in _chunks(list(values)):
+            if per == 1:
+                rows += self._conn.execute(sql.format(_marks(len(chunk))), list(chunk)).fetchall()
+            else:
+                marks = ",".join(f"({_marks(per)})" for _ in chunk)
+                rows += self._conn.execute(sql.format(marks), [v for key in chunk for v in key]).fetchall()
+        return rows
+
+    def devices_of(self, keys: Iterable[DeviceKey]) -> dict[DeviceKey, DeviceRecord]:
+        rows = self._rows("SELECT * FROM devices WHERE (device_type, device_id) IN (VALUES {})", list(keys), 2)
+        return {(r["device_type"], r["device_id"]): _device_from_row(r) for r in rows}
+
+    def owners_of(self, patient_ids: Iterable[str]) -> dict[str, str]:
+        rows = self._rows("SELECT patient_id, hospital_id FROM patients WHERE patient_id IN ({})", list(patient_ids))
+        return {r[0]: r[1] for r in rows}
+
+    def alert_state_of(self, subjects: Iterable[str]) -> tuple[list[Alert], dict[tuple[str, str], Pending]]:
+        subjects = list(subjects)
+        alerts = self._rows("SELECT * FROM alerts WHERE state != 'resolved' AND subject IN ({})", subjects)
+        pending = self._rows("SELECT * FROM alert_pending WHERE subject IN ({})", subjects)
+        return ([alert_from_row(r) for r in alerts],
+                {(r["subject"], r["rule_id"]): Pending(r["count"], r["first_ms"], r["last_ms"]) for r in pending})
+
+    def alert_by_id(self, alert_id: str) -> Alert | None:
+        row = self._conn.execute("SELECT * FROM alerts WHERE id=?", (alert_id,)).fetchone()
+        return alert_from_row(row) if row is not None else None
+
+    def save_pending(self, subjects: Iterable[str], pending: Mapping[tuple[str, str], Pending]) -> None:
+        subjects = list(subjects)
+        for chunk in _chunks(subjects):
+            self._conn.execute(f"DELETE FROM alert_pending WHERE subject IN ({_marks(len(chunk))})", list(chunk))
+        wanted = set(subjects)
+        self._conn.executemany(
+            "INSERT INTO alert_pending (subject, rule_id, count, first_ms, last_ms) VALUES (?,?,?,?,?)",
+            [(subject, rule, p.count, p.first_ms, p.last_ms) for (subject, rule), p in pending.items()
+             if subject in wanted])
+
+    def overrides_of(self, patient_ids: Iterable[str]) -> dict[str, dict[str, RuleOverride]]:
+        result: dict[str, dict[str, RuleOverride]] = {}
+        for r in self._rows("SELECT * FROM alert_overrides WHERE patient_id IN ({})", list(patient_ids)):
+            result.setdefault(r["patient_id"], {})[r["rule_id"]] = RuleOverride(
+                threshold=r["threshold"], clear=r["clear"], enabled=bool(r["enabled"]))
+        return result
+
+    def open_gaps_of(self, keys: Iterable[DeviceKey]) -> list[SeqGap]:
+        rows = self._rows("SELECT * FROM seq_gaps WHERE confirmed_ms IS NULL AND (device_type, device_id) IN"
+                          " (VALUES {}) ORDER BY id", list(keys), 2)
+        return [_gap_from_row(r) for r in rows]
+
+    def save_open_gaps(self, keys: Iterable[DeviceKey], gaps: Iterable[SeqGap]) -> None:
+        """Replace the provisional gaps of these devices by ``gaps`` (confirmed ones included)."""
+        self._conn.executemany("DELETE FROM seq_gaps WHERE confirmed_ms IS NULL AND device_type=? AND device_id=?",
+                               list(keys))
+        self.insert_gaps(gaps)
+
+    def hospitals(self) -> list[str]:
+        return [r[0] for r in self._conn.execute(
+            "SELECT hospital_id FROM devices WHERE hospital_id IS NOT NULL UNION SELECT hospital_id FROM patients")]
+
+    # --- what the timers find due (read without locks; the caller re-checks) ----------------
+
+    def due_devices(self, now_ms: int, silent_ms: int, offline_ms: int, spot_offline_ms: int,
+                    continuous: Sequence[str], limit: int) -> list[DeviceKey]:
+        marks = _marks(len(continuous))
+        rows = self._conn.execute(
+            "SELECT device_type, device_id FROM devices WHERE state = 'online' AND ("
+            f" (device_type IN ({marks}) AND (last_seen_ms <= ?"
+            "   OR (NOT silent AND coalesce(last_data_ms, last_seen_ms) <= ?)))"
+            f" OR (device_type NOT IN ({marks}) AND last_seen_ms <= ?)) LIMIT ?",
+            [*continuous, now_ms - offline_ms, now_ms - silent_ms, *continuous, now_ms - max(offline_ms, spot_offline_ms),
+             limit]).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def due_gaps(self, detected_before_ms: int, limit: int) -> list[DeviceKey]:
+        rows = self._conn.execute("SELECT DISTINCT device_type, device_id FROM seq_gaps WHERE confirmed_ms IS NULL"
+                                  " AND detected_ms <= ? LIMIT ?", (detected_before_ms, limit)).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def due_news2(self, now_ms: int, limit: int) -> list[str]:
+        rows = self._conn.execute("SELECT patient_id FROM news2_state WHERE expiry_ms IS NOT NULL AND expiry_ms <= ?"
+                                  " LIMIT ?", (now_ms, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def due_escalations(self, raised_before_ms: int, priorities: Sequence[str], limit: int) -> list[str]:
+        rows = self._conn.execute(
+            f"SELECT DISTINCT subject FROM alerts WHERE state = 'raised' AND priority IN ({_marks(len(priorities))})"
+            " AND raised_ms <= ? LIMIT ?", [*priorities, raised_before_ms, limit]).fetchall()
+        return [r[0] for r in rows]
 
     def remember_session(self, client_id: str, broker: str, at_ms: int) -> None:
         self._conn.execute("INSERT INTO mqtt_sessions (client_id, broker, established_ms) VALUES (?,?,?)"
@@ -468,22 +611,21 @@ class SQLiteStore(ClinicalStoreMixin):
         rows = self._query(f"{sql} ORDER BY {order} LIMIT ?", [*params, limit + 1])
         return rows[:limit], rows[limit - 1] if len(rows) > limit else None
 
-    def load_devices(self) -> list[DeviceRecord]:
-        return [_device_from_row(r) for r in self._writer.execute("SELECT * FROM devices").fetchall()]
+    def gauges(self) -> Gauges:
+        devices, online = self._query("SELECT count(*), coalesce(sum(state = 'online'), 0) FROM devices")[0]
+        active = self._query("SELECT count(*) FROM alerts WHERE state != 'resolved'")[0][0]
+        return Gauges(devices, online, active)
 
-    def load_active_alerts(self) -> list[Alert]:
-        rows = self._writer.execute("SELECT * FROM alerts WHERE state != 'resolved'").fetchall()
-        return [alert_from_row(r) for r in rows]
-
-    def load_patients(self) -> dict[str, str]:
-        return dict(self._writer.execute("SELECT patient_id, hospital_id FROM patients").fetchall())
+    def overrides(self, patient_id: str) -> dict[str, RuleOverride]:
+        return {r["rule_id"]: RuleOverride(threshold=r["threshold"], clear=r["clear"], enabled=bool(r["enabled"]))
+                for r in self._query("SELECT * FROM alert_overrides WHERE patient_id=?", (patient_id,))}
 
     def load_signing_keys(self) -> list[KeyRecord]:
-        rows = self._writer.execute("SELECT * FROM signing_keys WHERE revoked_ms IS NULL").fetchall()
+        rows = self._query("SELECT * FROM signing_keys WHERE revoked_ms IS NULL")
         return [_key_from_row(r) for r in rows]
 
     def load_signature_policies(self) -> dict[str, bool]:
-        rows = self._writer.execute("SELECT hospital_id, require_signatures FROM signature_policies").fetchall()
+        rows = self._query("SELECT hospital_id, require_signatures FROM signature_policies")
         return {r[0]: bool(r[1]) for r in rows}
 
     def signing_keys(self, scope: str, hospital_id: str | None, owner: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -501,12 +643,8 @@ class SQLiteStore(ClinicalStoreMixin):
         rows = self._query("SELECT * FROM signing_keys WHERE kid=?", (kid,))
         return (_key_from_row(rows[0]), rows[0]["revoked_ms"]) if rows else None
 
-    def load_overrides(self) -> dict[str, dict[str, RuleOverride]]:
-        result: dict[str, dict[str, RuleOverride]] = {}
-        for r in self._writer.execute("SELECT * FROM alert_overrides").fetchall():
-            result.setdefault(r["patient_id"], {})[r["rule_id"]] = RuleOverride(
-                threshold=r["threshold"], clear=r["clear"], enabled=bool(r["enabled"]))
-        return result
+    def maintain(self, now_ms: int) -> None:
+        """Nothing ahead of time: SQLite's readings table is not partitioned."""
 
     def readings(self, patient_id: str, metric: str | None, since_ms: int | None, until_ms: int | None,
                  limit: int, cursor: str | None) -> Page:

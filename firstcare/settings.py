@@ -134,8 +134,11 @@ class Settings(EnvSettings):
     mqtt_session_expiry_seconds: int = field(default=1209600, metadata={"doc": "MQTT 5 only: how long the broker keeps the bridge's session and queue while it is away (14 days; 0 is refused: the session would end at every disconnect)"})
     mqtt_allow_anonymous: bool = field(default=False, metadata={"doc": "`true` lets `FC_MQTT_URL` carry no username; only for a broker that keeps anonymous sessions (Mosquitto does, amqtt discards their queue)"})
     topic_root: str = field(default="fc", metadata={"doc": "root of the topic grammar: one topic level, without `+`, `#`, `$` or `/`"})
-    store_url: str = field(default="sqlite:///data/firstcare.db", metadata={"doc": "`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`"})
-    store_busy_timeout_seconds: float = field(default=2.0, metadata={"doc": "how long a write waits for a locked SQLite database before the batch counts as failed (retried, `/readyz` 503); keep it under 4 s so readiness turns within 5 s"})
+    store_url: str = field(default="sqlite:///data/firstcare.db", metadata={"doc": "`sqlite:///relative/path.db` or `sqlite:////absolute/path.db` (one bridge per file), or `postgresql://user:password@host:port/database` (also `postgres://`; libpq parameters such as `?sslmode=require` pass through) for several bridges on one database"})
+    store_busy_timeout_seconds: float = field(default=2.0, metadata={"doc": "how long a write waits for a lock held elsewhere (a locked SQLite database; a PostgreSQL row or advisory lock, as `lock_timeout`) before the batch counts as failed (retried, `/readyz` 503); keep it under 4 s so readiness turns within 5 s"})
+    store_statement_timeout_seconds: float = field(default=30.0, metadata={"doc": "PostgreSQL: the longest one statement may run (`statement_timeout`; also how long a transaction may sit idle holding locks) before it is cancelled and the batch retried"})
+    seq_gap_grace_seconds: float = field(default=30.0, metadata={"doc": "a sequence gap is provisional this long: a late or re-routed reading that fills it in time raises nothing; what is still missing then raises `device.seq_gap`"})
+    alarm_reorder_seconds: float = field(default=30.0, metadata={"doc": "reorder window: a reading older than one of its device already stored (late) still counts towards alarms when it is at most this much older, as evidence of a condition only (it may raise, never clear); an older one is stored and shown but not evaluated"})
     hub_url: str = field(default="memory://", metadata={"doc": "fan-out hub: `memory://` (one process) or `redis://host:port/db` (several processes share rooms; `?prefix=` namespaces the keys)"})
     jwt_secret: str | None = field(default=None, metadata={"doc": "HS256 shared secret (`firstcare up` makes one in the data folder when unset)"})
     jwt_public_key: str | None = field(default=None, metadata={"doc": "PEM public key for RS256/ES256 tokens"})
@@ -181,14 +184,15 @@ class Settings(EnvSettings):
 
     def validate(self) -> None:
         self.check_mqtt_url("mqtt_url")
-        if not self.store_url.startswith("sqlite:///") or not self.sqlite_path.strip():
-            raise self.bad("store_url", "expected sqlite:///path (PostgreSQL is not supported yet)")
+        self.check_store_url()
         if urlsplit(self.hub_url).scheme not in ("memory", "redis", "rediss"):
             raise self.bad("hub_url", "expected memory:// or redis://host:port/db")
         self.validate_security()
         self.check_mqtt_session()
         if not (math.isfinite(self.store_busy_timeout_seconds) and 0 < self.store_busy_timeout_seconds <= 60):
             raise self.bad("store_busy_timeout_seconds", "must be greater than 0 and at most 60 (seconds)")
+        if not (math.isfinite(self.store_statement_timeout_seconds) and 1 <= self.store_statement_timeout_seconds <= 3600):
+            raise self.bad("store_statement_timeout_seconds", "must be 1 to 3600 (seconds)")
         self.check_ports("mqtt_port", "http_port")
         self.check_positive("ingest_queue_size", "batch_max", "dead_letter_bytes", "history_size", "ws_queue_size",
                             "ws_max_message_bytes", "max_connections_per_user", "ticket_seconds", "audit_queue_size")
@@ -197,6 +201,7 @@ class Settings(EnvSettings):
         if self.audit_url and (not self.audit_url.startswith("sqlite:///") or not self.audit_url[10:].strip()):
             raise self.bad("audit_url", "expected sqlite:///path")
         self.check_not_negative("retention_days", "device_silent_seconds", "device_offline_seconds",
+                                "seq_gap_grace_seconds", "alarm_reorder_seconds",
                                 "escalation_seconds", "batch_linger_ms", "history_seconds",
                                 "ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second")
         for name in ("ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second"):
@@ -273,8 +278,29 @@ class Settings(EnvSettings):
                                        " the URL (mqtt://bridge:password@host:port) or, for a broker that keeps"
                                        " anonymous sessions (Mosquitto), set FC_MQTT_ALLOW_ANONYMOUS=true")
 
+    def check_store_url(self) -> None:
+        if self.store_url.startswith("sqlite:///"):
+            if not self.sqlite_path.strip():
+                raise self.bad("store_url", "expected sqlite:///path")
+            return
+        parts = urlsplit(self.store_url)
+        try:
+            port_ok = parts.port is None or 0 < parts.port
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("postgresql", "postgres") or not port_ok or not parts.path.strip("/"):
+            raise self.bad("store_url", "expected sqlite:///path or postgresql://user:password@host:port/database")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.store_url.startswith(("postgresql://", "postgres://"))
+
     @property
     def sqlite_path(self) -> str:
+        """The SQLite store's file; with a PostgreSQL store, ``data/firstcare.db``: the name the
+        process's local files (the audit trail, development keys) are kept beside."""
+        if self.is_postgres:
+            return "data/firstcare.db"
         return self.store_url[len("sqlite:///"):]
 
 

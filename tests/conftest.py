@@ -84,6 +84,35 @@ def redis_url() -> str:
 
 
 # --------------------------------------------------------------------------
+# PostgreSQL (the machine's service as admin connection; FC_TEST_POSTGRES_URL overrides)
+# --------------------------------------------------------------------------
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is absent, except in CI where that is a failure."""
+    import os
+
+    from tests.support.postgres import admin_url, reachable
+
+    problem = reachable(admin_url())
+    if problem is not None:
+        message = f"PostgreSQL is not reachable at {admin_url()}: {problem}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh database for this test module, dropped afterwards."""
+    from tests.support.postgres import create_database, drop_database
+
+    require_postgres()
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
+# --------------------------------------------------------------------------
 # Product processes (tests/support/process.py): none outlives its test
 # --------------------------------------------------------------------------
 

@@ -188,7 +188,7 @@ def test_scores_survive_a_restart(tmp_path) -> None:
     with BridgeThread(settings) as b:
         body = news2_of(b, "p-restart")
         assert body["items"][0]["total"] == 11
-        assert b.runtime.core.news2._inputs["p-restart"]["heart_rate"].value == 125
+        assert b.runtime.store.patient_news2_inputs("p-restart").inputs["heart_rate"].value == 125
         assert json.loads(json.dumps(body["current"]))["total"] == 11
 
 

@@ -130,7 +130,7 @@ def test_an_alarm_rule_that_raises_for_one_message_is_isolated_and_the_batch_sto
         assert core.dead_letter_reasons["internal_error"] == 1
         # the rolled-back attempts left no trace in memory: counted once, state as in the database
         assert (core.counters["readings_stored"], core.counters["duplicates"]) == (4, 0)
-        assert core.devices[("monitor", "mon-bug")].last_seq == 5
+        assert core.store.device("monitor", "mon-bug").last_seq == 5
         assert bridge.runtime.store.device("monitor", "mon-bug").last_seq == 5
         with bridge.http() as client:
             (letter,) = client.get("/api/dead-letters", params={"reason": "internal_error"}).json()["items"]

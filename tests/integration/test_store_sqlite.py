@@ -1,47 +1,21 @@
-"""SQLiteStore (bridge/store_sqlite.py) on a real database file in tmp_path."""
+"""What only the SQLite store does: its migrations from every earlier schema, the file lock,
+and the busy database (the rest is the store contract, test_store_contract.py)."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bridge.alerts import Alert, RuleOverride, Transition
-from bridge.store import DeadLetter, DeviceRecord, SeqGap
-from bridge.store_sqlite import MIGRATIONS, SQLiteStore
 from firstcare.errors import StoreError
-from firstcare.payloads import Reading, format_ts
+from firstcare.payloads import Reading
 
 T0 = 1_795_688_130_120  # 2026-11-26T10:15:30.120Z
 S = 1000
 
 
-def reading(seq: int, ts_ms: int = T0, patient_id: str | None = "p1", hospital_id: str = "h1",
-            device: tuple[str, str] = ("monitor", "m1"), received_ms: int | None = None, **metrics: float) -> Reading:
-    return Reading(hospital_id, device[0], device[1], seq, ts_ms, ts_ms if received_ms is None else received_ms,
-                   patient_id, metrics or {"heart_rate": 70.0})
-
-
-def alert(id: str, patient_id: str | None = "p1", hospital_id: str = "h1", state: str = "raised",
-          raised_ms: int = T0, **changes) -> Alert:
-    base = Alert(
-        id=id, rule_id="spo2.low", kind="clinical", priority="medium", state=state,
-        subject=f"patient:{patient_id}", patient_id=patient_id, hospital_id=hospital_id,
-        device_type="oximeter", device_id="ox1", metric="spo2", value=88.0, threshold=92.0,
-        message="SpO2 low", latching=False, condition_active=True, raised_ms=raised_ms, updated_ms=raised_ms,
-    )
-    return replace(base, **changes)
-
-
-def user_version(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        conn.close()
+def reading(seq: int, ts_ms: int = T0) -> Reading:
+    return Reading("h1", "monitor", "m1", seq, ts_ms, ts_ms, "p1", {"heart_rate": 70.0})
 
 
 @pytest.fixture
@@ -50,435 +24,55 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
+def store(db_path: Path):
+    from bridge.store_sqlite import SQLiteStore
+
     s = SQLiteStore(str(db_path))
     yield s
     s.close()
 
 
-# ------------------------------------------------------------------------------- schema
+def test_user_version_is_the_number_of_migrations(store, db_path: Path) -> None:
+    import sqlite3
 
+    from bridge.store_sqlite import MIGRATIONS
 
-def test_migrations_create_the_schema(store: SQLiteStore, db_path: Path) -> None:
-    assert db_path.exists()
-    assert user_version(db_path) == len(MIGRATIONS)
-    assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
-    store.ping()
-
-
-def test_reopening_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
-    first = SQLiteStore(str(db_path))
-    with first.transaction() as tx:
-        assert tx.insert_readings([reading(1)]) == [True]
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online", last_seen_ms=T0, last_seq=1)])
-        tx.save_transitions([Transition("raised", alert("a1"), T0)])
-        tx.set_overrides("p1", {"spo2.low": RuleOverride(threshold=90.0, clear=93.0)})
-    first.close()
-
-    second = SQLiteStore(str(db_path))
+    conn = sqlite3.connect(db_path)
     try:
-        assert user_version(db_path) == len(MIGRATIONS)
-        assert second.counts()["readings"] == 1
-        # what the writer reloads after a restart
-        assert [d.key for d in second.load_devices()] == [("monitor", "m1")]
-        assert second.load_devices()[0].last_seq == 1
-        assert second.load_active_alerts() == [alert("a1")]
-        assert second.load_overrides() == {"p1": {"spo2.low": RuleOverride(threshold=90.0, clear=93.0)}}
-        with second.transaction() as tx:
-            assert tx.insert_readings([reading(1)]) == [False]  # dedup survives the restart
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
-        second.close()
+        conn.close()
 
 
-# ------------------------------------------------------------------------------- readings
+def test_a_database_from_before_the_cluster_state_keeps_its_gaps_raised_and_news2_due(tmp_path) -> None:
+    """Gaps recorded before provisional gaps existed were all raised already: they stay
+    confirmed. Patients with a stored NEWS2 score get their state, due at once (the first tick
+    scores them again, as the bridge used to at every start)."""
+    import sqlite3
 
+    from bridge.store_sqlite import MIGRATIONS, SQLiteStore
 
-@pytest.mark.parametrize(
-    ("keys", "expected"),
-    [
-        ([("monitor", "m1", 1), ("monitor", "m1", 1)], [True, False]),
-        ([("monitor", "m1", 1), ("monitor", "m1", 2)], [True, True]),
-        ([("monitor", "m1", 1), ("monitor", "m2", 1)], [True, True]),
-        ([("monitor", "m1", 1), ("oximeter", "m1", 1)], [True, True]),
-        ([("monitor", "m1", 5), ("monitor", "m1", 4), ("monitor", "m1", 5), ("monitor", "m1", 4)],
-         [True, True, False, False]),
-    ],
-)
-def test_insert_readings_dedups_on_device_and_seq(store: SQLiteStore, keys, expected) -> None:
-    batch = [reading(seq, T0 + i * S, device=(dt, di)) for i, (dt, di, seq) in enumerate(keys)]
-    with store.transaction() as tx:
-        assert tx.insert_readings(batch) == expected
-    assert store.counts()["readings"] == sum(expected)
-
-
-def test_dedup_across_transactions(store: SQLiteStore) -> None:
-    with store.transaction() as tx:
-        assert tx.insert_readings([reading(1)]) == [True]
-    with store.transaction() as tx:
-        assert tx.insert_readings([reading(1, T0 + 5 * S, heart_rate=99.0), reading(2)]) == [False, True]
-    items = store.readings("p1", None, None, None, 10, None).items
-    assert [(i["seq"], i["metrics"]) for i in items] == [(1, {"heart_rate": 70.0}), (2, {"heart_rate": 70.0})]
-
-
-def test_latest_vitals_keeps_the_newest_ts(store: SQLiteStore) -> None:
-    with store.transaction() as tx:
-        tx.insert_readings([reading(2, T0 + 10 * S, heart_rate=80.0)])
-        tx.insert_readings([reading(1, T0, heart_rate=70.0, spo2=95.0)])  # late arrival, older ts
-        tx.insert_readings([reading(3, T0 + 20 * S, device=("oximeter", "ox1"), spo2=97.0)])
-        tx.insert_readings([reading(9, T0 + 30 * S, patient_id=None, heart_rate=120.0)])  # no patient
-    latest = store.latest_vitals("p1")
-    assert latest == {
-        "heart_rate": {"value": 80.0, "ts": format_ts(T0 + 10 * S), "device_type": "monitor", "device_id": "m1",
-                       "seq": 2},
-        "spo2": {"value": 97.0, "ts": format_ts(T0 + 20 * S), "device_type": "oximeter", "device_id": "ox1",
-                 "seq": 3},
-    }
-    assert store.latest_vitals("nobody") == {}
-
-
-@pytest.fixture
-def history(store: SQLiteStore) -> SQLiteStore:
-    """25 readings of p1 one second apart (spo2 on even seq), inserted out of order, plus noise."""
-    rows = []
-    for i in range(25):
-        metrics = {"heart_rate": 60.0 + i}
-        if i % 2 == 0:
-            metrics["spo2"] = 90.0 + i % 10
-        rows.append(reading(i, T0 + i * S, **metrics))
-    rows.reverse()
-    rows += [reading(100, T0 + 3 * S, patient_id="p2", device=("monitor", "m2")),
-             reading(101, T0 + 4 * S, patient_id=None, device=("monitor", "m3"))]
-    with store.transaction() as tx:
-        assert all(tx.insert_readings(rows))
-    return store
-
-
-def test_readings_pages_with_cursor(history: SQLiteStore) -> None:
-    pages, cursor = [], None
-    while True:
-        page = history.readings("p1", None, None, None, 10, cursor)
-        pages.append(page.items)
-        cursor = page.next
-        if cursor is None:
-            break
-        assert len(pages) < 10, "paging does not terminate"
-    assert [len(p) for p in pages] == [10, 10, 5]
-    seqs = [item["seq"] for p in pages for item in p]
-    assert seqs == list(range(25))  # ts order, no duplicates, nothing missed
-    ts = [item["ts"] for p in pages for item in p]
-    assert ts == sorted(ts) and len(set(ts)) == 25
-    assert all(item["patient_id"] == "p1" and item["hospital_id"] == "h1" for p in pages for item in p)
-
-
-def test_readings_paging_with_equal_timestamps(store: SQLiteStore) -> None:
-    # twelve devices reporting in the same millisecond: the cursor must break the tie
-    with store.transaction() as tx:
-        tx.insert_readings([reading(1, T0, device=("monitor", f"m{i}")) for i in range(12)])
-    seen, sizes, cursor = [], [], None
-    for _ in range(10):
-        page = store.readings("p1", None, None, None, 5, cursor)
-        sizes.append(len(page.items))
-        seen += [i["device_id"] for i in page.items]
-        cursor = page.next
-        if cursor is None:
-            break
-    assert sizes == [5, 5, 2]
-    assert sorted(seen) == sorted(f"m{i}" for i in range(12))
-
-
-@pytest.mark.parametrize(
-    ("metric", "since", "until", "expected_seqs"),
-    [
-        (None, None, None, list(range(25))),
-        ("spo2", None, None, list(range(0, 25, 2))),
-        ("heart_rate", None, None, list(range(25))),
-        ("glucose", None, None, []),
-        (None, T0 + 20 * S, None, [20, 21, 22, 23, 24]),  # since is inclusive
-        (None, None, T0 + 3 * S, [0, 1, 2]),  # until is exclusive
-        (None, T0 + 5 * S, T0 + 9 * S, [5, 6, 7, 8]),
-        ("spo2", T0 + 5 * S, T0 + 9 * S, [6, 8]),
-        (None, T0 + 30 * S, None, []),
-        (None, T0 + 9 * S, T0 + 5 * S, []),
-    ],
-)
-def test_readings_filters(history: SQLiteStore, metric, since, until, expected_seqs) -> None:
-    page = history.readings("p1", metric, since, until, 100, None)
-    assert [item["seq"] for item in page.items] == expected_seqs
-    assert page.next is None
-    if metric is not None:
-        assert all(list(item["metrics"]) == [metric] for item in page.items)
-
-
-def test_readings_of_other_patient(history: SQLiteStore) -> None:
-    assert [i["seq"] for i in history.readings("p2", None, None, None, 10, None).items] == [100]
-    assert history.readings("nobody", None, None, None, 10, None).items == []
-
-
-@pytest.mark.parametrize("cursor", ["", "abc", "1", "1.2.3", "1.x", "x.1", "1..2"])
-def test_malformed_readings_cursor(history: SQLiteStore, cursor: str) -> None:
-    with pytest.raises(ValueError):
-        history.readings("p1", None, None, None, 10, cursor)
-
-
-@pytest.mark.parametrize(
-    ("listing", "cursor"),
-    [
-        ("alerts", ""), ("alerts", "abc"), ("alerts", "5"), ("alerts", "1.2.3"), ("alerts", "a.1"),
-        ("dead_letters", ""), ("dead_letters", "abc"), ("dead_letters", "1.2"), ("dead_letters", "-x"),
-    ],
-)
-def test_malformed_alert_and_dead_letter_cursors(store: SQLiteStore, listing: str, cursor: str) -> None:
-    with pytest.raises(ValueError):
-        if listing == "alerts":
-            store.alerts(None, None, None, None, 10, cursor)
-        else:
-            store.dead_letters(None, 10, cursor)
-
-
-# ------------------------------------------------------------------------------- alerts
-
-
-@pytest.fixture
-def alerts(store: SQLiteStore) -> SQLiteStore:
-    a1 = alert("a1", "p1", "h1", raised_ms=T0)
-    a2 = alert("a2", "p2", "h1", raised_ms=T0 + 1 * S)
-    a3 = alert("a3", "p3", "h2", raised_ms=T0 + 2 * S)
-    a4 = alert("a4", None, "h2", raised_ms=T0 + 3 * S, kind="technical", rule_id="device.offline",
-               subject="device:monitor:m9", metric=None, value=None, threshold=None)
-    with store.transaction() as tx:
-        tx.save_transitions([Transition("raised", a, a.raised_ms) for a in (a1, a2, a3, a4)])
-    with store.transaction() as tx:
-        updated = replace(a1, value=85.0, count=2, updated_ms=T0 + 5 * S)
-        acked = replace(updated, state="acknowledged", acknowledged_by="dr-who", acknowledged_ms=T0 + 10 * S,
-                        updated_ms=T0 + 10 * S)
-        tx.save_transitions([
-            Transition("updated", updated, T0 + 5 * S),
-            Transition("acknowledged", acked, T0 + 10 * S),
-            Transition("resolved", replace(acked, state="resolved", condition_active=False, resolved_ms=T0 + 20 * S,
-                                           updated_ms=T0 + 20 * S), T0 + 20 * S),
-        ])
-        tx.save_transitions([Transition("escalated", replace(a3, state="escalated", escalated_ms=T0 + 9 * S),
-                                        T0 + 9 * S)])
-    return store
-
-
-@pytest.mark.parametrize(
-    ("hospitals", "hospital_id", "patient_id", "state", "expected"),
-    [
-        (None, None, None, None, ["a4", "a3", "a2", "a1"]),  # newest first
-        (None, "h1", None, None, ["a2", "a1"]),
-        (None, "h2", None, None, ["a4", "a3"]),
-        (None, None, "p1", None, ["a1"]),
-        (None, None, "p9", None, []),
-        (None, None, None, "resolved", ["a1"]),
-        (None, None, None, "escalated", ["a3"]),
-        (None, None, None, "raised", ["a4", "a2"]),
-        (None, None, None, "active", ["a4", "a3", "a2"]),
-        (None, "h1", None, "active", ["a2"]),
-        (frozenset({"h1"}), None, None, None, ["a2", "a1"]),
-        (frozenset({"h1", "h2"}), None, None, None, ["a4", "a3", "a2", "a1"]),
-        (frozenset({"h1"}), "h2", None, None, []),  # a filter never widens the scope
-        (frozenset({"h9"}), None, None, None, []),
-        (frozenset(), None, None, None, []),  # empty scope: nothing
-        (frozenset(), "h1", "p1", None, []),
-    ],
-)
-def test_alerts_filters_and_scope(alerts: SQLiteStore, hospitals, hospital_id, patient_id, state, expected) -> None:
-    page = alerts.alerts(hospitals, hospital_id, patient_id, state, 50, None)
-    assert [a["id"] for a in page.items] == expected
-    assert page.next is None
-
-
-def test_alert_row_is_the_latest_state(alerts: SQLiteStore) -> None:
-    a1 = alerts.alert("a1")
-    assert a1 is not None
-    assert (a1.state, a1.value, a1.count, a1.acknowledged_by, a1.resolved_ms) == (
-        "resolved", 85.0, 2, "dr-who", T0 + 20 * S)
-    assert alerts.alert("missing") is None
-    item = alerts.alerts(None, None, "p1", None, 10, None).items[0]
-    assert item["acknowledged_at"] == format_ts(T0 + 10 * S)
-    assert item["resolved_at"] == format_ts(T0 + 20 * S)
-    assert item["latching"] is False
-    assert sorted(a.id for a in alerts.load_active_alerts()) == ["a2", "a3", "a4"]
-
-
-def test_alert_history_lists_every_transition(alerts: SQLiteStore) -> None:
-    assert alerts.alert_history("a1") == [
-        {"action": "raised", "at": format_ts(T0), "state": "raised", "value": 88.0, "by": None},
-        {"action": "updated", "at": format_ts(T0 + 5 * S), "state": "raised", "value": 85.0, "by": None},
-        {"action": "acknowledged", "at": format_ts(T0 + 10 * S), "state": "acknowledged", "value": 85.0,
-         "by": "dr-who"},
-        {"action": "resolved", "at": format_ts(T0 + 20 * S), "state": "resolved", "value": 85.0, "by": None},
-    ]
-    assert [h["action"] for h in alerts.alert_history("a3")] == ["raised", "escalated"]
-    assert alerts.alert_history("missing") == []
-
-
-def test_alerts_paging(alerts: SQLiteStore) -> None:
-    seen, cursor = [], None
-    for _ in range(5):
-        page = alerts.alerts(None, None, None, None, 3, cursor)
-        seen += [a["id"] for a in page.items]
-        cursor = page.next
-        if cursor is None:
-            break
-    assert seen == ["a4", "a3", "a2", "a1"]
-
-
-# ------------------------------------------------------------------------------- dead letters
-
-
-def test_dead_letters_page_newest_first_with_truncated_flag(store: SQLiteStore) -> None:
-    letters = [
-        DeadLetter(T0 + i * S, f"fc/v1/h1/monitor/m{i}/vitals", "schema_invalid" if i % 2 else "ts_invalid",
-                   f"detail {i}", b"x" * 8, 8 if i != 3 else 100_000, index=i if i == 4 else None)
-        for i in range(5)
-    ]
-    with store.transaction() as tx:
-        tx.insert_dead_letters(letters)
-    pages, cursor = [], None
-    for _ in range(5):
-        page = store.dead_letters(None, 2, cursor)
-        pages.append([(d["topic"], d["truncated"]) for d in page.items])
-        cursor = page.next
-        if cursor is None:
-            break
-    assert pages == [
-        [("fc/v1/h1/monitor/m4/vitals", False), ("fc/v1/h1/monitor/m3/vitals", True)],
-        [("fc/v1/h1/monitor/m2/vitals", False), ("fc/v1/h1/monitor/m1/vitals", False)],
-        [("fc/v1/h1/monitor/m0/vitals", False)],
-    ]
-    newest = store.dead_letters(None, 1, None).items[0]
-    assert {k: newest[k] for k in ("reason", "detail", "index", "payload_size", "payload", "received_ts")} == {
-        "reason": "ts_invalid", "detail": "detail 4", "index": 4, "payload_size": 8, "payload": "xxxxxxxx",
-        "received_ts": format_ts(T0 + 4 * S)}
-    assert [d["topic"][-9:-7] for d in store.dead_letters("schema_invalid", 10, None).items] == ["m3", "m1"]
-    assert store.dead_letters("nope", 10, None).items == []
-
-
-def test_dead_letter_with_binary_payload(store: SQLiteStore) -> None:
-    with store.transaction() as tx:
-        tx.insert_dead_letters([DeadLetter(T0, "fc/v1/h1/monitor/m1/vitals", "payload_not_json", "bad",
-                                           b"\xff\xfe{", 3)])
-    (item,) = store.dead_letters(None, 10, None).items
-    assert item["payload"] == "\ufffd\ufffd{" and item["truncated"] is False
-
-
-# ------------------------------------------------------------------------------- devices
-
-
-@pytest.fixture
-def devices(store: SQLiteStore) -> SQLiteStore:
-    with store.transaction() as tx:
-        tx.upsert_devices([
-            DeviceRecord("monitor", "m1", "h1", "p1", "online", last_seen_ms=T0, battery=90),
-            DeviceRecord("monitor", "m2", "h2", None, "offline", last_seen_ms=T0),
-            DeviceRecord("scale", "s1", "h1", None, "unknown"),
-            DeviceRecord("bp", "b1", None, None, "unknown"),
-        ])
-    return store
-
-
-def test_device_upsert_updates_in_place(devices: SQLiteStore) -> None:
-    with devices.transaction() as tx:
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "offline", silent=True, last_seen_ms=T0 + S,
-                                        battery=15, firmware="2.0", last_seq=42)])
-    assert devices.device("monitor", "m1") == DeviceRecord(
-        "monitor", "m1", "h1", "p1", "offline", True, T0 + S, None, 15, "2.0", 42)
-    assert devices.counts()["devices"] == 4
-    assert devices.device("monitor", "nope") is None
-
-
-@pytest.mark.parametrize(
-    ("hospitals", "hospital_id", "expected"),
-    [
-        (None, None, [("bp", "b1"), ("monitor", "m1"), ("monitor", "m2"), ("scale", "s1")]),
-        (None, "h1", [("monitor", "m1"), ("scale", "s1")]),
-        (frozenset({"h1"}), None, [("monitor", "m1"), ("scale", "s1")]),
-        (frozenset({"h2"}), None, [("monitor", "m2")]),
-        (frozenset({"h1", "h2"}), None, [("monitor", "m1"), ("monitor", "m2"), ("scale", "s1")]),
-        (frozenset({"h2"}), "h1", []),
-        (frozenset(), None, []),
-    ],
-)
-def test_devices_scope(devices: SQLiteStore, hospitals, hospital_id, expected) -> None:
-    page = devices.devices(hospitals, hospital_id, 50, None)
-    assert [(d["device_type"], d["device_id"]) for d in page.items] == expected
-
-
-def test_devices_paging(devices: SQLiteStore) -> None:
-    seen, cursor = [], None
-    for _ in range(5):
-        page = devices.devices(None, None, 3, cursor)
-        seen += [(d["device_type"], d["device_id"]) for d in page.items]
-        cursor = page.next
-        if cursor is None:
-            break
-    assert seen == [("bp", "b1"), ("monitor", "m1"), ("monitor", "m2"), ("scale", "s1")]
-
-
-@pytest.mark.parametrize(
-    ("patient_id", "expected"),
-    [("p1", "h1"), ("p2", "h1"), ("p3", "h3"), ("ghost", None)],
-)
-def test_patient_hospital(store: SQLiteStore, patient_id: str, expected: str | None) -> None:
-    with store.transaction() as tx:
-        tx.insert_readings([reading(1, T0, "p1", "h1"), reading(2, T0, "p2", "h1", device=("monitor", "m2"))])
-        # a patient id belongs to the first hospital that reported it (the core refuses the rest)
-        tx.insert_readings([reading(3, T0 + S, "p2", "h2", device=("monitor", "m3"))])
-        # p3 has no reading yet, only a device bound to it, which claims it
-        tx.upsert_devices([DeviceRecord("monitor", "m4", "h3", "p3", "online")])
-        tx.claim_patient("p3", "h3", T0)
-    assert store.patient_hospital(patient_id) == expected
-
-
-# ------------------------------------------------------------------------------- purge
-
-
-def test_purge_removes_old_rows(store: SQLiteStore) -> None:
-    with store.transaction() as tx:
-        tx.insert_readings([reading(i, T0 + i * S) for i in range(6)])
-        tx.insert_dead_letters([DeadLetter(T0 + i * S, "t", "schema_invalid", "", b"", 0) for i in range(4)])
-        tx.insert_gaps([SeqGap("monitor", "m1", 10, 12, T0), SeqGap("monitor", "m1", 20, 22, T0 + 9 * S)])
-    removed = store.purge(T0 + 3 * S)
-    assert removed == 3 + 3 + 1
-    assert store.counts() == {"readings": 3, "dead_letters": 1, "devices": 0, "alerts": 0, "seq_gaps": 1}
-    assert [i["seq"] for i in store.readings("p1", None, None, None, 10, None).items] == [3, 4, 5]
-    assert store.purge(T0 + 3 * S) == 0
-
-
-# ------------------------------------------------------------------------------- transactions
-
-
-def test_failing_transaction_rolls_back_everything(store: SQLiteStore) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
+    before = next(i for i, script in enumerate(MIGRATIONS) if "alert_pending" in script)
+    path = tmp_path / "before-cluster.db"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:before]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version={before}")
+    db.execute("INSERT INTO seq_gaps (device_type, device_id, first_missing, last_missing, detected_ms)"
+               " VALUES ('monitor', 'm1', 3, 4, ?)", (T0,))
+    db.execute("INSERT INTO news2_scores (patient_id, hospital_id, computed_ms, total, band, complete, max_part,"
+               " spo2_scale, signature, body) VALUES ('p1', 'h1', ?, 0, 'low', 0, 0, 1, 'sig', '{}')", (T0,))
+    db.commit()
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
         with store.transaction() as tx:
-            assert tx.insert_readings([reading(1), reading(2)]) == [True, True]
-            tx.insert_dead_letters([DeadLetter(T0, "t", "schema_invalid", "", b"{}", 2)])
-            tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online")])
-            tx.save_transitions([Transition("raised", alert("a1"), T0)])
-            tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, T0)])
-            tx.set_overrides("p1", {"spo2.low": RuleOverride(enabled=False)})
-            raise RuntimeError("boom")
-    assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
-    assert store.latest_vitals("p1") == {}
-    assert store.patient_hospital("p1") is None
-    assert store.alert_history("a1") == []
-    assert store.load_overrides() == {}
-    # the store is still usable after the rollback
-    with store.transaction() as tx:
-        assert tx.insert_readings([reading(1)]) == [True]
-    assert store.counts()["readings"] == 1
-
-
-def test_database_error_becomes_store_error_and_rolls_back(store: SQLiteStore) -> None:
-    bad = alert("a2", hospital_id=None)  # type: ignore[arg-type]  # violates alerts.hospital_id NOT NULL
-    with pytest.raises(StoreError):
-        with store.transaction() as tx:
-            tx.insert_readings([reading(1)])
-            tx.save_transitions([Transition("raised", alert("a1"), T0), Transition("raised", bad, T0)])
-    assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
-    assert store.alert_history("a1") == []
+            assert tx.open_gaps_of([("monitor", "m1")]) == []
+            assert tx.due_gaps(T0 + 3600 * S, 10) == []
+            assert tx.news2_of(["p1"])["p1"].signature == "sig"
+            assert tx.due_news2(T0, 10) == ["p1"]
+    finally:
+        store.close()
 
 
 def test_an_existing_first_version_database_is_migrated_in_place(tmp_path) -> None:
@@ -495,8 +89,9 @@ def test_an_existing_first_version_database_is_migrated_in_place(tmp_path) -> No
     db.close()
     store = SQLiteStore(str(path))
     try:
-        (device,) = store.load_devices()
-        assert (device.device_id, device.state, device.status_ms) == ("m1", "online", None)
+        (device,) = store.devices(None, None, 10, None).items
+        assert (device["device_id"], device["state"]) == ("m1", "online")
+        assert store.device("monitor", "m1").status_ms is None
         assert store._writer.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         store.close()
@@ -525,7 +120,7 @@ def test_a_database_from_before_boots_keeps_its_readings_and_their_identity(tmp_
     db.close()
     store = SQLiteStore(str(path))
     try:
-        (device,) = store.load_devices()
+        device = store.device("monitor", "m1")
         assert (device.boot, device.last_seq, device.last_ts_ms, device.boot_ts_ms) == ("", 3, T0 + 3 * S, None)
         assert [(i["seq"], i["boot"]) for i in store.readings("p1", None, None, None, 10, None).items] == [
             (1, ""), (2, ""), (3, "")]
@@ -540,7 +135,7 @@ def test_a_database_from_before_boots_keeps_its_readings_and_their_identity(tmp_
         store.close()
 
 
-def test_a_locked_database_is_unavailable_a_rejected_row_is_not(store: SQLiteStore, db_path: Path) -> None:
+def test_a_locked_database_is_unavailable_a_rejected_row_is_not(store, db_path: Path) -> None:
     """The consumer retries StoreUnavailable whole and blames any other StoreError on the batch."""
     import sqlite3
 

@@ -226,6 +226,12 @@ def test_defaults() -> None:
         ({"FC_STORE_BUSY_TIMEOUT_SECONDS": "0.5"}, "store_busy_timeout_seconds", 0.5),
         ({"FC_MQTT_CLIENT_ID": "bridge.ward-3_a"}, "mqtt_client_id", "bridge.ward-3_a"),
         ({"FC_STORE_URL": "sqlite:////var/lib/fc.db"}, "store_url", "sqlite:////var/lib/fc.db"),
+        ({"FC_STORE_URL": "postgresql://db/fc"}, "store_url", "postgresql://db/fc"),
+        ({"FC_STORE_URL": "postgres://fc:secret@db:5433/fc?sslmode=require"}, "store_url",
+         "postgres://fc:secret@db:5433/fc?sslmode=require"),
+        ({"FC_SEQ_GAP_GRACE_SECONDS": "5"}, "seq_gap_grace_seconds", 5.0),
+        ({"FC_ALARM_REORDER_SECONDS": "0"}, "alarm_reorder_seconds", 0.0),
+        ({"FC_STORE_STATEMENT_TIMEOUT_SECONDS": "10"}, "store_statement_timeout_seconds", 10.0),
         ({"FC_TOPIC_ROOT": "org-fc_2"}, "topic_root", "org-fc_2"),
         ({"FC_LOG_LEVEL": "debug"}, "log_level", "debug"),
         ({"FC_HTTP_PORT": ""}, "http_port", 8000),  # empty means unset
@@ -264,7 +270,11 @@ def test_bad_numbers_name_the_key(env: dict, key: str) -> None:
         ({"FC_MQTT_URL": "mqtt://"}, "FC_MQTT_URL"),
         ({"FC_MQTT_URL": "mqtt://broker:notaport"}, "FC_MQTT_URL"),
         ({"FC_MQTT_URL": "mqtt://broker:99999"}, "FC_MQTT_URL"),
-        ({"FC_STORE_URL": "postgresql://db/fc"}, "FC_STORE_URL"),
+        ({"FC_STORE_URL": "postgresql://db"}, "FC_STORE_URL"),  # no database named
+        ({"FC_STORE_URL": "postgresql://db:port/fc"}, "FC_STORE_URL"),
+        ({"FC_STORE_URL": "mysql://db/fc"}, "FC_STORE_URL"),
+        ({"FC_SEQ_GAP_GRACE_SECONDS": "-1"}, "FC_SEQ_GAP_GRACE_SECONDS"),
+        ({"FC_STORE_STATEMENT_TIMEOUT_SECONDS": "0"}, "FC_STORE_STATEMENT_TIMEOUT_SECONDS"),
         ({"FC_STORE_URL": "data/fc.db"}, "FC_STORE_URL"),
         # an empty path makes sqlite3 open a temporary database: every reading would be lost
         ({"FC_STORE_URL": "sqlite:///"}, "FC_STORE_URL"),
@@ -355,7 +365,8 @@ def test_replace_validates() -> None:
 
 @pytest.mark.parametrize(
     ("store_url", "path"),
-    [("sqlite:///data/fc.db", "data/fc.db"), ("sqlite:////abs/fc.db", "/abs/fc.db")],
+    [("sqlite:///data/fc.db", "data/fc.db"), ("sqlite:////abs/fc.db", "/abs/fc.db"),
+     ("postgresql://db/fc", "data/firstcare.db")],  # a PostgreSQL store: where local files are kept
 )
 def test_sqlite_path(store_url: str, path: str) -> None:
     assert Settings.from_env({"FC_STORE_URL": store_url}).sqlite_path == path

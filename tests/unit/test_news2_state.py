@@ -1,5 +1,5 @@
-"""NEWS2 per patient on the writer thread, without a database: which readings count, when a
-score is stored and published, and what going stale does."""
+"""NEWS2 of a transaction's patients, without a database: which readings count, when a score
+is stored and published, what going stale does, and what is written back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 
 from bridge.alerts import AlertBook, default_rules
 from bridge.news2_state import News2State
-from bridge.store_clinical import ObservationRecord
+from bridge.store import News2Record, ObservationRecord, PatientInputs
 from firstcare.payloads import Reading
 
 T0 = 1_800_000_000_000
@@ -17,6 +17,7 @@ H = 3_600_000
 class FakeTx:
     def __init__(self) -> None:
         self.scores: list[tuple[str, int]] = []
+        self.saved: dict[str, tuple[str, int | None]] = {}
         self.ids = itertools.count(1)
 
     def insert_news2(self, patient_id, hospital_id, s, signature):
@@ -26,6 +27,9 @@ class FakeTx:
     def insert_observations(self, records):
         return [next(self.ids) for _ in records]
 
+    def save_news2_state(self, patient_id, signature, expiry_ms):
+        self.saved[patient_id] = (signature, expiry_ms)
+
 
 def reading(ts: int, **metrics: float) -> Reading:
     return Reading("h1", "monitor", "m1", ts, ts, ts, "p1", metrics)
@@ -33,7 +37,7 @@ def reading(ts: int, **metrics: float) -> Reading:
 
 def setup() -> tuple[News2State, AlertBook, FakeTx]:
     counter = itertools.count(1)
-    return News2State({}, {}), AlertBook(default_rules(), lambda: f"a{next(counter)}"), FakeTx()
+    return News2State({}), AlertBook(default_rules(), lambda: f"a{next(counter)}"), FakeTx()
 
 
 def test_only_news2_inputs_count_and_an_older_reading_never_replaces_a_newer_one() -> None:
@@ -55,15 +59,16 @@ def test_a_score_is_stored_and_published_only_when_it_changes() -> None:
     assert events[0].name == "patient.news2.update" and events[0].data["id"] == 1
 
 
-def test_an_input_going_stale_is_scored_again_on_the_tick() -> None:
+def test_an_input_going_stale_is_scored_again_when_its_expiry_is_due() -> None:
     state, book, tx = setup()
     events: list = []
     state.on_reading(reading(T0, heart_rate=140, temperature=36.8))
     state.evaluate(tx, book, "p1", T0, T0, events)
-    state.expire(tx, book, T0 + 1000, events)  # the first tick after start scores everyone once
-    assert len(events) == 1
-    assert state.expire(tx, book, T0 + H, events) == [] and len(events) == 1
-    state.expire(tx, book, T0 + H + 1, events)  # the pulse is stale now, the temperature is not
+    expiry = state.expiry("p1")
+    assert expiry is not None and T0 + H <= expiry <= T0 + H + 1  # the pulse goes stale first
+    state.save(tx)
+    assert tx.saved["p1"][1] == expiry  # written back: the timers of any bridge find it due
+    state.evaluate(tx, book, "p1", expiry, expiry, events)
     assert events[-1].data["stale"] == ["heart_rate"] and events[-1].data["total"] == 0
 
 
@@ -80,15 +85,14 @@ def test_observations_feed_the_score_with_who_recorded_them() -> None:
     assert data["spo2_scale"] == 2 and data["band"] == "low-medium"
 
 
-def test_a_restart_does_not_store_the_same_score_again() -> None:
+def test_a_stored_signature_is_not_stored_again_by_the_next_transaction() -> None:
     state, book, tx = setup()
     events: list = []
     state.on_reading(reading(T0, heart_rate=80))
     state.evaluate(tx, book, "p1", T0, T0, events)
-    from bridge.news2_state import _json
-    from bridge.store_clinical import PatientInputs
-
-    restarted = News2State({"p1": PatientInputs("h1", dict(state._inputs["p1"]), 1)},
-                           {"p1": _json(state._signatures["p1"])})
-    restarted.evaluate(tx, book, "p1", T0, T0 + 1, events)
+    state.save(tx)
+    signature, expiry = tx.saved["p1"]
+    # the next transaction on p1, in this bridge or another, loads what was written back
+    following = News2State({"p1": News2Record(PatientInputs("h1", dict(state._inputs["p1"]), 1), signature, expiry)})
+    following.evaluate(tx, book, "p1", T0, T0 + 1, events)
     assert len(tx.scores) == 1

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.alerts import INGEST_SESSION_LOST, AlertBook
-from bridge.core import DeviceTable
 from bridge.hub import Delivery, Publication
-from bridge.store import DeviceRecord
 from bridge.telemetry import LatencyTracker, Telemetry
 from firstcare.events import make_event
 from firstcare.lease import Claim, is_fresh, lease_topic, watch_seconds
@@ -114,12 +112,3 @@ def test_session_lost_is_latched_per_hospital_and_counts_repeats() -> None:
     assert other.action == "raised"
     ack = book.acknowledge(raised.alert.id, "nurse", 40)
     assert [t.action for t in ack] == ["acknowledged", "resolved"]
-
-
-def test_device_table_counts_online_devices_as_they_change() -> None:
-    table = DeviceTable([DeviceRecord("monitor", "a", "h1", state="online"), DeviceRecord("monitor", "b", "h1")])
-    assert table.online == 1
-    table[("monitor", "b")] = DeviceRecord("monitor", "b", "h1", state="online")
-    table[("monitor", "a")] = DeviceRecord("monitor", "a", "h1", state="offline")
-    table[("monitor", "c")] = DeviceRecord("monitor", "c", "h1", state="online")
-    assert table.online == sum(1 for d in table.values() if d.state == "online") == 2

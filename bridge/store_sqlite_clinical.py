@@ -1,7 +1,8 @@
-"""SQLite storage of the clinical features: NEWS2 observations and scores, FHIR look-ups, the
-alarm-fatigue report's queries. Mixed into :class:`bridge.store_sqlite.SQLiteTransaction` and
-:class:`bridge.store_sqlite.SQLiteStore`, whose connection and helpers they use (``_conn``,
-``_query``, ``_page_rows``), so the schema stays in one ``MIGRATIONS`` list.
+"""SQLite storage of the clinical features: NEWS2 observations, scores and per-patient state,
+FHIR look-ups, the alarm-fatigue report's queries. Mixed into
+:class:`bridge.store_sqlite.SQLiteTransaction` and :class:`bridge.store_sqlite.SQLiteStore`,
+whose connection and helpers they use (``_conn``, ``_query``, ``_page_rows``), so the schema
+stays in one ``MIGRATIONS`` list.
 
 Threads: the transaction methods run on the writer thread (inside ``Store.transaction``), the
 store methods on any thread (each has its own read connection).
@@ -15,38 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.store import News2Record, ObservationRecord, PatientInputs, score_body
 from firstcare import news2
 from firstcare.payloads import format_ts
-
-OBSERVATION_KINDS = ("consciousness", "supplemental_oxygen", "spo2_scale")
-
-
-@dataclass(frozen=True, slots=True)
-class ObservationRecord:
-    """One clinician observation: one kind, one value, who recorded it and when."""
-
-    patient_id: str
-    hospital_id: str
-    kind: str  # OBSERVATION_KINDS
-    value: str | bool | int
-    ts_ms: int  # when observed
-    recorded_ms: int  # when entered
-    recorded_by: str
-    note: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PatientInputs:
-    """Everything NEWS2 needs to know of one patient, as stored."""
-
-    hospital_id: str | None
-    inputs: dict[str, news2.Input]
-    spo2_scale: int
-
-
-def score_body(s: news2.Score) -> str:
-    return json.dumps(news2.score_json(s), separators=(",", ":"))
-
 
 def news2_row_json(row: sqlite3.Row) -> dict[str, Any]:
     body = json.loads(row["body"])
@@ -55,6 +27,22 @@ def news2_row_json(row: sqlite3.Row) -> dict[str, Any]:
 
 class ClinicalTransactionMixin:
     _conn: sqlite3.Connection
+
+    def news2_of(self, patient_ids: Iterable[str]) -> dict[str, News2Record]:
+        """The NEWS2 inputs of these patients and what was last decided about them."""
+        result: dict[str, News2Record] = {}
+        q = lambda sql, params=(): self._conn.execute(sql, params).fetchall()  # noqa: E731
+        for pid in patient_ids:
+            known = _patients_inputs(q, pid).get(pid) or PatientInputs(None, {}, 1)
+            row = self._conn.execute("SELECT signature, expiry_ms FROM news2_state WHERE patient_id=?",
+                                     (pid,)).fetchone()
+            result[pid] = News2Record(known, row[0] if row else None, row[1] if row else None)
+        return result
+
+    def save_news2_state(self, patient_id: str, signature: str, expiry_ms: int | None) -> None:
+        self._conn.execute("INSERT INTO news2_state (patient_id, signature, expiry_ms) VALUES (?,?,?)"
+                           " ON CONFLICT (patient_id) DO UPDATE SET signature=excluded.signature,"
+                           " expiry_ms=excluded.expiry_ms", (patient_id, signature, expiry_ms))
 
     def insert_observations(self, records: Iterable[ObservationRecord]) -> list[int]:
         ids = []
@@ -88,52 +76,8 @@ class ClinicalStoreMixin:
 
     # --- NEWS2 ---------------------------------------------------------------------------
 
-    def _latest_observations(self, conn_query: Any, patient_id: str | None) -> list[sqlite3.Row]:
-        where = "WHERE patient_id=?" if patient_id is not None else ""
-        params = (patient_id,) if patient_id is not None else ()
-        # the newest observation of each (patient, kind): by observation time, then entry order
-        return conn_query(
-            "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY patient_id, kind ORDER BY ts_ms DESC, id DESC)"
-            f" AS rn FROM observations {where}) WHERE rn = 1", params)
-
-    def load_news2(self) -> tuple[dict[str, PatientInputs], dict[str, str]]:
-        """Writer start-up: every patient's NEWS2 inputs, and the signature of its last stored score."""
-
-        def q(sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-            return self._writer.execute(sql, params).fetchall()
-
-        return self._patients_inputs(q, None), {
-            r["patient_id"]: r["signature"] for r in q(
-                "SELECT patient_id, signature FROM news2_scores WHERE id IN"
-                " (SELECT max(id) FROM news2_scores GROUP BY patient_id)")}
-
-    def _patients_inputs(self, q: Any, patient_id: str | None) -> dict[str, PatientInputs]:
-        metrics = sorted(news2.DEVICE_PARAMETERS)
-        where = " AND patient_id=?" if patient_id is not None else ""
-        params: list[Any] = [*metrics, *([patient_id] if patient_id is not None else [])]
-        result: dict[str, PatientInputs] = {}
-        hospitals = {r[0]: r[1] for r in q("SELECT patient_id, hospital_id FROM patients"
-                                           + (" WHERE patient_id=?" if patient_id is not None else ""),
-                                           (patient_id,) if patient_id is not None else ())}
-
-        def entry(pid: str) -> PatientInputs:
-            if pid not in result:
-                result[pid] = PatientInputs(hospitals.get(pid), {}, 1)
-            return result[pid]
-
-        for r in q(f"SELECT * FROM latest_vitals WHERE metric IN ({','.join('?' for _ in metrics)}){where}", params):
-            entry(r["patient_id"]).inputs[r["metric"]] = news2.Input(
-                r["value"], r["ts_ms"], f"{r['device_type']}/{r['device_id']}")
-        for r in self._latest_observations(q, patient_id):
-            e = entry(r["patient_id"])
-            if r["kind"] == "spo2_scale":
-                result[r["patient_id"]] = PatientInputs(e.hospital_id, e.inputs, int(json.loads(r["value"])))
-            else:
-                e.inputs[r["kind"]] = _observation_input(r["kind"], r["value"], r["ts_ms"], r["recorded_by"])
-        return result
-
     def patient_news2_inputs(self, patient_id: str) -> PatientInputs:
-        found = self._patients_inputs(self._query, patient_id).get(patient_id)
+        found = _patients_inputs(self._query, patient_id).get(patient_id)
         return found or PatientInputs(None, {}, 1)
 
     def news2_history(self, patient_id: str, since_ms: int | None, until_ms: int | None, limit: int,
@@ -245,6 +189,43 @@ class ClinicalStoreMixin:
                     days += 1
                 start = end
         return days
+
+
+def _latest_observations(conn_query: Any, patient_id: str | None) -> list[sqlite3.Row]:
+    where = "WHERE patient_id=?" if patient_id is not None else ""
+    params = (patient_id,) if patient_id is not None else ()
+    # the newest observation of each (patient, kind): by observation time, then entry order
+    return conn_query(
+        "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY patient_id, kind ORDER BY ts_ms DESC, id DESC)"
+        f" AS rn FROM observations {where}) WHERE rn = 1", params)
+
+
+def _patients_inputs(q: Any, patient_id: str | None) -> dict[str, PatientInputs]:
+    metrics = sorted(news2.DEVICE_PARAMETERS)
+    where = " AND patient_id=?" if patient_id is not None else ""
+    params: list[Any] = [*metrics, *([patient_id] if patient_id is not None else [])]
+    result: dict[str, PatientInputs] = {}
+    hospitals = {r[0]: r[1] for r in q("SELECT patient_id, hospital_id FROM patients"
+                                       + (" WHERE patient_id=?" if patient_id is not None else ""),
+                                       (patient_id,) if patient_id is not None else ())}
+
+    def entry(pid: str) -> PatientInputs:
+        if pid not in result:
+            result[pid] = PatientInputs(hospitals.get(pid), {}, 1)
+        return result[pid]
+
+    if patient_id is not None and patient_id in hospitals:
+        entry(patient_id)
+    for r in q(f"SELECT * FROM latest_vitals WHERE metric IN ({','.join('?' for _ in metrics)}){where}", params):
+        entry(r["patient_id"]).inputs[r["metric"]] = news2.Input(
+            r["value"], r["ts_ms"], f"{r['device_type']}/{r['device_id']}")
+    for r in _latest_observations(q, patient_id):
+        e = entry(r["patient_id"])
+        if r["kind"] == "spo2_scale":
+            result[r["patient_id"]] = PatientInputs(e.hospital_id, e.inputs, int(json.loads(r["value"])))
+        else:
+            e.inputs[r["kind"]] = _observation_input(r["kind"], r["value"], r["ts_ms"], r["recorded_by"])
+    return result
 
 
 def _reading_row(r: sqlite3.Row) -> dict[str, Any]:
