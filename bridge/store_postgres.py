@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,7 +49,6 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import MIGRATIONS as MIGRATIONS_LOCK
@@ -76,7 +76,7 @@ log = logging.getLogger("firstcare.store")
 DAY_MS = 86_400_000
 PARTITION_DAYS_AHEAD = 7
 PARTITION_DAYS_BEHIND = 1
-POOL_SIZE = 4
+POOL_SIZE = 8
 
 MIGRATIONS: list[str] = [
     """
@@ -180,7 +180,7 @@ _UNAVAILABLE_CODES = frozenset({"40001", "40P01", "55P03", "25006", "55006"})
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (psycopg.InterfaceError, PoolTimeout)):
+    if isinstance(exc, (psycopg.InterfaceError, PoolExhausted)):
         return True
     if not isinstance(exc, psycopg.Error):
         return False
@@ -272,6 +272,59 @@ def ensure_partitions(conn: psycopg.Connection[Any], now_ms: int) -> list[str]:
             conn.execute(f"ALTER TABLE readings ATTACH PARTITION {name} FOR VALUES FROM ({lo}) TO ({lo + DAY_MS})")
         created.append(name)
     return created
+
+
+class PoolExhausted(Exception):
+    """Every reader connection stayed busy for the whole wait."""
+
+
+class ReaderPool:
+    """Autocommit connections for the API threads: at most ``size`` at once, idle ones kept and
+    checked before reuse, a broken one thrown away, a new one opened on demand. No background
+    thread: while PostgreSQL is down each query fails at once (connection refused) or within
+    ``connect_timeout``, so readiness answers promptly, and the first query after it is back
+    simply connects again."""
+
+    def __init__(self, url: str, kwargs: dict[str, Any], size: int, wait_s: float) -> None:
+        self._url, self._kwargs, self._wait_s = url, kwargs, wait_s
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise PoolExhausted(f"no reader connection free within {self._wait_s:.0f} s")
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is not None and (conn.closed or conn.broken):
+                conn.close()
+                conn = None
+            if conn is None:
+                conn = psycopg.connect(self._url, autocommit=True, **self._kwargs)
+            yield conn
+        except BaseException:
+            if conn is not None:
+                conn.close()  # after any error the connection's state is unknown: never reused
+            raise
+        else:
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def alert_from_row(row: Mapping[str, Any]) -> Alert:
@@ -562,12 +615,7 @@ class PostgresStore(ClinicalStoreMixin):
             if self._writer is not None:
                 self._writer.close()
             raise StoreError(f"cannot open the PostgreSQL database {_redact(url)}: {exc}") from exc
-        reader_kwargs = {**self._kwargs, "autocommit": True}
-        self._pool: ConnectionPool[Any] = ConnectionPool(
-            url, min_size=1, max_size=max(1, pool_size), kwargs=reader_kwargs, open=False,
-            check=ConnectionPool.check_connection, timeout=max(busy_timeout_s + 3, 5), name="firstcare-readers",
-            reconnect_timeout=0)
-        self._pool.open(wait=False)
+        self._pool = ReaderPool(url, self._kwargs, max(1, pool_size), busy_timeout_s + 3)
 
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.url, autocommit=False, **self._kwargs)
@@ -624,12 +672,19 @@ class PostgresStore(ClinicalStoreMixin):
             raise StoreError(f"database unreachable: {exc}") from exc
 
     def _query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
-        try:
-            with self._pool.connection() as conn:
-                with conn.cursor(row_factory=dict_row) as cur:
-                    return cur.execute(sql, params).fetchall()
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise store_error("query failed", exc) from exc
+        """A read on a pooled connection; once again on a fresh one if the connection was lost
+        (an idle connection does not know PostgreSQL restarted until it is used)."""
+        for attempt in (1, 2):
+            try:
+                with self._pool.connection() as conn:
+                    with conn.cursor(row_factory=dict_row) as cur:
+                        return cur.execute(sql, params).fetchall()
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or not is_unavailable(exc):
+                    raise store_error("query failed", exc) from exc
+            except (psycopg.Error, PoolExhausted) as exc:
+                raise store_error("query failed", exc) from exc
+        raise AssertionError("unreachable")
 
     def _page_rows(self, sql: str, params: list[Any], order: str, limit: int
                    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
