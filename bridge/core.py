@@ -483,7 +483,7 @@ class BridgeCore:
         now = self.clock()
         self._refresh_keys()
         if not lead:
-            self._committed(lambda tx: None)
+            self._committed(lambda tx: tx.probe())
             self._refresh_gauges()
             return []
         events: list[Event] = []

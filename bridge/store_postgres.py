@@ -451,6 +451,9 @@ class PostgresTransaction(ClinicalTransactionMixin):
                            " ON CONFLICT (client_id, broker) DO UPDATE SET established_ms=excluded.established_ms",
                            (client_id, broker, at_ms))
 
+    def probe(self) -> None:
+        self._conn.execute("SELECT 1")
+
     # --- the state repository (bridge/state.py) -------------------------------------------
 
     def lock(self, keys: Iterable[LockKey]) -> None:

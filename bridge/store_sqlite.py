@@ -391,6 +391,9 @@ class SQLiteTransaction(ClinicalTransactionMixin):
              for g in gaps],
         )
 
+    def probe(self) -> None:
+        """Nothing more to do: BEGIN IMMEDIATE has taken the write lock already."""
+
     # --- the state repository (bridge/state.py) -------------------------------------------
 
     def lock(self, keys: Iterable[LockKey]) -> None:
