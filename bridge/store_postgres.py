@@ -461,8 +461,11 @@ class PostgresTransaction(ClinicalTransactionMixin):
         ordered = lock_order(keys)
         if ordered:
             classes, hashes = _unzip(ordered, 2)
-            self._conn.execute("SELECT pg_advisory_xact_lock(c, h) FROM unnest(%s::int[], %s::int[])"
-                               " WITH ORDINALITY AS k(c, h, n) ORDER BY n", (classes, hashes))
+            # the subquery fixes the order the locks are taken in (a SELECT list is evaluated
+            # in the order rows come out of its FROM, before any ORDER BY of its own)
+            self._conn.execute("SELECT count(pg_advisory_xact_lock(c, h)) FROM (SELECT c, h FROM"
+                               " unnest(%s::int[], %s::int[]) WITH ORDINALITY AS k(c, h, n) ORDER BY n) ordered",
+                               (classes, hashes))
 
     def devices_of(self, keys: Iterable[DeviceKey]) -> dict[DeviceKey, DeviceRecord]:
         keys = list(keys)
