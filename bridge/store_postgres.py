@@ -65,11 +65,13 @@ from bridge.store import (
     alert_json,
     cursor_parts,
     device_json,
+    key_json,
     page_limit,
 )
 from bridge.store_postgres_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError, StoreUnavailable
 from firstcare.payloads import Reading, format_ts
+from firstcare.signing import KeyRecord
 
 log = logging.getLogger("firstcare.store")
 
@@ -167,11 +169,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (client_id, broker)
     );
     """,
+    # signed readings (firstcare/signing.py): which key signed a reading, public keys, per-hospital policy
+    """
+    ALTER TABLE readings ADD COLUMN signed_by text;
+    CREATE TABLE signing_keys (
+        kid text PRIMARY KEY, public_key bytea NOT NULL, scope text NOT NULL, hospital_id text NOT NULL,
+        device_type text, device_id text, gateway_id text, created_ms bigint NOT NULL, revoked_ms bigint
+    );
+    CREATE INDEX signing_keys_owner ON signing_keys (scope, hospital_id, device_type, device_id, gateway_id);
+    CREATE TABLE signature_policies (
+        hospital_id text PRIMARY KEY, require_signatures boolean NOT NULL, updated_ms bigint NOT NULL
+    );
+    """,
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
 _DEVICE_FIELDS = [f.name for f in dataclasses.fields(DeviceRecord)]
-_READING_COLUMNS = "device_type, device_id, seq, boot, hospital_id, patient_id, ts_ms, received_ms, metrics"
+_READING_COLUMNS = "device_type, device_id, seq, boot, hospital_id, patient_id, ts_ms, received_ms, metrics, signed_by"
 _PARTITION = re.compile(r"readings_p(\d{8})")
 
 # SQLSTATE classes and codes that say the database, not the statement, is the problem
@@ -335,6 +349,11 @@ def device_from_row(row: Mapping[str, Any]) -> DeviceRecord:
     return DeviceRecord(**{name: row[name] for name in _DEVICE_FIELDS})
 
 
+def key_from_row(row: Mapping[str, Any]) -> KeyRecord:
+    return KeyRecord(row["kid"], bytes(row["public_key"]), row["scope"], row["hospital_id"], row["device_type"],
+                     row["device_id"], row["gateway_id"])
+
+
 def gap_from_row(row: Mapping[str, Any]) -> SeqGap:
     return SeqGap(row["device_type"], row["device_id"], row["first_missing"], row["last_missing"], row["detected_ms"],
                   row["boot"], row["confirmed_ms"])
@@ -368,11 +387,11 @@ class PostgresTransaction(ClinicalTransactionMixin):
             with cur.copy(f"COPY readings_in ({_READING_COLUMNS}) FROM STDIN") as copy:
                 for r, boot in pending:
                     copy.write_row((r.device_type, r.device_id, r.seq, boot, r.hospital_id, r.patient_id, r.ts_ms,
-                                    r.received_ms, json.dumps(r.metrics, separators=(",", ":"))))
+                                    r.received_ms, json.dumps(r.metrics, separators=(",", ":")), r.signed_by))
             cur.execute(
                 f"WITH moved AS (DELETE FROM readings_in RETURNING *) INSERT INTO readings ({_READING_COLUMNS})"
                 " SELECT device_type, device_id, seq::bigint, boot, hospital_id, patient_id, ts_ms::bigint,"
-                " received_ms::bigint, metrics::jsonb FROM moved ON CONFLICT DO NOTHING")
+                " received_ms::bigint, metrics::jsonb, signed_by FROM moved ON CONFLICT DO NOTHING")
             newest: dict[tuple[str, str], tuple[int, float, Reading]] = {}
             claims: dict[str, tuple[str, int]] = {}
             for r, _ in pending:
@@ -453,6 +472,26 @@ class PostgresTransaction(ClinicalTransactionMixin):
 
     def probe(self) -> None:
         self._conn.execute("SELECT 1")
+
+    # --- signing keys and the signature policy ---------------------------------------------
+
+    def put_signing_key(self, key: KeyRecord, at_ms: int) -> None:
+        self._conn.execute(
+            "INSERT INTO signing_keys (kid, public_key, scope, hospital_id, device_type, device_id, gateway_id,"
+            " created_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (kid) DO UPDATE SET"
+            " public_key=excluded.public_key, created_ms=excluded.created_ms",
+            (key.kid, key.public_key, key.scope, key.hospital_id, key.device_type, key.device_id, key.gateway_id,
+             at_ms))
+
+    def revoke_signing_keys(self, kids: Iterable[str], at_ms: int) -> None:
+        self._conn.execute("UPDATE signing_keys SET revoked_ms = %s WHERE kid = ANY(%s) AND revoked_ms IS NULL",
+                           (at_ms, list(kids)))
+
+    def set_signature_policy(self, hospital_id: str, require: bool, at_ms: int) -> None:
+        self._conn.execute(
+            "INSERT INTO signature_policies (hospital_id, require_signatures, updated_ms) VALUES (%s, %s, %s)"
+            " ON CONFLICT (hospital_id) DO UPDATE SET require_signatures=excluded.require_signatures,"
+            " updated_ms=excluded.updated_ms", (hospital_id, require, at_ms))
 
     # --- the state repository (bridge/state.py) -------------------------------------------
 
@@ -704,6 +743,28 @@ class PostgresStore(ClinicalStoreMixin):
             params.append(sorted(hospitals))
         return sql
 
+    def load_signing_keys(self) -> list[KeyRecord]:
+        return [key_from_row(r) for r in self._query("SELECT * FROM signing_keys WHERE revoked_ms IS NULL")]
+
+    def load_signature_policies(self) -> dict[str, bool]:
+        return {r["hospital_id"]: r["require_signatures"]
+                for r in self._query("SELECT hospital_id, require_signatures FROM signature_policies")}
+
+    def signing_keys(self, scope: str, hospital_id: str | None, owner: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Keys of one device (``owner`` = (type, id)) or one gateway (``owner`` = (gateway id,)),
+        revoked ones included, oldest first."""
+        if scope == "device":
+            rows = self._query("SELECT * FROM signing_keys WHERE scope = 'device' AND device_type = %s"
+                               " AND device_id = %s ORDER BY created_ms, kid", owner)
+        else:
+            rows = self._query("SELECT * FROM signing_keys WHERE scope = 'gateway' AND hospital_id = %s"
+                               " AND gateway_id = %s ORDER BY created_ms, kid", (hospital_id, *owner))
+        return [key_json(key_from_row(r), r["created_ms"], r["revoked_ms"]) for r in rows]
+
+    def signing_key(self, kid: str) -> tuple[KeyRecord, int | None] | None:
+        rows = self._query("SELECT * FROM signing_keys WHERE kid = %s", (kid,))
+        return (key_from_row(rows[0]), rows[0]["revoked_ms"]) if rows else None
+
     def gauges(self) -> Gauges:
         row = self._query("SELECT (SELECT count(*) FROM devices) AS devices,"
                           " (SELECT count(*) FROM devices WHERE state = 'online') AS online,"
@@ -744,7 +805,7 @@ class PostgresStore(ClinicalStoreMixin):
                 "patient_id": row["patient_id"], "hospital_id": row["hospital_id"],
                 "device_type": row["device_type"], "device_id": row["device_id"], "seq": row["seq"],
                 "boot": row["boot"], "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]),
-                "metrics": metrics,
+                "metrics": metrics, "verified": row["signed_by"] is not None, "signed_by": row["signed_by"],
             })
         return Page(items, f"{last['ts_ms']}.{last['id']}" if last else None)
 

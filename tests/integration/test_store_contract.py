@@ -588,3 +588,31 @@ def test_what_the_timers_find_due(store: Store) -> None:
         assert tx.due_news2(now, 100) == ["p-due"]
         assert tx.due_escalations(now - 120 * S, ["high", "medium"], 100) == ["patient:p1"]
     assert store.gauges() == type(store.gauges())(6, 5, 4)
+
+
+def test_signing_keys_and_policies(store: Store) -> None:
+    from dataclasses import replace as _replace
+
+    from firstcare.signing import KeyRecord
+
+    device_key_ = KeyRecord("k1", b"\x01" * 32, "device", "h1", "monitor", "m1")
+    gateway_key = KeyRecord("k2", b"\x02" * 32, "gateway", "h1", gateway_id="gw-1")
+    with store.transaction() as tx:
+        tx.put_signing_key(device_key_, T0)
+        tx.put_signing_key(gateway_key, T0 + S)
+        tx.set_signature_policy("h1", True, T0)
+        tx.insert_reading(_replace(reading(1), signed_by="k1"), "")
+    assert sorted(k.kid for k in store.load_signing_keys()) == ["k1", "k2"]
+    assert store.signing_key("k1") == (device_key_, None) and store.signing_key("nope") is None
+    assert store.load_signature_policies() == {"h1": True}
+    with store.transaction() as tx:
+        tx.revoke_signing_keys(["k1"], T0 + 2 * S)
+        tx.set_signature_policy("h1", False, T0 + 2 * S)
+    assert [k.kid for k in store.load_signing_keys()] == ["k2"]
+    assert store.signing_key("k1") == (device_key_, T0 + 2 * S)
+    assert store.load_signature_policies() == {"h1": False}
+    (listed,) = store.signing_keys("device", "h1", ("monitor", "m1"))
+    assert (listed["kid"], listed["revoked_at"]) == ("k1", format_ts(T0 + 2 * S))
+    assert [k["kid"] for k in store.signing_keys("gateway", "h1", ("gw-1",))] == ["k2"]
+    (item,) = store.readings("p1", None, None, None, 10, None).items
+    assert (item["verified"], item["signed_by"]) == (True, "k1")
