@@ -38,7 +38,9 @@ EPILOGS = {
   FC_MQTT_URL=mqtts://mosquitto:8884 FC_MQTT_CA_FILE=certs/ca.pem FC_MQTT_CERT_FILE=certs/bridge.pem \\
     FC_MQTT_KEY_FILE=certs/bridge-key.pem FC_JWT_SECRET=... firstcare bridge
   FC_MQTT_URL=mqtt://bridge:secret@mosquitto:1883 FC_JWT_SECRET=... firstcare bridge
-  firstcare bridge --mqtt-url mqtt://127.0.0.1:1883 --http-port 8001""",
+  firstcare bridge --mqtt-url mqtt://127.0.0.1:1883 --http-port 8001
+  FC_STORE_URL=postgresql://firstcare:secret@db/firstcare FC_MQTT_CLIENT_ID=bridge-2 ... firstcare bridge
+                                     one of several bridges sharing one PostgreSQL""",
     "broker": """examples:
   firstcare broker                   embedded amqtt broker on 127.0.0.1:1884
   FC_BROKER_CERT_FILE=certs/server.pem FC_BROKER_KEY_FILE=certs/server-key.pem FC_MQTT_CA_FILE=certs/ca.pem \\
@@ -69,7 +71,7 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mqtt-port", type=int, help="FC_MQTT_PORT: embedded broker port (default 1884)")
     p.add_argument("--http-host", help="FC_HTTP_HOST: HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="FC_HTTP_PORT: HTTP port (default 8000)")
-    p.add_argument("--store-url", help="FC_STORE_URL: sqlite:///path")
+    p.add_argument("--store-url", help="FC_STORE_URL: sqlite:///path or postgresql://user:password@host/database")
     p.add_argument("--log-level", help="FC_LOG_LEVEL")
 
 
