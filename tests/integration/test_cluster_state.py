@@ -335,3 +335,20 @@ def test_overrides_set_on_one_bridge_apply_on_the_other(pg_stores: Callable[[], 
     b.process([vitals(1, T0, heart_rate=160), vitals(2, T0 + S, heart_rate=160)])
     assert [s[0] for s in story(b.store)] == []
     assert "heart_rate.high.critical" not in [r.id for r in b.rules_for("p1")]
+
+
+def test_a_key_registered_through_one_bridge_is_used_by_the_other_after_a_tick(
+        pg_stores: Callable[[], PostgresStore]) -> None:
+    from firstcare.signing import KeyRecord
+
+    clock = Clock()
+    a, b = cores(pg_stores, 2, clock)
+    key = KeyRecord("k-cluster", b"\x07" * 32, "device", "h1", "monitor", "m1")
+    a.register_key(key)
+    a.set_signature_policy("h1", True)
+    assert "k-cluster" not in b.keys
+    b.tick(lead=False)
+    assert b.keys["k-cluster"] == key and b.requires_signatures("h1")
+    a.revoke_keys(["k-cluster"])
+    b.tick(lead=False)
+    assert "k-cluster" not in b.keys
