@@ -13,6 +13,12 @@ the reconnect loop, outside the client, with exponential backoff and full jitter
 A message redelivered after a reconnect carries a new packet id; an ack meant for an old
 connection is discarded (the broker resends that message and the bridge's deduplication absorbs it).
 
+Shared by every MQTT client of the product (bridge ingest, edge ward consumer, edge forwarder):
+:class:`MqttTarget` (the one URL parser), :func:`reconnect_loop` (the one reconnect loop, outside
+the client, with exponential backoff and full jitter) and :class:`Settler` (store a batch or
+isolate the message that cannot be stored, then acknowledge; the edge's embedded ward broker
+settles its device publishes with it too).
+
 A session is only worth something if the broker really kept it. ``session_expected`` says
 whether one ought to exist (the caller remembers across restarts that it established one);
 a CONNACK with ``session present: false`` when one was expected means the broker lost the
@@ -23,11 +29,11 @@ Interval (without one it would end at every disconnect), and a broker that says 
 taken over" three times within a minute makes the consumer stop fighting (state ``conflict``).
 
 Threads: the paho thread owns the connection, ``state``, ``last_error`` and the counters it
-increments; the event loop owns the batches, ``store_error`` and ``busy_since``. ``counters``
+increments; the event loop owns the batches and the settler (``store_error``, ``busy_since``). ``counters``
 has a fixed set of keys made here and never added to, so any thread may copy it (``dict.copy``
 runs under the GIL in one step); readers never iterate it live.
 
-No message can stall the stream (poison isolation, :meth:`AckingConsumer._settle`): when the
+No message can stall the stream (poison isolation, :class:`Settler`): when the
 batch handler raises :class:`~firstcare.errors.StoreUnavailable` the store itself is down, so
 the whole batch is retried with backoff and stays unacknowledged. Any other exception is
 blamed on the batch's content: the batch is split in halves, each re-run in order, until the
@@ -44,8 +50,9 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -125,6 +132,29 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
     return rng.uniform(0, min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** attempt)) + BACKOFF_MIN_S / 2
 
 
+def reconnect_loop(session: Callable[[], bool], stop: threading.Event,
+                   on_retry: Callable[[float], None], rng: random.Random | None = None) -> None:
+    """The reconnect loop, outside the client, on the caller's network thread.
+
+    ``session()`` runs one connection to its end (connect, loop until the link drops or ``stop``
+    is set) and returns whether it got connected. Between sessions the loop waits
+    :func:`backoff_delay` (full jitter), counting failures since the last session that got
+    connected, and tells ``on_retry(delay)`` first (state, log). Returns once ``stop`` is set.
+    Whatever must outlive a connection (the bridge's acknowledgements, the edge's spool) lives
+    with the caller, never in the client."""
+    rng = rng or random.Random()
+    failures = 0
+    while not stop.is_set():
+        if session():
+            failures = 0
+        if stop.is_set():
+            return
+        delay = backoff_delay(failures, rng)
+        failures += 1
+        on_retry(delay)
+        stop.wait(delay)
+
+
 @dataclass(frozen=True, slots=True)
 class _Received:
     inbound: Inbound
@@ -144,12 +174,106 @@ def describe_error(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+T = TypeVar("T")
+
+
+class Settler(Generic[T]):
+    """Store a batch, or isolate what cannot be stored; acknowledge each part once it is done.
+
+    ``handle_batch`` stores the inbound messages of a part; ``ack(part)`` is called once that
+    part is stored (or its one failing message quarantined), in order. The store down
+    (:class:`StoreUnavailable`, or a quarantine that fails): the same part is retried with
+    backoff and jitter, unacknowledged, for as long as it takes. Any other exception is blamed
+    on the content: the part is halved and both halves re-run in order, down to one message,
+    which goes to ``quarantine`` (or, without one, is retried like a store failure).
+
+    Owned by one event loop; ``counters`` (``store_retries``, ``batch_splits``,
+    ``poison_isolated``) is the owner's dict and gets no new keys here.
+    """
+
+    def __init__(self, handle_batch: Callable[[list[Inbound]], Awaitable[None]],
+                 quarantine: Callable[[Inbound, Exception], Awaitable[None]] | None,
+                 counters: dict[str, int], inbound: Callable[[T], Inbound]) -> None:
+        self._handle_batch = handle_batch
+        self._quarantine = quarantine
+        self._inbound = inbound
+        self.counters = counters
+        self.store_error: str | None = None  # why the last batch could not be stored, until one is
+        self.busy_since: float | None = None  # monotonic time the batch in the handler started
+
+    def health(self, stall_seconds: float = STALL_SECONDS) -> str | None:
+        """``None`` while batches go through; else why not (retrying a store that refuses
+        writes, or one batch in the handler for too long). Readiness reports it."""
+        if self.store_error is not None:
+            return f"retrying: {self.store_error}"
+        started = self.busy_since
+        if started is not None and (busy := time.monotonic() - started) >= stall_seconds:
+            return f"stalled: one batch in processing for {busy:.0f}s"
+        return None
+
+    async def settle(self, batch: list[T], ack: Callable[[list[T]], None]) -> None:
+        rng = random.Random()
+        attempt = 0
+        parts = [batch]
+        self.busy_since = time.monotonic()
+        try:
+            while parts:
+                part = parts[0]
+                try:
+                    await self._handle_batch([self._inbound(item) for item in part])
+                except StoreUnavailable as exc:
+                    attempt = await self._retry_later(exc, len(part), attempt, rng)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - blamed on the content; isolated below
+                    if len(part) > 1:
+                        self.counters["batch_splits"] += 1
+                        half = len(part) // 2
+                        parts[:1] = [part[:half], part[half:]]
+                        log.warning("batch of %d failed (%s); splitting it to isolate the message",
+                                    len(part), describe_error(exc))
+                        continue
+                    if not await self._isolate(self._inbound(part[0]), exc):
+                        attempt = await self._retry_later(exc, 1, attempt, rng)
+                        continue
+                parts.pop(0)
+                self.store_error = None
+                attempt = 0
+                ack(part)
+                self.busy_since = time.monotonic()
+        finally:
+            self.busy_since = None
+
+    async def _isolate(self, inbound: Inbound, exc: Exception) -> bool:
+        """Hand the one failing message to ``quarantine``; False if that did not work."""
+        if self._quarantine is None:
+            log.error("message on %s failed and there is no quarantine: %s", inbound.topic,
+                      describe_error(exc), exc_info=exc)
+            return False
+        log.error("message on %s quarantined: %s", inbound.topic, describe_error(exc), exc_info=exc)
+        try:
+            await self._quarantine(inbound, exc)
+        except Exception as failure:  # noqa: BLE001 - the dead letter could not be written: keep it
+            log.error("quarantine of a message on %s failed: %s", inbound.topic, describe_error(failure))
+            return False
+        self.counters["poison_isolated"] += 1
+        return True
+
+    async def _retry_later(self, exc: Exception, size: int, attempt: int, rng: random.Random) -> int:
+        self.counters["store_retries"] += 1
+        self.store_error = str(exc) or type(exc).__name__
+        delay = backoff_delay(attempt, rng)
+        log.error("store failed (%s); retrying %d message(s) in %.1fs", self.store_error, size, delay)
+        await asyncio.sleep(delay)
+        self.busy_since = time.monotonic()
+        return attempt + 1
+
+
 class AckingConsumer:
     def __init__(
         self,
         target: MqttTarget,
         client_id: str,
-        topic_filter: str,
+        topic_filter: str | Sequence[str],
         handle_batch: Callable[[list[Inbound]], Awaitable[None]],
         queue_size: int = 10000,
         batch_max: int = 500,
@@ -172,10 +296,9 @@ class AckingConsumer:
         self._takeovers: deque[float] = deque()
         self.conflict: str | None = None
         self.client_id = client_id
-        self.topic_filter = topic_filter
-        self._match_filter = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
-        self._handle_batch = handle_batch
-        self._quarantine = quarantine
+        self.topic_filters = (topic_filter,) if isinstance(topic_filter, str) else tuple(topic_filter)
+        self.topic_filter = self.topic_filters[0]
+        self._match_filters = tuple(f.split("/", 2)[2] if f.startswith("$share/") else f for f in self.topic_filters)
         self._batch_max = batch_max
         self._linger_s = linger_ms / 1000
         self._slots = threading.Semaphore(queue_size)
@@ -193,11 +316,10 @@ class AckingConsumer:
         self._client: mqtt.Client | None = None
         self.state = "starting"
         self.last_error: str | None = None
-        self.store_error: str | None = None  # why the last batch could not be stored, until one is
-        self.busy_since: float | None = None  # monotonic time the batch in the handler started
         self.counters = {"received": 0, "acked": 0, "stale_acks": 0, "connects": 0, "disconnects": 0,
                          "queue_full_waits": 0, "store_retries": 0, "sessions_lost": 0, "taken_over": 0, "foreign": 0,
                          "batch_splits": 0, "poison_isolated": 0}
+        self.settler: Settler[_Received] = Settler(handle_batch, quarantine, self.counters, lambda r: r.inbound)
 
     @property
     def connected(self) -> bool:
@@ -207,14 +329,22 @@ class AckingConsumer:
         return len(self._inbox)
 
     def health(self, stall_seconds: float = STALL_SECONDS) -> str | None:
-        """``None`` while batches go through; else why not (retrying a store that refuses
-        writes, or one batch in the handler for too long). Readiness reports it."""
-        if self.store_error is not None:
-            return f"retrying: {self.store_error}"
-        started = self.busy_since
-        if started is not None and (busy := time.monotonic() - started) >= stall_seconds:
-            return f"stalled: one batch in processing for {busy:.0f}s"
-        return None
+        """``None`` while batches go through; else why not (see :meth:`Settler.health`)."""
+        return self.settler.health(stall_seconds)
+
+    @property
+    def store_error(self) -> str | None:
+        """Why the last batch could not be stored, until one is."""
+        return self.settler.store_error
+
+    @property
+    def busy_since(self) -> float | None:
+        """Monotonic time the batch in the handler started."""
+        return self.settler.busy_since
+
+    @busy_since.setter
+    def busy_since(self, value: float | None) -> None:
+        self.settler.busy_since = value
 
     # --- network thread -----------------------------------------------------------------
 
@@ -258,7 +388,7 @@ class AckingConsumer:
         self.state = "connected"
         self.counters["connects"] += 1
         self.last_error = None
-        client.subscribe(self.topic_filter, qos=1)
+        client.subscribe([(f, 1) for f in self.topic_filters])
         log.info("MQTT connected to %s:%s (session present: %s)", self.target.host, self.target.port,
                  flags.session_present)
         if self.session_expected and not flags.session_present:
@@ -271,7 +401,7 @@ class AckingConsumer:
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[mqtt.ReasonCode],
                       properties: object) -> None:
         if any(r.is_failure for r in reasons):
-            self.last_error = f"subscription to {self.topic_filter} refused: {reasons[0]}"
+            self.last_error = f"subscription to {', '.join(self.topic_filters)} refused: {reasons[0]}"
             log.error("MQTT %s", self.last_error)
             return
         self.session_expected = True
@@ -303,7 +433,7 @@ class AckingConsumer:
         self._stop.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        if not mqtt.topic_matches_sub(self._match_filter, msg.topic):
+        if not any(mqtt.topic_matches_sub(f, msg.topic) for f in self._match_filters):
             # Not ours: amqtt sends a connecting client the retained messages of every client's
             # subscriptions (e.g. another process's lease topic). Counted, acknowledged, skipped.
             self.counters["foreign"] += 1
@@ -339,35 +469,34 @@ class AckingConsumer:
             self.counters["acked"] += 1
 
     def _network(self) -> None:
-        rng = random.Random()
-        failures = 0
         client = self._client = self._make_client()
-        while not self._stop.is_set():
-            self.state = "connecting"
-            self._generation += 1
-            try:
-                self._connect(client)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError, CertificateError a ValueError
-                self.last_error = f"cannot connect to {self.target}: {describe_tls_error(exc)}"
-            else:
-                while not self._stop.is_set():
-                    rc = client.loop(timeout=0.02)
-                    self._send_acks(client)
-                    if self.connected:
-                        failures = 0
-                    if rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                self.last_error = self.last_error or "connection lost"
-            if self._stop.is_set():
-                break
-            self.state = "disconnected"
-            delay = backoff_delay(failures, rng)
-            failures += 1
-            log.warning("MQTT %s; reconnecting in %.1fs", self.last_error, delay)
-            self._stop.wait(delay)
+        reconnect_loop(lambda: self._session(client), self._stop, self._will_reconnect)
         self._send_acks(client)
         client.disconnect()
         self.state = "conflict" if self.conflict is not None else "stopped"
+
+    def _session(self, client: mqtt.Client) -> bool:
+        """One connection, until it drops or the consumer stops; True if it got connected."""
+        self.state = "connecting"
+        self._generation += 1
+        try:
+            self._connect(client)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError, CertificateError a ValueError
+            self.last_error = f"cannot connect to {self.target}: {describe_tls_error(exc)}"
+            return False
+        connected = False
+        while not self._stop.is_set():
+            rc = client.loop(timeout=0.02)
+            self._send_acks(client)
+            connected = connected or self.connected
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+        self.last_error = self.last_error or "connection lost"
+        return connected
+
+    def _will_reconnect(self, delay: float) -> None:
+        self.state = "disconnected"
+        log.warning("MQTT %s; reconnecting in %.1fs", self.last_error, delay)
 
     # --- event loop ---------------------------------------------------------------------
 
@@ -403,66 +532,7 @@ class AckingConsumer:
             await self.stop()
 
     async def _settle(self, batch: list[_Received]) -> None:
-        """Store ``batch`` or isolate what cannot be stored; acknowledge each part once done.
-
-        The store down (:class:`StoreUnavailable`, or a quarantine that fails): the same part
-        is retried with backoff and jitter, unacknowledged, for as long as it takes. Any other
-        exception: the part is halved and both halves re-run in order, down to one message,
-        which goes to ``quarantine`` (or, without one, is retried like a store failure)."""
-        rng = random.Random()
-        attempt = 0
-        parts = [batch]
-        self.busy_since = time.monotonic()
-        try:
-            while parts:
-                part = parts[0]
-                try:
-                    await self._handle_batch([r.inbound for r in part])
-                except StoreUnavailable as exc:
-                    attempt = await self._retry_later(exc, len(part), attempt, rng)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - blamed on the content; isolated below
-                    if len(part) > 1:
-                        self.counters["batch_splits"] += 1
-                        half = len(part) // 2
-                        parts[:1] = [part[:half], part[half:]]
-                        log.warning("batch of %d failed (%s); splitting it to isolate the message",
-                                    len(part), describe_error(exc))
-                        continue
-                    if not await self._isolate(part[0], exc):
-                        attempt = await self._retry_later(exc, 1, attempt, rng)
-                        continue
-                parts.pop(0)
-                self.store_error = None
-                attempt = 0
-                self._ack(part)
-                self.busy_since = time.monotonic()
-        finally:
-            self.busy_since = None
-
-    async def _isolate(self, received: _Received, exc: Exception) -> bool:
-        """Hand the one failing message to ``quarantine``; False if that did not work."""
-        if self._quarantine is None:
-            log.error("message on %s failed and there is no quarantine: %s", received.inbound.topic,
-                      describe_error(exc), exc_info=exc)
-            return False
-        log.error("message on %s quarantined: %s", received.inbound.topic, describe_error(exc), exc_info=exc)
-        try:
-            await self._quarantine(received.inbound, exc)
-        except Exception as failure:  # noqa: BLE001 - the dead letter could not be written: keep it
-            log.error("quarantine of a message on %s failed: %s", received.inbound.topic, describe_error(failure))
-            return False
-        self.counters["poison_isolated"] += 1
-        return True
-
-    async def _retry_later(self, exc: Exception, size: int, attempt: int, rng: random.Random) -> int:
-        self.counters["store_retries"] += 1
-        self.store_error = str(exc) or type(exc).__name__
-        delay = backoff_delay(attempt, rng)
-        log.error("store failed (%s); retrying %d message(s) in %.1fs", self.store_error, size, delay)
-        await asyncio.sleep(delay)
-        self.busy_since = time.monotonic()
-        return attempt + 1
+        await self.settler.settle(batch, self._ack)
 
     def _ack(self, part: list[_Received]) -> None:
         for r in part:
