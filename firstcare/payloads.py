@@ -381,3 +381,59 @@ def encode_status(state: str, battery: int | None = None, firmware: str | None =
     if ts_ms is not None:
         body["ts"] = format_ts(ts_ms)
     return msgspec.json.encode(body)
+
+
+# --- an edge gateway's own status (firstcare.topics.gateway_status_topic) ---------------------
+
+
+class GatewaySpool(msgspec.Struct, frozen=True):
+    """The gateway's spool: what waits for the uplink, and what its bounds discarded."""
+
+    depth: int = 0
+    bytes: int = 0
+    max_bytes: int = 0  # 0: unbounded
+    oldest_age_s: float = 0.0
+    discarded_full: int = 0  # since the spool was created
+    discarded_too_old: int = 0
+    evicting: bool = False  # discards within the last few status intervals
+    near_full: bool = False  # at or above the gateway's warning level of max_bytes
+
+
+class GatewayQuarantine(msgspec.Struct, frozen=True):
+    """Messages the upstream refused for good, held at the gateway until an operator acts."""
+
+    depth: int = 0
+    total: int = 0  # quarantined since the spool was created
+    oldest_age_s: float = 0.0
+
+
+class GatewayStatus(msgspec.Struct, frozen=True):
+    """``{"state": "online", "ts": ..., "spool": {...}, "quarantine": {...}, "forwarded_per_s": ...}``
+    every few seconds and at once when something changes; the will is ``{"state": "offline"}``.
+    A status without ``spool`` or ``quarantine`` (a will, an older gateway) says nothing about them."""
+
+    state: Literal["online", "offline"]
+    ts: int | str | None = None
+    spool: GatewaySpool | None = None
+    quarantine: GatewayQuarantine | None = None
+    forwarded_per_s: float = 0.0
+
+
+_gateway_status_decoder = msgspec.json.Decoder(GatewayStatus)
+
+
+def decode_gateway_status(payload: bytes) -> GatewayStatus | Rejection:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Rejection("payload_too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    if (deep := _too_deep(payload)) is not None:
+        return deep
+    try:
+        return _gateway_status_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        return Rejection("schema_invalid", _schema_detail(exc))
+    except msgspec.DecodeError as exc:
+        return Rejection("payload_not_json", _schema_detail(exc))
+
+
+def encode_gateway_status(status: GatewayStatus) -> bytes:
+    return msgspec.json.encode(status)

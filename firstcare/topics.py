@@ -2,6 +2,11 @@
 
     fc/v1/{hospital_id}/{device_type}/{device_id}/vitals   QoS 1, readings
     fc/v1/{hospital_id}/{device_type}/{device_id}/status   QoS 1, retained, online/offline (+ will)
+    fc/edge/{hospital_id}/{gateway_id}/status              QoS 1, retained, an edge gateway's own status
+
+A gateway's status sits outside the device tree on purpose: no device identity can name it, and
+the broker's ACL gives each gateway exactly its own (``topic readwrite fc/edge/h1/ward-1/status``).
+The bridge subscribes to both (:func:`subscription_filters`).
 
 >>> parse_topic("fc/v1/h1/oximeter/ox-7/vitals")
 Topic(root='fc', hospital_id='h1', device_type='oximeter', device_id='ox-7', kind='vitals')
@@ -105,3 +110,55 @@ def subscription_filter(root: str = DEFAULT_ROOT) -> str:
     that are close but wrong (a bad id, an unknown device type or kind) arrive too and are
     dead-lettered with a reason instead of vanishing unseen."""
     return f"{check_root(root)}/{VERSION}/#"
+
+
+EDGE = "edge"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTopic:
+    root: str
+    hospital_id: str
+    gateway_id: str
+
+    def __str__(self) -> str:
+        return "/".join((self.root, EDGE, self.hospital_id, self.gateway_id, "status"))
+
+
+def is_gateway_topic(topic: str, root: str = DEFAULT_ROOT) -> bool:
+    """Under ``{root}/edge/``: a gateway's status, not a device's (may still be malformed)."""
+    return topic.startswith(f"{root}/{EDGE}/")
+
+
+def parse_gateway_topic(topic: str, root: str = DEFAULT_ROOT) -> GatewayTopic:
+    """``{root}/edge/{hospital_id}/{gateway_id}/status``; :class:`TopicError` otherwise.
+
+    >>> parse_gateway_topic("fc/edge/h1/ward-3/status")
+    GatewayTopic(root='fc', hospital_id='h1', gateway_id='ward-3')
+    """
+    prefix = f"{root}/{EDGE}/"
+    rest = topic[len(prefix):].split("/") if topic.startswith(prefix) else []
+    if len(rest) != 3 or rest[2] != "status":
+        raise TopicError(f"topic {topic!r} does not match {root}/{EDGE}/{{hospital_id}}/{{gateway_id}}/status",
+                         "topic_unknown")
+    hospital_id, gateway_id, _ = rest
+    if not is_valid_id(hospital_id):
+        raise TopicError(f"invalid hospital_id {hospital_id!r}", "hospital_id_invalid")
+    if not is_valid_id(gateway_id):
+        raise TopicError(f"invalid gateway_id {gateway_id!r}", "gateway_id_invalid")
+    return GatewayTopic(root, hospital_id, gateway_id)
+
+
+def gateway_status_topic(hospital_id: str, gateway_id: str, root: str = DEFAULT_ROOT) -> str:
+    """Build a gateway's status topic, validating every part the way :func:`parse_gateway_topic` does."""
+    return str(parse_gateway_topic(f"{check_root(root)}/{EDGE}/{hospital_id}/{gateway_id}/status", root))
+
+
+def gateway_status_filter(root: str = DEFAULT_ROOT) -> str:
+    return f"{check_root(root)}/{EDGE}/+/+/status"
+
+
+def subscription_filters(root: str = DEFAULT_ROOT) -> tuple[str, str]:
+    """Everything the bridge reads: the device tree (:func:`subscription_filter`) and every
+    gateway's status."""
+    return (subscription_filter(root), gateway_status_filter(root))
