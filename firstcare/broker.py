@@ -10,6 +10,15 @@ replaced by its identity (so no device can take over or delete another client's 
 bridge's included), and :mod:`firstcare.identity` decides every publish, will, subscription and
 delivery. Bridges and gateways keep the client ids they choose (the bridge's lease connection
 needs a second one), as on Mosquitto's service listener.
+
+With an ``intake`` (the edge gateway's ward broker) every device publish the topic rule allows
+is handed to it, and only once it has returned True (the message is committed to the gateway's
+spool) does amqtt go on with the publish and acknowledge it; a device's last will goes the
+same way. This is a small adapter around amqtt 0.12's publish handling (the dependency is pinned
+below 0.13): :class:`_IntakeHandler` overrides one method of its protocol handler,
+``handle_publish``, which amqtt runs as a task per received PUBLISH and which acknowledges
+(PUBACK, or PUBREC for QoS 2) at its end. Tasks start in the order the packets arrived and the
+intake queues synchronously, so each device's order is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import errno
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +38,17 @@ import yaml
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerConfig
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from firstcare.errors import BrokerError, ConfigError
 from firstcare.identity import Identity, may_publish, may_read, parse_identity
+from firstcare.mqtt import Inbound
+from firstcare.payloads import now_ms
 from firstcare.tls import peer_identity, server_context
 
 log = logging.getLogger("firstcare.broker")
@@ -67,7 +81,7 @@ def _identity(session: Session | None) -> Identity | None:
 
 class CertificateAuthPlugin(BaseAuthPlugin):
     """TLS listeners: the client is who its verified certificate says (the identity was put on
-    the session by :class:`_IdentityBroker` from this connection's handshake). A certificate
+    the session by :class:`_AdaptedBroker` from this connection's handshake). A certificate
     whose name follows no identity rule, or a last will on a topic the identity may not write,
     refuses the connection (Mosquitto accepts such a will and drops it later)."""
 
@@ -120,8 +134,27 @@ class BrokerTls:
     root: str = "fc"
 
 
-class _IdentityBroker(Broker):
-    """amqtt with three fixes for TLS identities (amqtt 0.12):
+Intake = Callable[[Inbound], Awaitable[bool]]
+"""Takes a device publish; returns True once it is durably kept (acknowledge it), False when it
+was not kept (the gateway is stopping: no acknowledgement, the device sends it again later)."""
+
+
+class _IntakeHandler(BrokerProtocolHandler):
+    """amqtt's protocol handler, with the intake between receipt and acknowledgement."""
+
+    intake: Callable[[Session, PublishPacket], Awaitable[bool]] | None = None
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        if self.intake is not None and self.session is not None and publish_packet.topic_name is not None \
+                and publish_packet.data is not None and not await self.intake(self.session, publish_packet):
+            return  # not kept: never acknowledged
+        await super().handle_publish(publish_packet)
+
+
+class _AdaptedBroker(Broker):
+    """amqtt 0.12 with what the product needs from it.
+
+    For TLS identities:
 
     * a client certificate is required (amqtt asks for one but lets a client without one in);
     * the identity comes from *this* connection's certificate: amqtt keeps the SSL object of
@@ -133,9 +166,15 @@ class _IdentityBroker(Broker):
 
     It also sends retained messages only for the connecting client's own subscriptions, each
     checked against the topic rule (amqtt sends every retained message matching anyone's).
+
+    With ``intake``: publishes (and wills) the topic rule allows reach it before amqtt
+    acknowledges them (see the module docstring); ``denied`` counts those it does not allow,
+    which are acknowledged and dropped as MQTT 3.1.1 brokers do.
     """
 
     tls: BrokerTls | None = None
+    intake: Intake | None = None
+    denied = 0
 
     def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:  # type: ignore[override]
         assert self.tls is not None
@@ -144,30 +183,34 @@ class _IdentityBroker(Broker):
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str, remote_port: int
                                          ) -> tuple[BrokerProtocolHandler, Session]:
-        if self.tls is None:
-            return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
-        # amqtt's own method, with the identity pinned before any session is looked up.
+        # amqtt's own method, with our handler, and with a TLS identity pinned before any session
+        # is looked up.
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, session = await _IntakeHandler.init_from_connect(reader, writer, self.plugins_manager)
         except (AMQTTError, NoDataError) as exc:
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             await writer.close()
             raise MQTTError(exc) from exc
-        ssl_object = writer.get_ssl_info()
-        identity = peer_identity(ssl_object)
-        if identity is None:  # cannot pass the CERT_REQUIRED handshake; refuse all the same
-            await writer.close()
-            raise MQTTError(f"{remote_address}:{remote_port} presented no client certificate")
-        try:
-            pinned = parse_identity(identity).kind == "device"
-        except ConfigError:
-            pinned = True  # refused by the auth plugin below; meanwhile it touches only its own name
-        if pinned or not session.client_id:
-            session.client_id = identity if pinned else gen_client_id()
-        session.username = identity
-        session.password = None
-        session.ssl_object = ssl_object
+        if self.intake is not None:
+            handler.intake = self._take
+        if self.tls is not None:
+            ssl_object = writer.get_ssl_info()
+            identity = peer_identity(ssl_object)
+            if identity is None:  # cannot pass the CERT_REQUIRED handshake; refuse all the same
+                await writer.close()
+                raise MQTTError(f"{remote_address}:{remote_port} presented no client certificate")
+            try:
+                pinned = parse_identity(identity).kind == "device"
+            except ConfigError:
+                pinned = True  # refused by the auth plugin below; meanwhile it touches only its own name
+            if pinned or not session.client_id:
+                session.client_id = identity if pinned else gen_client_id()
+            session.username = identity
+            session.password = None
+            session.ssl_object = ssl_object
+        elif not session.client_id:
+            session.client_id = gen_client_id()
         if session.clean_session:
             await self._delete_session(session.client_id)
             session.parent = 0
@@ -184,6 +227,30 @@ class _IdentityBroker(Broker):
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
         return handler, session
+
+    async def _take(self, session: Session, packet: PublishPacket) -> bool:
+        """A device publish for the intake: the topic rule first (a publish it forbids is
+        acknowledged and dropped, as amqtt does after acknowledging)."""
+        assert self.intake is not None and packet.topic_name is not None and packet.data is not None
+        return await self._take_message(session, packet.topic_name, bytes(packet.data), bool(packet.retain_flag))
+
+    async def _take_message(self, session: Session, topic: str, data: bytes, retain: bool) -> bool:
+        assert self.intake is not None
+        if not await self._topic_filtering(session, topic, Action.PUBLISH):
+            self.denied += 1
+            return True
+        return await self.intake(Inbound(topic, data, now_ms(), retain))
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        """A device gone without DISCONNECT: its will reaches the intake (amqtt broadcasts it
+        to subscribers only)."""
+        result = disconnect_waiter.result()
+        if (self.intake is not None and not isinstance(result, DisconnectPacket) and client_session.will_flag
+                and client_session.will_topic and client_session.will_message is not None):
+            await self._take_message(client_session, client_session.will_topic, bytes(client_session.will_message),
+                                     bool(client_session.will_retain))
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:
@@ -226,10 +293,11 @@ def check_port_free(host: str, port: int, what: str, flag: str | None = None, va
 
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1884, config_path: Path | None = None,
-                 tls: BrokerTls | None = None) -> None:
+                 tls: BrokerTls | None = None, intake: Intake | None = None) -> None:
         self.host = host
         self.port = port
         self.tls = tls
+        self.intake = intake
         config = load_config(config_path)
         config.setdefault("listeners", {}).setdefault("default", {"type": "tcp"})
         config["listeners"]["default"]["bind"] = f"{host}:{port}"
@@ -253,12 +321,30 @@ class EmbeddedBroker:
         check_port_free(self.host, self.port, "MQTT")
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        broker_class = type("FirstCareBroker", (_IdentityBroker,), {"tls": self.tls})
+        broker_class = type("FirstCareBroker", (_AdaptedBroker,), {"tls": self.tls, "intake": self.intake})
         self._broker = broker_class(self._config, loop=asyncio.get_running_loop())
         try:
             await self._broker.start()
         except Exception as exc:
             raise BrokerError(f"embedded broker failed to start on {self.host}:{self.port}: {exc}") from exc
+
+    @property
+    def denied(self) -> int:
+        """Publishes the topic rule refused (acknowledged and dropped)."""
+        return self._broker.denied if isinstance(self._broker, _AdaptedBroker) else 0
+
+    def clients(self) -> int:
+        """Clients connected now."""
+        if self._broker is None:
+            return 0
+        return sum(1 for session, _ in list(self._broker._sessions.values()) if session.transitions.is_connected())
+
+    def stop_listening(self) -> None:
+        """Accept no new connection (the connected clients stay until :meth:`stop`)."""
+        if self._broker is not None:
+            for server in self._broker._servers.values():
+                if server.instance is not None:
+                    server.instance.close()
 
     async def stop(self) -> None:
         if self._broker is not None:

@@ -52,6 +52,7 @@ EPILOGS = {
       --local-cert-file certs/server.pem --local-key-file certs/server-key.pem
   firstcare edge --upstream-url mqtt://gateway:secret@uplink:1883 --hospital h1 --gateway-id ward-3
   firstcare edge --local-port 1885 --bed-map beds.yaml --drain-rate 200
+  firstcare edge quarantine list|retry|drop           messages the upstream refused for good
   (devices of the ward publish to this gateway's broker, port 1885 by default)""",
     "token": """examples:
   firstcare token --role admin
@@ -353,7 +354,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
     keys = ("upstream_url", "local_url", "local_host", "local_port", "hospital_id", "gateway_id", "spool_path",
             "spool_max_mb", "bed_map", "drain_rate", "http_host", "http_port", "log_level", "ca_file", "cert_file",
-            "key_file", "local_cert_file", "local_key_file", "signing_key", "signing_kid")
+            "key_file", "local_cert_file", "local_key_file", "signing_key", "signing_kid", "upstream_protocol",
+            "upstream_max_packet_bytes", "status_seconds")
     settings = EdgeSettings.from_env(**{k: getattr(args, k, None) for k in keys},
                                      tls_insecure=True if args.tls_insecure else None)
     _configure_logging(settings.log_level)
@@ -462,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--local-key-file", help="FC_EDGE_LOCAL_KEY_FILE")
     edge.add_argument("--signing-key", help="FC_EDGE_SIGNING_KEY: sign unsigned devices' readings with this Ed25519 key")
     edge.add_argument("--signing-kid", help="FC_EDGE_SIGNING_KID")
+    edge.add_argument("--upstream-protocol", choices=["auto", "5", "3.1.1"],
+                      help="FC_EDGE_UPSTREAM_PROTOCOL: MQTT version upstream (default auto: 5 where the broker speaks it)")
+    edge.add_argument("--upstream-max-packet-bytes", type=int,
+                      help="FC_EDGE_UPSTREAM_MAX_PACKET_BYTES: the upstream's packet limit when it does not advertise one")
+    edge.add_argument("--status-seconds", type=float, help="FC_EDGE_STATUS_SECONDS: status upstream every N s")
     edge.add_argument("--tls-insecure", action="store_true",
                       help="FC_EDGE_TLS_INSECURE: DEVELOPMENT ONLY, do not verify the brokers' certificates")
     edge.set_defaults(func=cmd_edge)
@@ -494,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "simulate":
         return cmd_simulate(argv[1:])
+    if argv[:2] == ["edge", "quarantine"]:
+        from edge.quarantine_cli import main as quarantine_main
+
+        return quarantine_main(argv[2:])
     if argv and argv[0] == "certs":
         from firstcare.certs_cli import main as certs_main
 

@@ -46,7 +46,8 @@ class GatewayThread:
     def __enter__(self) -> Gateway:
         self._thread.start()
         assert self._ready.wait(30), "gateway did not start"
-        wait_until(lambda: self.gateway.consumer.connected and self.gateway.forwarder.state == "connected",
+        wait_until(lambda: self.gateway.ward.state in ("connected", "listening")
+                   and self.gateway.forwarder.state == "connected",
                    what="gateway connected to both brokers")
         return self.gateway
 
@@ -114,7 +115,7 @@ def test_a_message_that_breaks_stamping_is_dead_lettered_and_acknowledged(
             (letter,) = gateway.spool.dead_letters()
             assert (letter["reason"], letter["detail"]) == ("internal_error", "ValueError: stamp exploded")
             assert gateway.counters["internal_errors"] == 1
-            assert gateway.consumer.counters["acked"] == 4 and gateway.consumer.health() is None
+            assert gateway.ward.counters["acked"] == 4 and gateway.ward.health() is None
         finally:
             device.close()
 
@@ -136,7 +137,7 @@ def test_a_spool_failure_for_one_message_is_isolated_by_splitting_the_batch(
             wait_until(lambda: stored(bridge, "mon-edge-spool") == [1, 2, 4], what="the others at the bridge")
             (letter,) = gateway.spool.dead_letters()
             assert (letter["reason"], letter["detail"]) == ("internal_error", "RuntimeError: spool exploded")
-            assert gateway.consumer.counters["poison_isolated"] == 1
-            assert gateway.consumer.counters["acked"] == 4
+            assert gateway.ward.counters["poison_isolated"] == 1
+            assert gateway.ward.counters["acked"] == 4
         finally:
             device.close()

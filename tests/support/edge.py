@@ -34,7 +34,7 @@ class EdgeProcess(ChildProcess):
 
     def ready(self) -> bool:
         try:
-            return httpx.get(self.url + "/stats", timeout=2).json()["ward"]["state"] == "connected"
+            return httpx.get(self.url + "/stats", timeout=2).json()["ward"]["state"] in ("connected", "listening")
         except (httpx.HTTPError, ValueError, KeyError):
             return False
 
