@@ -75,3 +75,65 @@ class Device:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class CountingDevice:
+    """A device publishing ``count`` readings at ``rate``/s on its own thread, counting every
+    PUBACK it gets (paho's ``on_publish``): ``acked`` is exactly what the device was told is
+    safe. paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect, as
+    firmware does; the client reconnects by itself within a second or two."""
+
+    def __init__(self, port: int, device_id: str, count: int, rate: float, device_type: str = "oximeter",
+                 hospital_id: str = "h1", host: str = "127.0.0.1") -> None:
+        import threading
+
+        self.device_id, self.count, self.rate = device_id, count, rate
+        self.topic = vitals_topic(hospital_id, device_type, device_id)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.max_inflight_messages_set(20)
+        self._lock = threading.Lock()
+        self._mids: dict[int, int] = {}
+        self._early: set[int] = set()
+        self.acked: set[int] = set()
+        self.published = 0
+        self.client.on_publish = self._on_publish
+        self.client.connect(host, port, keepalive=5)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, properties: object) -> None:
+        with self._lock:  # never held while paho's own locks are (publish): paho holds them here
+            seq = self._mids.pop(mid, None)
+            if seq is None:
+                self._early.add(mid)  # acknowledged before publish() returned its mid
+            else:
+                self.acked.add(seq)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        for seq in range(1, self.count + 1):
+            body = {"seq": seq, "ts": format_ts(int(time.time() * 1000)), "metrics": {"spo2": 90 + seq % 10}}
+            info = self.client.publish(self.topic, json.dumps(body).encode(), qos=1)
+            with self._lock:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    self.acked.add(seq)
+                else:
+                    self._mids[info.mid] = seq
+            self.published += 1
+            delay = start + seq / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    def start(self) -> "CountingDevice":
+        self._thread.start()
+        return self
+
+    def finished(self) -> bool:
+        """Every reading published and acknowledged."""
+        return not self._thread.is_alive() and len(self.acked) == self.count
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
