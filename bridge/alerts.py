@@ -28,7 +28,10 @@ Lifecycle of one alert, keyed by (subject, rule_id), at most one active per key:
 
 Technical alarms use the same book with subject ``device:{type}:{id}``: device offline, device
 silent, low battery (a threshold rule with hysteresis) and sequence gaps (an event: latched until
-acknowledged).
+acknowledged). An edge gateway's status (``gateway:{hospital}:{gateway}``) turns into conditions
+by :func:`gateway_conditions` (pure): a spool discarding readings, a spool near its bound, and
+messages held in its quarantine; each alarm is raised while its condition holds and resolved
+when the gateway reports it gone.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import yaml
 
 from firstcare.errors import FirstCareError
 from firstcare.metrics import DERIVED, METRICS, rule_metric
-from firstcare.payloads import Reading
+from firstcare.payloads import GatewayStatus, Reading
 
 PRIORITIES = ("high", "medium", "low")  # IEC 60601-1-8
 STATES = ("raised", "acknowledged", "escalated", "resolved")
@@ -62,7 +65,13 @@ DEVICE_SILENT = "device.silent"
 DEVICE_BATTERY_LOW = "device.battery_low"
 DEVICE_SEQ_GAP = "device.seq_gap"
 INGEST_SESSION_LOST = "ingest.session_lost"
+GATEWAY_SPOOL_EVICTING = "gateway.spool_evicting"
+GATEWAY_SPOOL_NEAR_FULL = "gateway.spool_near_full"
+GATEWAY_QUARANTINE = "gateway.quarantine"
 TECHNICAL_PRIORITY = {
+    GATEWAY_SPOOL_EVICTING: "medium",  # readings are being thrown away at the ward: someone must look
+    GATEWAY_QUARANTINE: "medium",  # readings held back from the record until someone acts
+    GATEWAY_SPOOL_NEAR_FULL: "low",  # nothing lost yet
     INGEST_SESSION_LOST: "medium",  # readings of a whole hospital may be gone: someone must look
     DEVICE_OFFLINE: "medium",  # no data at all: someone must look, but it is not a clinical emergency
     DEVICE_SILENT: "medium",
@@ -70,6 +79,10 @@ TECHNICAL_PRIORITY = {
     DEVICE_SEQ_GAP: "low",  # data already lost: worth knowing, nothing to rush for
 }
 TECHNICAL_MESSAGES = {
+    GATEWAY_SPOOL_EVICTING: "Readings discarded at an edge gateway: its spool is full (uplink down or too slow)",
+    GATEWAY_SPOOL_NEAR_FULL: "Edge gateway spool nearly full: readings will be discarded if the uplink stays down",
+    GATEWAY_QUARANTINE: "Readings held at an edge gateway: the upstream broker refused them"
+                        " (`firstcare edge quarantine list` on the gateway)",
     INGEST_SESSION_LOST: "Readings may be lost: the MQTT broker lost the bridge's session and its queue",
     DEVICE_OFFLINE: "Device offline: no connection to the device",
     DEVICE_SILENT: "Device silent: no data within its expected interval",
@@ -141,8 +154,8 @@ def validate_rule(rule: Rule) -> Rule:
     rid = rule.id
     if not isinstance(rid, str) or not RULE_ID_PATTERN.fullmatch(rid):
         raise _fail(rid, "id", "must be dotted lower-case words, e.g. 'spo2.low'")
-    if rid.startswith("device."):
-        raise _fail(rid, "id", "'device.' is reserved for technical alarms")
+    if rid.startswith(("device.", "gateway.")):
+        raise _fail(rid, "id", "'device.' and 'gateway.' are reserved for technical alarms")
     metric = rule_metric(rule.metric) if isinstance(rule.metric, str) else None
     if metric is None:
         raise _fail(rid, "metric", f"unknown metric {rule.metric!r} (one of {', '.join([*METRICS, *DERIVED])})")
@@ -337,6 +350,47 @@ def patient_subject(patient_id: str) -> str:
 
 def device_subject(device_type: str, device_id: str) -> str:
     return f"device:{device_type}:{device_id}"
+
+
+def gateway_subject(hospital_id: str, gateway_id: str) -> str:
+    return f"gateway:{hospital_id}:{gateway_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCondition:
+    """One technical condition an edge gateway reports: holds or not, with a value to show."""
+
+    rule_id: str
+    active: bool
+    value: float
+    detail: str
+
+
+def gateway_conditions(gateway_id: str, status: GatewayStatus) -> list[GatewayCondition]:
+    """What a gateway's status says about its spool and quarantine; a status without those
+    parts (its will, an older gateway) says nothing, so nothing is raised or cleared by it.
+
+    >>> from firstcare.payloads import GatewayQuarantine
+    >>> [c.rule_id for c in gateway_conditions("ward-3", GatewayStatus("online", quarantine=GatewayQuarantine(2, 2)))
+    ...  if c.active]
+    ['gateway.quarantine']
+    """
+    out: list[GatewayCondition] = []
+    spool = status.spool
+    if spool is not None:
+        discarded = spool.discarded_full + spool.discarded_too_old
+        waiting = f"{spool.depth} messages waiting, the oldest {spool.oldest_age_s:.0f} s old"
+        out.append(GatewayCondition(GATEWAY_SPOOL_EVICTING, spool.evicting, float(discarded),
+                                    f"gateway {gateway_id}: {discarded} readings discarded so far ({waiting})"))
+        used = round(100 * spool.bytes / spool.max_bytes, 1) if spool.max_bytes > 0 else 0.0
+        out.append(GatewayCondition(GATEWAY_SPOOL_NEAR_FULL, spool.near_full, used,
+                                    f"gateway {gateway_id}: spool {used:g}% of its bound ({waiting})"))
+    quarantine = status.quarantine
+    if quarantine is not None:
+        out.append(GatewayCondition(GATEWAY_QUARANTINE, quarantine.depth > 0, float(quarantine.depth),
+                                    f"gateway {gateway_id}: {quarantine.depth} message(s) quarantined, the oldest"
+                                    f" received {quarantine.oldest_age_s:.0f} s ago"))
+    return out
 
 
 def ingest_subject(hospital_id: str) -> str:
@@ -666,6 +720,26 @@ class AlertBook:
             return [self._raise(rule, ctx, None, now_ms, condition_active=False, count=1)]
         return [self._put("updated", replace(alert, count=alert.count + 1, updated_ms=now_ms), now_ms)]
 
+    def gateway_status(self, hospital_id: str, gateway_id: str, conditions: Iterable[GatewayCondition],
+                       now_ms: int) -> list[Transition]:
+        """An edge gateway's conditions (:func:`gateway_conditions`): raised while they hold, updated
+        when their value changes, resolved when the gateway reports them gone. One alert per
+        (gateway, condition), in the hospital's alerts room."""
+        ctx = _Context("technical", gateway_subject(hospital_id, gateway_id), None, hospital_id, None, None)
+        transitions: list[Transition] = []
+        for c in conditions:
+            alert = self._active.get((ctx.subject, c.rule_id))
+            message = f"{TECHNICAL_MESSAGES[c.rule_id]}: {c.detail}"
+            if c.active and alert is None:
+                rule = replace(_technical_rule(c.rule_id), message=message)
+                transitions.append(self._raise(rule, ctx, c.value, now_ms, condition_active=True, count=1))
+            elif c.active and (alert.value != c.value or not alert.condition_active):
+                transitions.append(self._put("updated", replace(alert, value=c.value, message=message,
+                                                                condition_active=True, updated_ms=now_ms), now_ms))
+            elif not c.active and alert is not None:
+                transitions.append(self._resolve(alert, now_ms))
+        return transitions
+
     def _raise_technical(self, rule_id: str, ctx: _Context, now_ms: int) -> list[Transition]:
         if (ctx.subject, rule_id) in self._active:
             return []
@@ -732,6 +806,7 @@ def _technical_rule(rule_id: str, latching: bool = False) -> Rule:
 
 __all__ = [
     "ACTIONS", "AlertBook", "AlertError", "Alert", "Pending", "BATTERY_CLEAR_AT", "BATTERY_LOW_BELOW", "DEVICE_BATTERY_LOW",
-    "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT", "INGEST_SESSION_LOST", "PRIORITIES", "Rule", "RuleOverride", "STATES",
-    "Transition", "apply_overrides", "default_rules", "load_rules", "validate_rule",
+    "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT", "GATEWAY_QUARANTINE", "GATEWAY_SPOOL_EVICTING",
+    "GATEWAY_SPOOL_NEAR_FULL", "GatewayCondition", "INGEST_SESSION_LOST", "PRIORITIES", "Rule", "RuleOverride", "STATES",
+    "Transition", "apply_overrides", "default_rules", "gateway_conditions", "load_rules", "validate_rule",
 ]

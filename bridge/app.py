@@ -58,7 +58,7 @@ from firstcare.permissions import Claims
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, backoff_delay
 from firstcare.settings import Settings
 from firstcare.tls import ClientTls, note_plaintext, warn_if_insecure
-from firstcare.topics import subscription_filter
+from firstcare.topics import is_gateway_topic, subscription_filters
 
 log = logging.getLogger("firstcare.bridge")
 
@@ -151,7 +151,7 @@ class Runtime:
         target = self.mqtt_target
         # The embedded broker lives and dies with this process: no session outlives a restart.
         expected = s.mqtt_url != "embedded" and self.store.session_established(s.mqtt_client_id, self.broker_key)
-        self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filter(s.topic_root),
+        self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filters(s.topic_root),
                                  self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms,
                                  protocol=s.mqtt_protocol, session_expiry_s=s.mqtt_session_expiry_seconds,
                                  session_expected=expected, on_session_lost=self._session_lost,
@@ -242,6 +242,10 @@ class Runtime:
             await asyncio.to_thread(self.audit.stop)  # writes every record still queued
 
     async def handle_batch(self, batch: list[Inbound]) -> None:
+        gateways = [m for m in batch if is_gateway_topic(m.topic, self.settings.topic_root)]
+        if gateways:  # edge gateways' status: technical alarms (BridgeCore.gateway_status)
+            await self.publish(await self.writer.run(self.core.gateway_status, gateways))
+            batch = [m for m in batch if not is_gateway_topic(m.topic, self.settings.topic_root)]
         events = await self.writer.run(self.core.process, batch)
         await self.publish(events)
 

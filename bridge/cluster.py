@@ -73,7 +73,8 @@ def ingest_key(hospital_id: str) -> LockKey:
 
 
 def subject_key(subject: str) -> LockKey:
-    """The lock that guards an alert subject's state (``patient:p``, ``device:t:i``, ``ingest:h``)."""
+    """The lock that guards an alert subject's state (``patient:p``, ``device:t:i``, ``ingest:h``,
+    ``gateway:h:g``: an edge gateway's alarms share its hospital's ingest lock)."""
     kind, _, rest = subject.partition(":")
     if kind == "patient":
         return patient_key(rest)
@@ -82,6 +83,8 @@ def subject_key(subject: str) -> LockKey:
         return device_key(device_type, device_id)
     if kind == "ingest":
         return ingest_key(rest)
+    if kind == "gateway":
+        return ingest_key(rest.partition(":")[0])
     raise ValueError(f"unknown alert subject {subject!r}")
 
 

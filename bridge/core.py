@@ -60,6 +60,7 @@ from bridge.alerts import (
     RuleOverride,
     Transition,
     apply_overrides,
+    gateway_conditions,
 )
 from bridge.state import WorkingSet, open_working_set
 from bridge.store import DeadLetter, DeviceKey, DeviceRecord, Gauges, ObservationRecord, Store, alert_json, device_json
@@ -79,7 +80,8 @@ from firstcare.payloads import (
 from firstcare.metrics import METRICS
 from firstcare.mqtt import Inbound, describe_error
 from firstcare.signing import KeyRecord, expired, open_message
-from firstcare.topics import Topic, parse_topic, vitals_topic
+from firstcare.payloads import decode_gateway_status
+from firstcare.topics import Topic, parse_gateway_topic, parse_topic, vitals_topic
 
 log = logging.getLogger("firstcare.bridge")
 T = TypeVar("T")
@@ -145,8 +147,9 @@ def in_device_order(items: Sequence[Reading | StatusReport]) -> list[Reading | S
 
 
 def subject_keys(subjects: Iterable[str]) -> dict[str, list[Any]]:
-    """Alert subjects as the keys a working set takes (``devices``, ``patients``, ``hospitals``)."""
-    keys: dict[str, list[Any]] = {"devices": [], "patients": [], "hospitals": []}
+    """Alert subjects as the keys a working set takes (``devices``, ``patients``, ``hospitals``,
+    ``gateways``)."""
+    keys: dict[str, list[Any]] = {"devices": [], "patients": [], "hospitals": [], "gateways": []}
     for subject in subjects:
         kind, _, rest = subject.partition(":")
         if kind == "device":
@@ -156,6 +159,9 @@ def subject_keys(subjects: Iterable[str]) -> dict[str, list[Any]]:
             keys["patients"].append(rest)
         elif kind == "ingest":
             keys["hospitals"].append(rest)
+        elif kind == "gateway":
+            hospital_id, _, gateway_id = rest.partition(":")
+            keys["gateways"].append((hospital_id, gateway_id))
     return keys
 
 
@@ -704,6 +710,43 @@ class BridgeCore:
             "broker": broker, "hospitals": [h for h in hospitals if h], "alert_ids": [t.alert.id for t in transitions],
             "raised_at": format_ts(now)}, now)
         return [alert_event(t) for t in transitions] + [system]
+
+    # --- edge gateways ------------------------------------------------------------------------
+
+    def gateway_status(self, messages: Sequence[Inbound]) -> list[Event]:
+        """Edge gateways' own status (``{root}/edge/{hospital}/{gateway}/status``): their spool
+        and quarantine become technical alarms in the hospital's alerts room
+        (:func:`bridge.alerts.gateway_conditions`), stored like every alarm; a malformed one is
+        dead-lettered."""
+
+        reports = []
+        letters: list[DeadLetter] = []
+        for m in messages:
+            try:
+                topic = parse_gateway_topic(m.topic, self.settings.topic_root)
+                status = decode_gateway_status(m.payload)
+            except TopicError as exc:
+                status = Rejection(exc.reason, str(exc))
+            if isinstance(status, Rejection):
+                letters.append(DeadLetter(m.received_ms, m.topic, status.reason, status.detail,
+                                          m.payload[: self.settings.dead_letter_bytes], len(m.payload)))
+            else:
+                reports.append((topic, status, m.received_ms))
+
+        def work(tx: Any) -> tuple[list[Transition], list[DeadLetter]]:
+            ws = self._working_set(tx, gateways=[(t.hospital_id, t.gateway_id) for t, _, _ in reports])
+            transitions: list[Transition] = []
+            for topic, status, received_ms in reports:
+                transitions += ws.book.gateway_status(topic.hospital_id, topic.gateway_id,
+                                                      gateway_conditions(topic.gateway_id, status), received_ms)
+            ws.save(transitions)
+            tx.insert_dead_letters(letters)
+            return transitions, letters
+
+        transitions, letters = self._committed(work)
+        self._count(Counter(gateway_status_messages=len(messages)), letters, transitions)
+        self._publish_snapshot()
+        return [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS]
 
     def stats(self) -> dict[str, Any]:
         """From the snapshot: safe to call from any thread."""

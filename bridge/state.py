@@ -10,7 +10,8 @@ them. Instead every piece of work (a batch of readings, a timer sweep, an acknow
        then hospitals;
     2. loads those keys' state from the store: device records and their provisional sequence
        gaps, patient owners, active alerts and pending condition delays of every subject
-       (``device:...``, ``patient:...``, ``ingest:...``), per-patient rule overrides, NEWS2;
+       (``device:...``, ``patient:...``, ``ingest:...``, ``gateway:...``: an edge gateway's alarms
+       are guarded by its hospital's ingest lock), per-patient rule overrides, NEWS2;
     3. evaluates with the pure engines (:mod:`bridge.alerts`, :mod:`bridge.devices`,
        :mod:`bridge.sequence`, :mod:`bridge.news2_state`);
     4. writes back what changed (:meth:`WorkingSet.save`) in the same transaction, and commits.
@@ -28,7 +29,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from bridge import devices as dev
-from bridge.alerts import AlertBook, Pending, Rule, Transition, device_subject, ingest_subject, patient_subject
+from bridge.alerts import (
+    AlertBook,
+    Pending,
+    Rule,
+    Transition,
+    device_subject,
+    gateway_subject,
+    ingest_subject,
+    patient_subject,
+)
 from bridge.cluster import LockKey, device_key, ingest_key, patient_key
 from bridge.news2_state import News2State
 from bridge.store import DeviceKey, DeviceRecord, SeqGap, Transaction
@@ -57,6 +67,7 @@ class WorkingSet:
         self.owners: dict[str, str] = {}
         self.patients: list[str] = []
         self.hospitals: list[str] = []
+        self.gateways: list[tuple[str, str]] = []  # (hospital, gateway): subjects under their hospital's lock
         self.gaps: dict[DeviceKey, list[SeqGap]] = {}
         self._gaps_changed: set[DeviceKey] = set()
         self._changed: dict[DeviceKey, DeviceRecord] = {}
@@ -69,13 +80,14 @@ class WorkingSet:
     # --- 1 and 2: lock and load ----------------------------------------------------------
 
     def take(self, devices: Iterable[DeviceKey] = (), patients: Iterable[str] = (),
-             hospitals: Iterable[str] = ()) -> None:
+             hospitals: Iterable[str] = (), gateways: Iterable[tuple[str, str]] = ()) -> None:
         """Lock these keys (those not taken yet) and load their records."""
         new_devices = sorted(set(devices) - set(self._device_keys))
         new_patients = sorted(set(patients) - set(self.patients))
         new_hospitals = sorted(set(hospitals) - set(self.hospitals))
+        new_gateways = sorted(set(gateways) - set(self.gateways))
         keys: list[LockKey] = ([device_key(*k) for k in new_devices] + [patient_key(p) for p in new_patients]
-                               + [ingest_key(h) for h in new_hospitals])
+                               + [ingest_key(h) for h in new_hospitals] + [ingest_key(h) for h, _ in new_gateways])
         if not keys:
             return
         lowest = min(k.cls for k in keys)
@@ -92,11 +104,12 @@ class WorkingSet:
             self.patients += new_patients
             self.owners.update(self.tx.owners_of(new_patients))
         self.hospitals += new_hospitals
+        self.gateways += new_gateways
 
     @property
     def subjects(self) -> list[str]:
         return ([device_subject(*k) for k in self._device_keys] + [patient_subject(p) for p in self.patients]
-                + [ingest_subject(h) for h in self.hospitals])
+                + [ingest_subject(h) for h in self.hospitals] + [gateway_subject(h, g) for h, g in self.gateways])
 
     def open(self) -> None:
         """Build the alert book and NEWS2 over the state of everything taken."""
@@ -171,9 +184,9 @@ class WorkingSet:
 
 def open_working_set(tx: Any, rules: Sequence[Rule], new_id: Callable[[], str], *,
                      devices: Iterable[DeviceKey] = (), patients: Iterable[str] = (),
-                     hospitals: Iterable[str] = ()) -> WorkingSet:
+                     hospitals: Iterable[str] = (), gateways: Iterable[tuple[str, str]] = ()) -> WorkingSet:
     """Lock and load in one step, for work whose keys are all known up front."""
     ws = WorkingSet(tx, rules, new_id)
-    ws.take(devices, patients, hospitals)
+    ws.take(devices, patients, hospitals, gateways)
     ws.open()
     return ws

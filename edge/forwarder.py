@@ -138,7 +138,7 @@ class Forwarder:
 
     def _will_reconnect(self, delay: float) -> None:
         self.state = "disconnected"
-        log.warning("upstream %s; retrying in %.1fs", self.last_error, delay)
+        log.warning("%s; connecting to the upstream again in %.1fs", self.last_error, delay)
 
     def _use_mqtt5(self) -> bool:
         return self._mqtt5_ok is not False

@@ -284,3 +284,53 @@ def test_edge_readyz_turns_503_while_the_spool_refuses_writes(upstream: Mosquitt
     finally:
         device.close()
         edge.stop()
+
+
+def test_stats_answer_at_once_while_another_process_holds_the_spool_write_lock(
+        upstream: MosquittoInstance, tmp_path: Path) -> None:
+    """A backup (or the quarantine command) holding the spool's write lock delays the ward's
+    writes, never /stats: reads use their own connection and never wait for the writer."""
+    import httpx
+
+    edge = EdgeProcess(tmp_path, upstream.url("gateway"), spool_busy_timeout_seconds=30).start()
+    device = Device(edge.local_port, "ox-lock")
+    blocker = sqlite3.connect(tmp_path / "spool.db", timeout=1)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        info = device.client.publish(device.vitals_topic, device.reading({"spo2": 97}, seq=1), qos=1)
+        wait_until(lambda: edge.stats()["ward"]["received"] == 1, what="a write waiting for the lock")
+        for _ in range(3):
+            response = httpx.get(edge.url + "/stats", timeout=3)  # would wait up to 30 s behind the writer
+            assert response.status_code == 200 and response.json()["spool"]["depth"] == 0
+        assert not info.is_published(), "not acknowledged before it is on disk"
+        blocker.rollback()
+        info.wait_for_publish(60)
+        wait_until(lambda: edge.stats()["spool"]["forwarded"] == 1, what="then spooled and forwarded")
+    finally:
+        blocker.close()
+        device.close()
+        edge.stop()
+
+
+def test_the_http_token_guards_stats_dead_letters_and_quarantine_and_no_payload_is_served(
+        upstream: MosquittoInstance, tmp_path: Path) -> None:
+    import httpx
+
+    token = "a-token-of-at-least-16-chars"
+    edge = EdgeProcess(tmp_path, upstream.url("gateway"), http_token=token).start()
+    device = Device(edge.local_port, "ox-token")
+    try:
+        device.publish(device.vitals_topic, b'{"seq": 1, "patient_id": "p-secret", "metrics": {"spo2": 150}}')
+        for path in ("/stats", "/dead-letters", "/quarantine"):
+            assert httpx.get(edge.url + path).status_code == 401
+            assert httpx.get(edge.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert httpx.get(edge.url + path).status_code in (200, 503)
+        letters = wait_until(lambda: httpx.get(edge.url + "/dead-letters", headers=edge.headers).json()["items"],
+                             what="the dead letter")
+        assert letters[0]["reason"] == "schema_invalid"
+        assert all("payload" not in letter for letter in letters)
+        assert "p-secret" not in httpx.get(edge.url + "/dead-letters", headers=edge.headers).text
+    finally:
+        device.close()
+        edge.stop()

@@ -162,3 +162,4 @@ def test_health_reports_a_stalled_batch() -> None:
 ])
 def test_describe_error_names_the_class_and_keeps_it_short(exc: Exception, expected: str) -> None:
     assert describe_error(exc) == expected
+

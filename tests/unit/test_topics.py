@@ -165,3 +165,46 @@ def test_subscription_filter_rejects_bad_roots(root: str) -> None:
     with pytest.raises(TopicError) as info:
         subscription_filter(root)
     assert info.value.reason == "topic_root_invalid"
+
+
+# --- an edge gateway's own status -------------------------------------------------------------
+
+from firstcare.topics import (  # noqa: E402 - grouped with the tests that use them
+    GatewayTopic,
+    gateway_status_filter,
+    gateway_status_topic,
+    is_gateway_topic,
+    parse_gateway_topic,
+    subscription_filters,
+)
+
+
+def test_a_gateway_status_topic_round_trips() -> None:
+    topic = gateway_status_topic("h1", "ward-3")
+    assert topic == "fc/edge/h1/ward-3/status"
+    assert parse_gateway_topic(topic) == GatewayTopic("fc", "h1", "ward-3")
+    assert is_gateway_topic(topic) and not is_gateway_topic("fc/v1/h1/monitor/m-1/status")
+    assert gateway_status_topic("h1", "gw", "acme") == "acme/edge/h1/gw/status"
+
+
+@pytest.mark.parametrize("topic, reason", [
+    ("fc/edge/h1/ward-3", "topic_unknown"),
+    ("fc/edge/h1/ward-3/vitals", "topic_unknown"),
+    ("fc/edge/h1/ward-3/status/x", "topic_unknown"),
+    ("fc/edge/h 1/ward-3/status", "hospital_id_invalid"),
+    ("fc/edge/h1/" + ID_65 + "/status", "gateway_id_invalid"),
+    ("other/edge/h1/ward-3/status", "topic_unknown"),
+])
+def test_invalid_gateway_topics(topic: str, reason: str) -> None:
+    with pytest.raises(TopicError) as info:
+        parse_gateway_topic(topic)
+    assert info.value.reason == reason
+
+
+def test_the_bridge_subscribes_to_devices_and_gateways() -> None:
+    import paho.mqtt.client as mqtt
+
+    filters = subscription_filters("fc")
+    assert filters == (subscription_filter("fc"), gateway_status_filter("fc"))
+    for topic in (vitals_topic("h1", "monitor", "m-1"), gateway_status_topic("h1", "ward-3")):
+        assert any(mqtt.topic_matches_sub(f, topic) for f in filters)
