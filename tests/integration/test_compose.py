@@ -218,3 +218,10 @@ def test_the_edge_check_asks_the_gateway_on_its_own_port(tmp_path: Path):
     finally:
         edge.stop()
     assert run_check(health_check("edge"), 8010, edge.http_port) != 0
+
+
+def test_the_gateway_stats_are_published_on_the_host_loopback_only() -> None:
+    """/stats, /dead-letters and /quarantine name devices: not on every interface by default."""
+    ports = [str(p) for p in resolved()["services"]["edge"]["ports"]]
+    stats = [p for p in ports if "8010:8010" in p]  # e.g. 127.0.0.1:8010:8010/tcp
+    assert stats and all(p.startswith("127.0.0.1:") for p in stats), ports
