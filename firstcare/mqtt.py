@@ -104,7 +104,7 @@ class MqttTarget:
             port = parts.port
         except ValueError as exc:
             raise ValueError(f"expected {URL_GRAMMAR}, got {url!r}: {exc}") from exc
-        if parts.scheme not in PLAIN_SCHEMES + TLS_SCHEMES or not parts.hostname:
+        if parts.scheme not in PLAIN_SCHEMES + TLS_SCHEMES or not parts.hostname or port == 0:
             raise ValueError(f"expected {URL_GRAMMAR}, got {url!r}")
         secure = parts.scheme in TLS_SCHEMES
         return cls(parts.hostname, port or default_port or (8883 if secure else 1883),
@@ -124,6 +124,11 @@ class MqttTarget:
         user = f"{self.username}{':***' if self.password else ''}@" if self.username else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
+
+
+def is_tls_url(url: str) -> bool:
+    """``mqtts://`` (or ``ssl://``): the scheme alone, for any URL :meth:`MqttTarget.parse` takes."""
+    return url.partition("://")[0] in TLS_SCHEMES
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from firstcare.errors import ConfigError
+from firstcare.mqtt import URL_GRAMMAR, MqttTarget, is_tls_url
 from firstcare.topics import check_root, is_valid_id
 
 PREFIX = "FC_"
@@ -62,17 +63,13 @@ class EnvSettings:
         value = getattr(self, name)
         if allow_embedded and value == "embedded":
             return
-        parts = urlsplit(value)
         try:
-            port_ok = parts.port is None or 0 < parts.port
+            MqttTarget.parse(value)  # the one MQTT URL parser
         except ValueError:
-            port_ok = False
-        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname or not port_ok:
-            raise self.bad(name, ("expected 'embedded' or " if allow_embedded else "expected ")
-                           + "mqtt://[user:pass@]host[:port] or mqtts://[user:pass@]host[:port]")
+            raise self.bad(name, ("expected 'embedded' or " if allow_embedded else "expected ") + URL_GRAMMAR) from None
 
     def is_tls_url(self, name: str) -> bool:
-        return urlsplit(getattr(self, name)).scheme in ("mqtts", "ssl")
+        return is_tls_url(getattr(self, name))
 
     def check_files(self, *names: str) -> None:
         for name in names:
@@ -271,7 +268,7 @@ class Settings(EnvSettings):
         if self.mqtt_session_expiry_seconds < 0 or self.mqtt_session_expiry_seconds > 0xFFFFFFFF:
             raise self.bad("mqtt_session_expiry_seconds", "must be 0..4294967295 seconds")
         certified = self.is_tls_url("mqtt_url") and self.mqtt_cert_file is not None  # the certificate names it
-        if not urlsplit(self.mqtt_url).username and not self.mqtt_allow_anonymous and not certified:
+        if not MqttTarget.parse(self.mqtt_url).username and not self.mqtt_allow_anonymous and not certified:
             raise self.bad("mqtt_url", "no username: the bridge's session would be anonymous, and the amqtt broker"
                                        " (`firstcare broker`) discards the queue of anonymous sessions, so readings"
                                        " published while the bridge is away would be lost. Put the bridge's user in"

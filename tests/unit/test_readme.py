@@ -54,3 +54,18 @@ def test_every_metric_family_is_in_the_metrics_table() -> None:
     table = README[README.index("### Metrics"):]
     missing = [n for n in sorted(names) if n.removeprefix("firstcare_") not in table]
     assert missing == []
+
+
+def test_every_edge_metric_family_is_in_the_metrics_table() -> None:
+    from edge.telemetry import EdgeCollector
+
+    stats = {"spool": {"depth": 0, "bytes": 0, "max_bytes": 0, "oldest_age_s": 0.0},
+             "upstream": {"state": "connected", "inflight": 0}, "ward": {"state": "listening"},
+             "quarantine": {"depth": 0, "oldest_age_s": 0.0, "by_reason_total": {}}}
+    names = {m.name for m in EdgeCollector(lambda: stats).collect()}
+    table = README[README.index("### Metrics"):]
+    assert [n for n in sorted(names) if f"`{n}`" not in table and f"`{n}_total`" not in table] == []
+    from edge.spool import QUARANTINE_REASONS
+
+    edge = README[README.index("## Edge gateway"):README.index("## Brokers")]
+    assert [r for r in QUARANTINE_REASONS if f"`{r}`" not in edge] == []
