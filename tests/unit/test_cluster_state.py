@@ -50,7 +50,7 @@ def test_lock_ids_are_stable_32_bit_and_classed() -> None:
 @pytest.mark.parametrize(
     ("subject", "key"),
     [("patient:p-1", LockKey(PATIENT, "p-1")), ("device:monitor:m:1", LockKey(DEVICE, "monitor/m:1")),
-     ("ingest:h1", LockKey(INGEST, "h1"))],
+     ("ingest:h1", LockKey(INGEST, "h1")), ("gateway:h1:ward-3", LockKey(INGEST, "h1"))],
 )
 def test_an_alert_subject_is_guarded_by_its_key(subject: str, key: LockKey) -> None:
     assert subject_key(subject) == key
@@ -64,8 +64,8 @@ def test_lock_order_is_by_class_then_hash_without_repeats() -> None:
 
 
 def test_subject_keys_split_subjects_by_kind() -> None:
-    assert subject_keys(["patient:p1", "device:monitor:m1", "ingest:h1", "patient:p2"]) == {
-        "devices": [("monitor", "m1")], "patients": ["p1", "p2"], "hospitals": ["h1"]}
+    assert subject_keys(["patient:p1", "device:monitor:m1", "ingest:h1", "patient:p2", "gateway:h1:ward-3"]) == {
+        "devices": [("monitor", "m1")], "patients": ["p1", "p2"], "hospitals": ["h1"], "gateways": [("h1", "ward-3")]}
 
 
 class RecordingTx:
@@ -96,6 +96,14 @@ def test_a_working_set_never_takes_a_lower_class_after_a_higher_one() -> None:
     assert tx.locked == [[device_key("monitor", "m1"), device_key("monitor", "m2")], [patient_key("p1")]]
     with pytest.raises(LockOrderError):
         ws.take(devices=[("monitor", "m3")])
+
+
+def test_an_edge_gateways_alarms_are_loaded_under_its_hospitals_ingest_lock() -> None:
+    tx = RecordingTx()
+    ws = WorkingSet(tx, RULES, str)  # type: ignore[arg-type]
+    ws.take(gateways=[("h1", "ward-3"), ("h1", "ward-4")])
+    assert tx.locked == [[LockKey(INGEST, "h1"), LockKey(INGEST, "h1")]]
+    assert ws.subjects == ["gateway:h1:ward-3", "gateway:h1:ward-4"]
 
 
 # ----------------------------------------------------------------------- device-time order
