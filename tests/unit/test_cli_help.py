@@ -14,7 +14,8 @@ from bench import cli as bench_cli
 from firstcare.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-COMMANDS = [[], ["up"], ["bridge"], ["broker"], ["edge"], ["token"], ["simulate"], ["bench"], ["bench", "all"]]
+COMMANDS = [[], ["up"], ["bridge"], ["broker"], ["edge"], ["edge", "quarantine"], ["token"], ["simulate"], ["bench"],
+            ["bench", "all"]]
 
 
 def help_text(argv: list[str]) -> str:
