@@ -35,7 +35,8 @@ The drain is paced by a token bucket (``rate`` messages/s), so a backlog after a
 not swamp the bridge; live messages join the same queue and keep flowing behind the backlog.
 
 The gateway's own status (``status_body()``) is published retained every ``status_every_s`` and
-soon after :meth:`status_changed`; its will turns it offline.
+soon after :meth:`status_changed`; a clean stop publishes ``offline``, and the will does when the
+gateway dies.
 
 Threads: the forwarder thread owns the client, the in-flight tables and ``counters`` (fixed
 keys; other threads copy it); other threads read ``state``, ``last_error``, ``inflight``,
@@ -193,7 +194,8 @@ class Forwarder:
             elif time.monotonic() > deadline:
                 self.last_error = f"no CONNACK from upstream {self.target} within {CONNACK_TIMEOUT_S:.0f}s"
                 break
-        if self._stop.is_set() and connected:
+        if self._stop.is_set() and connected:  # a clean stop says so (the will covers a crash)
+            client.publish(self.status_topic, json.dumps({"state": "offline", "ts": now_ms()}), qos=1, retain=True)
             client.disconnect()
             client.loop(timeout=0.1)
         self._flush()

@@ -219,6 +219,10 @@ def test_edge_status_is_published_upstream_with_a_will(upstream: MosquittoInstan
     wait_until(lambda: "online" in states, what="online status")
     edge.kill()
     wait_until(lambda: states[-1] == "offline", timeout=40, what="the will after a crash")
+    edge.start()
+    wait_until(lambda: states[-1] == "online", what="online again")
+    edge.stop()
+    wait_until(lambda: states[-1] == "offline", what="offline after a clean stop")
     spy.loop_stop()
     spy.disconnect()
 
