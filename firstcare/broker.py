@@ -24,6 +24,7 @@ intake queues synchronously, so each device's order is kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import errno
 import logging
@@ -134,6 +135,9 @@ class BrokerTls:
     root: str = "fc"
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""A connection that has not sent its CONNECT by then is closed (amqtt would wait forever)."""
+
 Intake = Callable[[Inbound], Awaitable[bool]]
 """Takes a device publish; returns True once it is durably kept (acknowledge it), False when it
 was not kept (the gateway is stopping: no acknowledgement, the device sends it again later)."""
@@ -170,11 +174,33 @@ class _AdaptedBroker(Broker):
     With ``intake``: publishes (and wills) the topic rule allows reach it before amqtt
     acknowledges them (see the module docstring); ``denied`` counts those it does not allow,
     which are acknowledged and dropped as MQTT 3.1.1 brokers do.
+
+    Every connection is closed when it ends, whatever ended it: amqtt leaves the socket of a
+    connection whose CONNECT it could not read open, and waits for a CONNECT without a bound
+    (an MQTT 5 CONNECT, which it misreads, waited forever). Here a CONNECT must come within
+    ``CONNECT_TIMEOUT_S``, and :meth:`close_streams` closes what is still open at shutdown.
     """
 
     tls: BrokerTls | None = None
     intake: Intake | None = None
     denied = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._streams: set[asyncio.StreamWriter] = set()
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        self._streams.add(writer)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self._streams.discard(writer)
+            writer.close()
+
+    def close_streams(self) -> None:
+        for writer in list(self._streams):
+            writer.close()
 
     def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:  # type: ignore[override]
         assert self.tls is not None
@@ -186,11 +212,16 @@ class _AdaptedBroker(Broker):
         # amqtt's own method, with our handler, and with a TLS identity pinned before any session
         # is looked up.
         try:
-            handler, session = await _IntakeHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, session = await asyncio.wait_for(
+                _IntakeHandler.init_from_connect(reader, writer, self.plugins_manager), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError as exc:
+            await _close_quietly(writer)
+            raise AMQTTError(f"{remote_address}:{remote_port} sent no CONNECT within {CONNECT_TIMEOUT_S:.0f}s") from exc
         except (AMQTTError, NoDataError) as exc:
+            await _close_quietly(writer)
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
-            await writer.close()
+            await _close_quietly(writer)
             raise MQTTError(exc) from exc
         if self.intake is not None:
             handler.intake = self._take
@@ -265,6 +296,12 @@ class _AdaptedBroker(Broker):
                  if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE)]
         if tasks:
             await asyncio.wait(tasks)
+
+
+async def _close_quietly(writer: Any) -> None:
+    """amqtt's close drains and writes EOF first, which fails on a connection already gone."""
+    with contextlib.suppress(Exception):
+        await writer.close()
 
 
 def load_config(path: Path | None = None) -> dict[str, Any]:
@@ -353,3 +390,6 @@ class EmbeddedBroker:
                 await asyncio.wait_for(broker.shutdown(), 10)
             except Exception:  # noqa: BLE001 - shutting down; nothing left to protect
                 logging.getLogger("firstcare.broker").warning("embedded broker did not shut down cleanly", exc_info=True)
+            if isinstance(broker, _AdaptedBroker):
+                broker.close_streams()
+                await asyncio.sleep(0)  # let the closed connections' tasks end
