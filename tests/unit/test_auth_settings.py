@@ -17,7 +17,8 @@ from firstcare.settings import Settings, settings_table
 
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"  # >= 32 bytes: no pyjwt key warning
 OTHER_SECRET = "another-secret-0123456789-abcdefghijklmnopqrstuv"
-NOW = int(time.time())
+NOW = int(time.time())  # at import: tokens built from it must outlive a long suite run
+TTL = 7 * 86400
 
 
 def hs(payload: dict, secret: str = SECRET) -> str:
@@ -25,7 +26,7 @@ def hs(payload: dict, secret: str = SECRET) -> str:
 
 
 def good(**extra) -> dict:
-    return {"sub": "u1", "exp": NOW + 600, "role": "clinician", **extra}
+    return {"sub": "u1", "exp": NOW + TTL, "role": "clinician", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,9 @@ def rsa_keys() -> tuple[str, str]:
     ],
 )
 def test_mint_and_verify_round_trip(role: str, hospitals: tuple, patients: tuple) -> None:
-    token = mint_token(SECRET, "user-7", role, hospitals=hospitals, patients=patients, ttl_seconds=600, now=NOW)
+    token = mint_token(SECRET, "user-7", role, hospitals=hospitals, patients=patients, ttl_seconds=TTL, now=NOW)
     claims = TokenVerifier(secret=SECRET).verify(token)
-    assert claims == Claims("user-7", role, NOW + 600, frozenset(hospitals), frozenset(patients))
+    assert claims == Claims("user-7", role, NOW + TTL, frozenset(hospitals), frozenset(patients))
 
 
 def test_mint_rejects_unknown_role() -> None:
@@ -83,7 +84,7 @@ def test_expiry_within_leeway_is_accepted() -> None:
         pytest.param(hs(good())[:-4] + "AAAA", id="tampered-signature"),
         pytest.param(jwt.encode(good(role="admin"), None, algorithm="none"), id="alg-none"),
         pytest.param(hs({"sub": "u1", "role": "admin"}), id="missing-exp"),
-        pytest.param(hs({"exp": NOW + 600, "role": "admin"}), id="missing-sub"),
+        pytest.param(hs({"exp": NOW + TTL, "role": "admin"}), id="missing-sub"),
         pytest.param(hs(good(sub="")), id="empty-sub"),
         pytest.param(hs(good(sub=42)), id="int-sub"),
         pytest.param(hs(good(exp="tomorrow")), id="exp-not-a-number"),
@@ -132,7 +133,7 @@ def test_rs256_verified_with_public_key(rsa_keys: tuple[str, str]) -> None:
     private, public = rsa_keys
     token = jwt.encode(good(role="service", hospitals=["h1"]), private, algorithm="RS256")
     claims = TokenVerifier(public_key=public).verify(token)
-    assert claims == Claims("u1", "service", NOW + 600, frozenset({"h1"}), frozenset())
+    assert claims == Claims("u1", "service", NOW + TTL, frozenset({"h1"}), frozenset())
 
 
 @pytest.mark.parametrize(
