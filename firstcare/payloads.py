@@ -284,6 +284,8 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
                 items.append((i, _item_decoder.decode(raw)))
             except msgspec.ValidationError as exc:
                 early.append(Rejection("schema_invalid", _schema_detail(exc).replace("$", f"$.readings[{i}]", 1), i))
+            except msgspec.DecodeError as exc:  # the outer pass keeps items raw: e.g. a lone surrogate in a string
+                early.append(Rejection("payload_not_json", f"$.readings[{i}]: {_schema_detail(exc)}", i))
     else:
         early = []
         missing = [f for f in ("seq", "ts", "metrics") if getattr(message, f) is None]

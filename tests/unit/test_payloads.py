@@ -525,3 +525,13 @@ def test_iso_times_convert_to_exact_milliseconds(iso: str) -> None:
     (r,) = decode(body(ts=iso)).readings
     assert r.ts_ms == expected
     assert decode(body(ts=format_ts(r.ts_ms))).readings[0].ts_ms == r.ts_ms, "format and parse round-trip exactly"
+
+
+def test_a_batch_item_that_is_not_valid_utf8_costs_only_itself() -> None:
+    """The outer pass keeps batch items raw, so a lone surrogate inside one item is only found
+    when that item is decoded: it is that item's rejection, never an internal error."""
+    good = json.dumps({"seq": 1, "ts": NOW_MS, "metrics": {"spo2": 97}}).encode()
+    bad = b'{"seq": 2, "ts": "\xed\xa0\x80", "metrics": {"spo2": 97}}'
+    result = decode_vitals(TOPIC, b'{"readings": [' + good + b", " + bad + b"]}", received_ms=NOW_MS)
+    assert [r.seq for r in result.readings] == [1]
+    assert [(r.reason, r.index) for r in result.rejections] == [("payload_not_json", 1)]
