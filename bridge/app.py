@@ -43,12 +43,12 @@ from bridge.audit_log import AuditLog, audit_path
 from bridge.fhir_api import router as fhir_router
 from bridge.cluster import Cluster, open_cluster
 from bridge.core import BridgeCore, CoreSettings, Writer
-from bridge.hub import Hub, HubError, open_hub
-from bridge.router import rooms_for
+from bridge.fanout import FanOut
+from bridge.hub import Hub, open_hub
 from bridge.realtime import Realtime
 from bridge.realtime import router as realtime_router
 from bridge.store import Store, open_store
-from bridge.telemetry import LatencyTracker, Marks, StatsCollector, Telemetry
+from bridge.telemetry import LatencyTracker, StatsCollector, Telemetry
 from firstcare.auth import TokenVerifier
 from firstcare.broker import BrokerTls, EmbeddedBroker
 from firstcare.errors import FirstCareError, StoreError
@@ -63,7 +63,6 @@ from firstcare.topics import is_gateway_topic, subscription_filters
 log = logging.getLogger("firstcare.bridge")
 
 TICK_S = 1.0
-OUTBOX_SIZE = 10_000
 PURGE_EVERY_S = 3600.0
 
 
@@ -85,8 +84,7 @@ class Runtime:
         self.tasks: list[asyncio.Task[Any]] = []
         self.timer_errors = 0
         self.tick_store_error: str | None = None  # the last timer tick's store failure, until one succeeds
-        self._outbox: asyncio.Queue[tuple[Event, Marks | None]] = asyncio.Queue(OUTBOX_SIZE)
-        self.outbox_dropped = 0
+        self.fanout: FanOut
         self.node = f"{socket.gethostname()}-{os.getpid()}"
         self.realtime: Realtime
         self.audit: AuditLog | None = None  # the audit trail (bridge/audit_log.py)
@@ -146,6 +144,7 @@ class Runtime:
         await self.hub.start()
         self.latency = LatencyTracker(self.telemetry, synchronous=self.hub.backend.name == "memory")
         self.hub.on_dispatch = self.latency.dispatched
+        self.fanout = FanOut(self.hub, self.store, latency=self.latency)
         self.realtime = Realtime(self)
         self.realtime.start()
         target = self.mqtt_target
@@ -162,7 +161,7 @@ class Runtime:
                                  on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message),
                                  tls=target.tls)
         self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
-                      asyncio.create_task(self._fan_out(), name="fc-fan-out")]
+                      asyncio.create_task(self.fanout.run(), name="fc-fan-out")]
         try:
             await asyncio.to_thread(self.lease.acquire)
         except BrokerUnreachable as exc:
@@ -255,33 +254,9 @@ class Runtime:
         await self.writer.run(self.core.quarantine, message, error)
 
     async def publish(self, events: Iterable[Event]) -> None:
-        """Hand committed events to the fan-out; never blocks ingest. The backlog is bounded:
-        an event that does not fit is counted and its rooms are told to resync, since its data
-        is in the database already."""
-        for event in events:
-            try:
-                self._outbox.put_nowait((event, self.latency.committed(event)))
-            except asyncio.QueueFull:
-                self.outbox_dropped += 1
-                self.hub.backend.mark_lost(rooms_for(event))
-
-    async def _fan_out(self) -> None:
-        """The one task that publishes to the hub, so a slow or absent Redis delays events but
-        never the ingest and its acknowledgements."""
-        failing = False
-        while True:
-            event, marks = await self._outbox.get()
-            self.latency.publishing(marks)
-            try:
-                self.latency.published(await self.hub.publish(event))
-                if failing:
-                    log.info("fan-out restored")
-                failing = False
-            except HubError as exc:
-                self.latency.publishing(None)
-                if not failing:
-                    log.warning("fan-out failing, events are stored but not delivered live: %s", exc)
-                failing = True
+        """Hand committed events to the fan-out (bridge.fanout); never blocks ingest, so a slow
+        or absent Redis delays events but never the ingest and its acknowledgements."""
+        self.fanout.offer(events)
 
     async def _timers(self) -> None:
         """Every second: the timers (device heartbeats, sequence gaps, NEWS2 staleness,
@@ -346,7 +321,7 @@ class Runtime:
                        "queue_size": self.settings.ingest_queue_size,
                        "lease_state": lease.state if lease is not None else None,
                        "lease_rivals": lease.rivals if lease is not None else 0},
-            "hub": {**self.hub.stats(), "outbox_depth": self._outbox.qsize(), "outbox_dropped": self.outbox_dropped},
+            "hub": {**self.hub.stats(), **self.fanout.stats()},
             "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
             "cluster": {"node": self.node, "leader": self.leader},

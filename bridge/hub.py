@@ -8,7 +8,16 @@
 Backends never see local subscribers; the backend module is imported only when its URL is
 chosen. Every publication in a room gets the id ``"<epoch>:<offset>"``: a client that comes
 back with the last id it saw gets exactly what it missed from :meth:`Hub.history`, or ``None``
-(resync) when the epoch changed or the history no longer reaches back that far.
+(resync) when the epoch changed or the history no longer reaches back that far. "Reaches back"
+is decided from the room's own offsets, never from what a bounded read returned: a room keeps
+the last ``history_size`` offsets (and ``history_age_s`` seconds), on every backend alike.
+
+Continuity loss is always told. When a backend could not record a publication (Redis down, the
+outbox full), the rooms it would have reached start a new epoch before the next publication is
+accepted, and every process sharing the hub delivers a ``resync`` control delivery to its
+subscribers of those rooms. Presence announcements (``presence.join`` / ``presence.leave``) are
+ephemeral: they reach the members of a room but never its history, so they cannot push clinical
+events out of it.
 
 Subscribers have bounded queues. Under pressure a vitals delivery replaces the older queued one
 from the same device in the same room (coalesced) or, failing that, is dropped; an alert is
@@ -42,13 +51,21 @@ class HubError(FirstCareError):
     reason = "hub_unavailable"
 
 
+RESYNC = "resync"  # control: the room's history has a gap; reload from the REST API
+FORBIDDEN = "forbidden"  # control (local only): the connection's token no longer allows the room
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
+    """What a subscriber receives. ``id`` is ``""`` for ephemeral events (presence) and
+    control deliveries; ``control`` names a control delivery (``data`` is then empty)."""
+
     room: str
     id: str
     data: bytes
     is_alert: bool = False
     coalesce_key: str | None = None
+    control: str | None = None
 
     @property
     def offset(self) -> int:
@@ -57,9 +74,21 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """One event as published: a delivery per room, most specific room first."""
+    """One event as published: a delivery per room, most specific room first.
+
+    ``kind`` is ``event`` (a subscriber in several of its rooms gets it once), ``presence``
+    (ephemeral; not delivered to the subscribers of ``origin``, the user it is about) or
+    ``resync`` (a control delivery per room: a subscriber gets one for each of its rooms)."""
 
     deliveries: tuple[Delivery, ...]
+    kind: str = "event"
+    origin: str | None = None
+
+
+def resync_publication(rooms: Iterable[str]) -> Publication:
+    """Never dropped (``is_alert``): a subscriber that cannot take it overflows and is closed,
+    and its reconnect with ``since`` meets the new epoch, which is a resync too."""
+    return Publication(tuple(Delivery(room, "", b"", True, None, RESYNC) for room in rooms), RESYNC)
 
 
 def coalesce_key(event: Event) -> str | None:
@@ -165,12 +194,14 @@ class HubBackend(Protocol):
     async def start(self, deliver: Callable[[Publication], None]) -> None: ...
     async def stop(self) -> None: ...
     async def publish(self, event: Event, rooms: list[str]) -> Publication: ...
+    async def announce(self, event: Event, rooms: list[str], origin: str) -> None: ...
     async def history(self, room: str, since: str) -> list[Delivery] | None: ...
     async def position(self, room: str) -> str | None: ...
     async def presence_join(self, room: str, member: Member) -> None: ...
-    async def presence_leave(self, room: str, conn_id: str) -> None: ...
+    async def presence_leave(self, room: str, member: Member) -> None: ...
     async def presence_refresh(self, memberships: list[tuple[str, Member]]) -> None: ...
     async def presence(self, room: str) -> list[dict[str, Any]]: ...
+    async def last_seen(self, room: str) -> dict[str, int]: ...
     async def put_ticket(self, ticket: str, value: str, ttl_s: int) -> None: ...
     async def take_ticket(self, ticket: str) -> str | None: ...
     def mark_lost(self, rooms: list[str]) -> None: ...
@@ -209,6 +240,7 @@ class HubCounters:
     coalesced: int = 0
     overflowed: int = 0
     publish_failures: int = 0
+    resyncs_sent: int = 0
 
 
 class Hub:
@@ -235,12 +267,19 @@ class Hub:
         self.counters.published.add()
         return publication
 
+    async def announce(self, event: Event, rooms: list[str], origin: str) -> None:
+        """An ephemeral event (presence): to the rooms' members on every process, never into a
+        room's history and never to ``origin``'s own connections. Raises HubError."""
+        await self.backend.announce(event, rooms, origin)
+
     def _dispatch(self, publication: Publication) -> None:
         c = self.counters
         deliveries = publication.deliveries
         rooms = self._rooms
         outcomes: dict[str, int] = {"queued": 0, "coalesced": 0, "dropped": 0, "overflow": 0}
-        if len(deliveries) == 1:
+        if publication.kind != "event":
+            self._dispatch_special(publication, outcomes)
+        elif len(deliveries) == 1:
             delivery = deliveries[0]
             for subscriber in rooms.get(delivery.room, ()):
                 outcomes[subscriber.offer(delivery)] += 1
@@ -256,8 +295,23 @@ class Hub:
         c.coalesced += outcomes["coalesced"]
         c.dropped += outcomes["dropped"]
         c.overflowed += outcomes["overflow"]
-        if self.on_dispatch is not None:
+        if self.on_dispatch is not None and publication.kind == "event":  # committed events only
             self.on_dispatch(publication, outcomes["queued"] + outcomes["coalesced"])
+
+    def _dispatch_special(self, publication: Publication, outcomes: dict[str, int]) -> None:
+        if publication.kind == RESYNC:
+            self.counters.resyncs_sent += len(publication.deliveries)
+            for delivery in publication.deliveries:  # one per room: the cursor of each room is gone
+                for subscriber in self._rooms.get(delivery.room, ()):
+                    outcomes[subscriber.offer(delivery)] += 1
+            return
+        origin = publication.origin
+        reached: set[Subscriber] = set()
+        for delivery in publication.deliveries:
+            for subscriber in self._rooms.get(delivery.room, ()):
+                if subscriber.owner != origin and subscriber not in reached:
+                    reached.add(subscriber)
+                    outcomes[subscriber.offer(delivery)] += 1
 
     def join(self, subscriber: Subscriber, room: str) -> None:
         self._rooms.setdefault(room, set()).add(subscriber)
@@ -288,7 +342,7 @@ class Hub:
             "published": c.published.total, "published_per_s": c.published.rate(),
             "delivered": c.delivered.total, "delivered_per_s": c.delivered.rate(),
             "dropped": c.dropped, "coalesced": c.coalesced, "overflowed": c.overflowed,
-            "publish_failures": c.publish_failures, "rooms": len(self._rooms),
+            "publish_failures": c.publish_failures, "resyncs_sent": c.resyncs_sent, "rooms": len(self._rooms),
             "subscribers": len({s for members in self._rooms.values() for s in members}),
             **{f"backend_{k}": v for k, v in self.backend.stats().items()},
         }

@@ -1,4 +1,6 @@
-"""In-process hub backend: one process is the whole system."""
+"""In-process hub backend: one process is the whole system.
+
+All state lives on the event loop's thread (every method is called from it)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.hub import Delivery, Member, Publication, coalesce_key
-from firstcare.events import Event, encode_envelope, event_id, parse_event_id
+from bridge.hub import Delivery, Member, Publication, coalesce_key, resync_publication
+from firstcare.events import Event, encode_envelope, encode_ephemeral, event_id, parse_event_id
 from firstcare.payloads import now_ms
+
+LAST_SEEN_TTL_MS = 86_400_000
+LAST_SEEN_PER_ROOM = 1000
 
 
 @dataclass
@@ -35,6 +40,7 @@ class MemoryBackend:
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._rooms: dict[str, _Room] = {}
         self._presence: dict[str, _Presence] = {}
+        self._seen: dict[str, dict[str, int]] = {}
         self._tickets: dict[str, tuple[str, float]] = {}
         self._deliver: Callable[[Publication], None] = lambda p: None
 
@@ -61,6 +67,10 @@ class MemoryBackend:
         self._deliver(publication)
         return publication
 
+    async def announce(self, event: Event, rooms: list[str], origin: str) -> None:
+        self._deliver(Publication(tuple(Delivery(room, "", encode_ephemeral(event, room)) for room in rooms),
+                                  "presence", origin))
+
     async def history(self, room: str, since: str) -> list[Delivery] | None:
         try:
             epoch, offset = parse_event_id(since)
@@ -68,6 +78,8 @@ class MemoryBackend:
             return None
         state = self._rooms.get(room)
         if state is None or epoch != state.epoch or offset > state.offset:
+            return None
+        if state.offset - offset > self._history_size:
             return None
         cutoff = time.monotonic() - self._history_age_s
         kept = [(o, d) for o, t, d in state.history if t >= cutoff]
@@ -81,19 +93,36 @@ class MemoryBackend:
         return event_id(state.epoch, state.offset) if state is not None and state.offset else None
 
     async def presence_join(self, room: str, member: Member) -> None:
-        self._presence.setdefault(room, _Presence()).members[member.conn_id] = (member, now_ms())
+        now = now_ms()
+        self._presence.setdefault(room, _Presence()).members[member.conn_id] = (member, now)
+        self._saw(room, member.user, now)
 
-    async def presence_leave(self, room: str, conn_id: str) -> None:
+    async def presence_leave(self, room: str, member: Member) -> None:
         state = self._presence.get(room)
         if state is not None:
-            state.members.pop(conn_id, None)
+            state.members.pop(member.conn_id, None)
             if not state.members:
                 del self._presence[room]
+        self._saw(room, member.user, now_ms())
 
     async def presence_refresh(self, memberships: list[tuple[str, Member]]) -> None:
         now = now_ms()
         for room, member in memberships:
             self._presence.setdefault(room, _Presence()).members[member.conn_id] = (member, now)
+            self._saw(room, member.user, now)
+
+    def _saw(self, room: str, user: str, at_ms: int) -> None:
+        """Last seen per user and room, bounded: a day, and the newest users of each room."""
+        seen = self._seen.setdefault(room, {})
+        seen.pop(user, None)
+        seen[user] = at_ms  # insertion order is recency order
+        cutoff = at_ms - LAST_SEEN_TTL_MS
+        while seen and (len(seen) > LAST_SEEN_PER_ROOM or next(iter(seen.values())) < cutoff):
+            del seen[next(iter(seen))]
+
+    async def last_seen(self, room: str) -> dict[str, int]:
+        cutoff = now_ms() - LAST_SEEN_TTL_MS
+        return {user: at for user, at in self._seen.get(room, {}).items() if at >= cutoff}
 
     async def presence(self, room: str) -> list[dict[str, Any]]:
         state = self._presence.get(room)
@@ -116,9 +145,12 @@ class MemoryBackend:
 
     def mark_lost(self, rooms: list[str]) -> None:
         """Events of these rooms were never published: start the rooms over in a new epoch, so
-        a client replaying from before is told to resync instead of silently missing them."""
+        a client replaying from before is told to resync instead of silently missing them, and
+        tell the connected ones now."""
         for room in rooms:
             self._rooms.pop(room, None)
+        if rooms:
+            self._deliver(resync_publication(rooms))
 
     def state(self) -> str:
         return "ok"

@@ -7,12 +7,24 @@ Redis Streams are the source of truth (pub/sub silently drops a subscriber that 
     {p}fanout          one entry per publication (all its rooms), read by every process with
                        XREAD BLOCK from where it left off: the one path to local subscribers
     {p}presence:{room} sorted set conn -> last seen (ms), with {p}presence:{room}:i for details
+    {p}seen:{room}     hash user -> last seen (ms), kept a day
     {p}ticket:{t}      single-use connection tickets (GETDEL)
 
 Offsets are assigned and the envelope spliced inside one Lua script, so two processes
-publishing into one room can never interleave ids. When Redis is unreachable a publish fails
-(counted); the rooms it touched get a new epoch once Redis is back, so their clients are told to
-resync instead of silently missing events.
+publishing into one room can never interleave ids. History is read by another script that
+compares the cursor with the room's own offsets and its first retained entry in one atomic
+step: streams are trimmed approximately (``MAXLEN ~`` keeps whole nodes), so what a read
+returns never decides whether the history reaches back.
+
+When a publish fails (Redis down, a timeout: the publication may or may not have been
+recorded), the rooms it touched are remembered, and before this process publishes anything
+again their keys are deleted and a ``resync`` entry is added to the fanout stream, in one
+script: the rooms start a new epoch, and every process tells its subscribers of those rooms to
+resync. The listener does the same as soon as it reads again, so the news does not wait for the
+next publication.
+
+The listener task owns ``_state`` and the fanout cursor; ``_lost_rooms`` is shared by the
+publishers and the listener on one event loop, and ``_settle_lock`` serialises its reset.
 """
 
 from __future__ import annotations
@@ -28,14 +40,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bridge.hub import Delivery, HubError, Member, Publication, coalesce_key
-from firstcare.events import Event, envelope_parts, parse_event_id
+from bridge.hub import RESYNC, Delivery, HubError, Member, Publication, coalesce_key, resync_publication
+from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id
 from firstcare.payloads import now_ms
 
 log = logging.getLogger("firstcare.hub")
 
 FANOUT_MAXLEN = 100_000
 PRESENCE_TTL_MS = 60_000
+LAST_SEEN_TTL_S = 86_400
+RESET_CHUNK = 200  # rooms per reset script (Lua's unpack has a stack limit)
+MAX_OFFSET = 2**53  # Lua numbers are doubles
 
 _PUBLISH = """
 local n = tonumber(ARGV[1])
@@ -68,6 +83,35 @@ return out
 """
 
 
+_RESET = """
+local n = tonumber(ARGV[1])
+local fanout = {'n', n, 'a', '1', 'k', '', 'c', 'resync'}
+for i = 1, n do
+  redis.call('DEL', KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])
+  table.insert(fanout, 'r' .. i); table.insert(fanout, ARGV[2 + i])
+end
+redis.call('XADD', KEYS[3 * n + 1], 'MAXLEN', '~', ARGV[2], '*', unpack(fanout))
+return n
+"""
+
+_HISTORY = """
+local epoch = redis.call('GET', KEYS[2])
+local current = redis.call('GET', KEYS[1])
+if not epoch or not current then return {'gone'} end
+if epoch ~= ARGV[1] then return {'epoch'} end
+current = tonumber(current)
+local since = tonumber(ARGV[2])
+if since > current then return {'ahead'} end
+if since == current then return {'ok', current, {}} end
+if current - since > tonumber(ARGV[3]) then return {'size'} end
+local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+if #first == 0 then return {'trimmed'} end
+local first_offset = tonumber(string.match(first[1][1], '^(%d+)-'))
+if first_offset > since + 1 then return {'trimmed'} end
+return {'ok', current, redis.call('XRANGE', KEYS[3], '(' .. ARGV[2] .. '-0', current .. '-0')}
+"""
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -86,10 +130,13 @@ class RedisBackend:
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._reader = aioredis.Redis.from_url(url, socket_timeout=15, socket_connect_timeout=5)
         self._publish_script = self._redis.register_script(_PUBLISH)
+        self._reset_script = self._redis.register_script(_RESET)
+        self._history_script = self._redis.register_script(_HISTORY)
         self._deliver: Callable[[Publication], None] = lambda p: None
         self._listener: asyncio.Task[None] | None = None
         self._state = "starting"
         self._lost_rooms: set[str] = set()
+        self._settle_lock = asyncio.Lock()
         self.counters = {"reconnects": 0, "read_errors": 0, "epochs_reset": 0}
 
     def _room_keys(self, room: str) -> list[str]:
@@ -125,8 +172,7 @@ class RedisBackend:
         rng = random.Random()
         while True:
             try:
-                if self._lost_rooms:
-                    await self._reset_lost_rooms()
+                await self._settle_lost_rooms()
                 replies = await self._reader.xread({f"{self._p}fanout": last_id}, count=500, block=2000)
                 if self._state != "ok":
                     log.info("Redis hub connection restored")
@@ -151,6 +197,12 @@ class RedisBackend:
     @staticmethod
     def _publication(fields: dict[bytes, bytes]) -> Publication:
         n = int(fields[b"n"])
+        control = _s(fields.get(b"c", b""))
+        if control == RESYNC:
+            return resync_publication(_s(fields[f"r{i}".encode()]) for i in range(1, n + 1))
+        if control == "presence":
+            return Publication(tuple(Delivery(_s(fields[f"r{i}".encode()]), "", fields[f"d{i}".encode()])
+                                     for i in range(1, n + 1)), "presence", _s(fields[b"o"]))
         alert = fields[b"a"] == b"1"
         key = _s(fields[b"k"]) or None
         return Publication(tuple(
@@ -158,15 +210,21 @@ class RedisBackend:
             for i in range(1, n + 1)
         ))
 
-    async def _reset_lost_rooms(self) -> None:
-        rooms, self._lost_rooms = self._lost_rooms, set()
-        keys = [k for room in rooms for k in self._room_keys(room)]
-        try:
-            await self._redis.delete(*keys)
-            self.counters["epochs_reset"] += len(rooms)
-        except RedisError:
-            self._lost_rooms |= rooms
-            raise
+    async def _settle_lost_rooms(self) -> None:
+        """Start the rooms that missed publications over in a new epoch, and have every process
+        tell their subscribers, before anything else is published into them. Raises RedisError
+        (the rooms stay pending)."""
+        if not self._lost_rooms and not self._settle_lock.locked():
+            return
+        async with self._settle_lock:
+            while self._lost_rooms:
+                chunk = sorted(self._lost_rooms)[:RESET_CHUNK]
+                keys = [k for room in chunk for k in self._room_keys(room)] + [f"{self._p}fanout"]
+                await self._reset_script(keys=keys, args=[len(chunk), FANOUT_MAXLEN, *chunk])
+                self._lost_rooms.difference_update(chunk)
+                self.counters["epochs_reset"] += len(chunk)
+                log.info("new epoch for %d room(s) that missed publications; their clients are told to resync",
+                         len(chunk))
 
     async def publish(self, event: Event, rooms: list[str]) -> Publication:
         if not rooms:
@@ -177,6 +235,7 @@ class RedisBackend:
         args: list[Any] = [len(rooms), self._history_size, self._ttl_s, now_ms(), secrets.token_hex(4),
                            head, mid, tail, "1" if event.is_alert else "0", key, *rooms, FANOUT_MAXLEN]
         try:
+            await self._settle_lost_rooms()
             ids = await self._publish_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self._lost_rooms.update(rooms)
@@ -192,27 +251,38 @@ class RedisBackend:
             epoch, offset = parse_event_id(since)
         except ValueError:
             return None
-        okey, ekey, skey = self._room_keys(room)
+        if offset >= MAX_OFFSET:
+            return None
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.get(ekey).get(okey).xrange(skey, min=f"({offset}-0", max="+", count=self._history_size + 1)
-                current_epoch, current_offset, entries = await pipe.execute()
-        except RedisError as exc:
+            reply = await self._history_script(keys=self._room_keys(room),
+                                               args=[epoch, str(offset), self._history_size])
+        except (RedisError, OSError) as exc:
             raise HubError(f"Redis hub history failed: {exc}") from exc
-        if current_epoch is None or _s(current_epoch) != epoch or current_offset is None:
-            return None
-        current = int(current_offset)
-        if offset > current:
-            return None
-        if offset == current:
-            return []
-        if not entries or _s(entries[0][0]) != f"{offset + 1}-0":
-            return None
+        if _s(reply[0]) != "ok":
+            return None  # epoch changed or gone, cursor ahead, more missed than kept, or trimmed
+        current, entries = int(reply[1]), reply[2]
+        decoded = []
+        for entry_id, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2]))
+            decoded.append((int(_s(entry_id).split("-")[0]), fields))
+        if [o for o, _ in decoded] != list(range(offset + 1, current + 1)):
+            return None  # not contiguous: never hand out a partial replay
         cutoff = now_ms() - int(self._history_age_s * 1000)
-        if int(entries[0][1][b"t"]) < cutoff:
+        if decoded and int(decoded[0][1][b"t"]) < cutoff:
             return None
-        return [Delivery(room, f"{epoch}:{_s(entry_id).split('-')[0]}", fields[b"d"], fields[b"a"] == b"1",
-                         _s(fields[b"k"]) or None) for entry_id, fields in entries]
+        return [Delivery(room, f"{epoch}:{o}", fields[b"d"], fields[b"a"] == b"1", _s(fields[b"k"]) or None)
+                for o, fields in decoded]
+
+    async def announce(self, event: Event, rooms: list[str], origin: str) -> None:
+        if not rooms:
+            return
+        fields: dict[str, Any] = {"n": len(rooms), "a": "0", "k": "", "c": "presence", "o": origin}
+        for i, room in enumerate(rooms, start=1):
+            fields[f"r{i}"], fields[f"i{i}"], fields[f"d{i}"] = room, "", encode_ephemeral(event, room)
+        try:
+            await self._redis.xadd(f"{self._p}fanout", fields, maxlen=FANOUT_MAXLEN, approximate=True)
+        except (RedisError, OSError) as exc:
+            raise HubError(f"Redis hub announce failed: {exc}") from exc
 
     async def position(self, room: str) -> str | None:
         okey, ekey, _ = self._room_keys(room)
@@ -225,10 +295,13 @@ class RedisBackend:
     async def presence_join(self, room: str, member: Member) -> None:
         await self.presence_refresh([(room, member)])
 
-    async def presence_leave(self, room: str, conn_id: str) -> None:
+    async def presence_leave(self, room: str, member: Member) -> None:
+        seen = f"{self._p}seen:{room}"
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(f"{self._p}presence:{room}", conn_id).hdel(f"{self._p}presence:{room}:i", conn_id)
+                pipe.zrem(f"{self._p}presence:{room}", member.conn_id)
+                pipe.hdel(f"{self._p}presence:{room}:i", member.conn_id)
+                pipe.hset(seen, member.user, now_ms()).expire(seen, LAST_SEEN_TTL_S)
                 await pipe.execute()
         except RedisError as exc:
             log.debug("presence leave failed: %s", exc)
@@ -241,9 +314,11 @@ class RedisBackend:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for room, m in memberships:
                     zkey, hkey = f"{self._p}presence:{room}", f"{self._p}presence:{room}:i"
+                    seen = f"{self._p}seen:{room}"
                     pipe.zadd(zkey, {m.conn_id: now})
                     pipe.hset(hkey, m.conn_id, json.dumps({"user": m.user, "node": m.node, "joined_ms": m.joined_ms}))
                     pipe.expire(zkey, PRESENCE_TTL_MS // 1000 * 2).expire(hkey, PRESENCE_TTL_MS // 1000 * 2)
+                    pipe.hset(seen, m.user, now).expire(seen, LAST_SEEN_TTL_S)
                 await pipe.execute()
         except RedisError as exc:
             log.debug("presence refresh failed: %s", exc)
@@ -264,6 +339,14 @@ class RedisBackend:
             out.append({"conn_id": _s(conn), "user": meta["user"], "node": meta["node"],
                         "joined_ms": meta["joined_ms"], "last_seen_ms": int(seen)})
         return out
+
+    async def last_seen(self, room: str) -> dict[str, int]:
+        try:
+            seen = await self._redis.hgetall(f"{self._p}seen:{room}")
+        except RedisError as exc:
+            raise HubError(f"Redis hub last seen failed: {exc}") from exc
+        cutoff = now_ms() - LAST_SEEN_TTL_S * 1000
+        return {_s(user): int(at) for user, at in seen.items() if int(at) >= cutoff}
 
     async def put_ticket(self, ticket: str, value: str, ttl_s: int) -> None:
         try:

@@ -4,16 +4,24 @@ WebSocket protocol (``/realtime/ws``; the patient and hospital variants subscrib
 
     client -> {"type": "subscribe", "room": "patient:p-001:vitals", "since": "<last id seen>"}
               {"type": "unsubscribe", "room": "..."}   {"type": "ping"}
-              {"type": "auth", "token": "<fresh jwt>"}            (extends the connection)
+              {"type": "auth", "token": "<fresh jwt>"}   (same sub: rooms re-checked, expiry moved)
     server -> {"type": "welcome", "conn_id": ..., "user": ..., "expires_at": ...}
               {"type": "subscribed", "room": ..., "replayed": n} | {"type": "resync", "room": ...}
-              {"type": "unsubscribed", "room": ...}   {"type": "pong"}   {"type": "ping"}
+              {"type": "unsubscribed", "room": ...[, "reason": "forbidden"]}
+              {"type": "authenticated", "expires_at": ...}   {"type": "pong"}   {"type": "ping"}
               {"type": "error", "code": ..., "message": ..., "room": ...}
-              <event envelopes>
+              <event envelopes>   (presence_join / presence_leave carry "id": null)
 
 Replay is race-free because each connection owns one send lock: a subscribe joins the room
 first (live events start queuing), reads the history while holding the lock, and the sender
 then skips anything at or below the offset already sent for that room.
+
+Control deliveries come through the same queue as events, so they are ordered with them: a
+``resync`` (the room's history has a gap: the hub could not record something) and a
+``forbidden`` (a refreshed token of the same subject no longer allows the room).
+
+Each connection's state is owned by its own tasks on the event loop; :class:`Realtime` (the
+registry, the presence notifier) is owned by the event loop too.
 
 Close codes (also in the README): 4000-4099 mean "reconnect, with ``since``"; 4400-4499 mean
 "do not reconnect without changing something" (a new token, another room, fewer connections).
@@ -45,14 +53,16 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from bridge.api import ApiError, Auth, admin
 from bridge.audit_http import audit_stream, audited_room
-from bridge.hub import Delivery, HubError, Member, Subscriber
-from firstcare.auth import claims_from_payload
+from bridge.hub import FORBIDDEN, RESYNC, Delivery, HubError, Member, Subscriber
+from bridge.hub_presence import PresenceNotifier
+from firstcare.auth import LEEWAY_SECONDS, claims_from_payload
 from firstcare.errors import AuthError, RoomError
 from firstcare.events import make_event, parse_event_id
-from firstcare.payloads import now_ms
+from firstcare.payloads import format_ts, now_ms
 from firstcare.permissions import Claims, can_subscribe
 from firstcare.ratelimit import TokenBucket
 from firstcare.rooms import Room, hospital_room, parse_room, patient_room
+from firstcare.settings import own_origins
 
 log = logging.getLogger("firstcare.realtime")
 
@@ -73,6 +83,8 @@ SUBPROTOCOL = "firstcare.v1"
 TOKEN_PROTOCOL_PREFIX = "bearer."
 MAX_RATE_VIOLATIONS = 50
 PRESENCE_REFRESH_S = 20.0
+RESYNC_MESSAGE = "history does not reach back that far; reload from the REST API"
+GAP_MESSAGE = "events of this room could not be recorded; reload from the REST API"
 
 _conn_ids = itertools.count(1)
 
@@ -93,6 +105,8 @@ class RealtimeCounters:
     replay_served: int = 0
     replay_events: int = 0
     replay_resync: int = 0
+    live_resync: int = 0
+    rooms_revoked: int = 0
     subscribe_refused: int = 0
     rate_limited: int = 0
     sent: int = 0
@@ -108,15 +122,42 @@ class Connection:
         self.subscriber = Subscriber(maxsize=maxsize, owner=claims.sub)
         self.sent: dict[str, tuple[str, int]] = {}
         self.joined_ms = now_ms()
+        self.room_joined_ms: dict[str, int] = {}
+        # A refresh of another connection of the same subject narrows this one: rooms must be
+        # allowed by the refreshed claims too, and the ones they no longer allow are revoked
+        # (their queued events are not sent).
+        self.ceiling: Claims | None = None
+        self.revoked: set[str] = set()
+        self.wake = asyncio.Event()  # set on a refresh and at shutdown: the expiry is looked at again
+
+    @property
+    def expires_at(self) -> float:
+        """When the stream ends: the token's ``exp`` plus the one leeway every check uses."""
+        return self.claims.exp + LEEWAY_SECONDS
 
     def fresh(self, delivery: Delivery) -> bool:
         """False for a delivery already sent (a replay overlapping the live queue)."""
+        if not delivery.id:
+            return True  # ephemeral (presence): no cursor
         epoch, offset = parse_event_id(delivery.id)
         last = self.sent.get(delivery.room)
         if last is not None and last[0] == epoch and offset <= last[1]:
             return False
         self.sent[delivery.room] = (epoch, offset)
         return True
+
+
+class _Closing(asyncio.Event):
+    """Server shutdown: setting it also wakes every connection's housekeeping."""
+
+    def __init__(self, connections: dict[str, Connection]) -> None:
+        super().__init__()
+        self._connections = connections
+
+    def set(self) -> None:
+        super().set()
+        for conn in list(self._connections.values()):
+            conn.wake.set()
 
 
 class Realtime:
@@ -128,33 +169,41 @@ class Realtime:
         self.connections: dict[str, Connection] = {}
         self.by_user: Counter[str] = Counter()
         self.counters = RealtimeCounters()
-        self._presence_task: asyncio.Task[None] | None = None
-        self.closing = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closing = _Closing(self.connections)
+        self.presence = PresenceNotifier(runtime.hub)
+        self.origins = frozenset(self.settings.allowed_origins) | own_origins(self.settings)
 
     @property
     def hub(self) -> Any:
         return self.runtime.hub
 
     def start(self) -> None:
-        self._presence_task = asyncio.create_task(self._refresh_presence(), name="fc-presence")
+        self._tasks = [asyncio.create_task(self._refresh_presence(), name="fc-presence"),
+                       asyncio.create_task(self.presence.run(), name="fc-presence-announce")]
 
     async def stop(self) -> None:
         self.closing.set()
-        if self._presence_task is not None:
-            self._presence_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._presence_task
+                await task
 
     # --- admission ------------------------------------------------------------------------
 
     def check_origin(self, headers: Any) -> None:
+        """A browser's ``Origin`` must be one of this server's own origins (FC_PUBLIC_ORIGINS,
+        else derived from FC_HTTP_HOST and FC_HTTP_PORT) or listed in FC_ALLOWED_ORIGINS. It is
+        never compared with ``Host``: a DNS-rebinding page sends its own name in both. The one
+        exception is an IP-address origin equal to ``Host``: an address cannot be rebound."""
         origin = headers.get("origin")
         if origin is None:
             return  # not a browser
-        host = headers.get("host", "")
-        if origin in self.settings.allowed_origins or origin in (f"http://{host}", f"https://{host}"):
+        if origin in self.origins or _ip_origin_of_host(origin, headers.get("host", "")):
             return
-        raise Refused("origin_forbidden", f"origin {origin!r} is not allowed (FC_ALLOWED_ORIGINS)", 403)
+        raise Refused("origin_forbidden", f"origin {origin!r} is not allowed (FC_PUBLIC_ORIGINS, FC_ALLOWED_ORIGINS)",
+                      403)
 
     async def authenticate(self, token: str | None, ticket: str | None) -> Claims:
         if ticket:
@@ -165,7 +214,7 @@ class Realtime:
             if value is None:
                 raise Refused("token_invalid", "unknown, used or expired ticket", 401)
             claims = claims_from_payload(json.loads(value))
-            if claims.exp <= time.time():
+            if claims.exp + LEEWAY_SECONDS <= time.time():
                 raise Refused("token_expired", "token expired", 401)
             return claims
         try:
@@ -195,7 +244,48 @@ class Realtime:
             if self.by_user[conn.claims.sub] <= 0:
                 del self.by_user[conn.claims.sub]
         for room in rooms:
-            await self.hub.backend.presence_leave(room, conn.id)
+            member = self._member(conn, room)
+            await self.hub.backend.presence_leave(room, member)
+            self.presence.left(room, member)
+
+    def _member(self, conn: Connection, room: str) -> Member:
+        return Member(conn.id, conn.claims.sub, self.runtime.node, conn.room_joined_ms.get(room, conn.joined_ms))
+
+    async def allowed(self, conn: Connection, name: str) -> Room | None:
+        """The room if ``conn`` may be in it: its own claims, and the subject's refreshed ones."""
+        room = await self.room_allowed(conn.claims, name)
+        if room is not None and conn.ceiling is not None and await self.room_allowed(conn.ceiling, name) is None:
+            return None
+        return room
+
+    async def refresh(self, conn: Connection, claims: Claims) -> list[str]:
+        """Rights follow the token: ``conn`` now holds ``claims`` (same subject), every room it
+        has joined is checked again, and so is every room of the subject's other streams on
+        this process (a refresh narrows them, it never widens them). Returns the rooms ``conn``
+        must leave; the other streams get a ``forbidden`` control delivery per room."""
+        conn.claims = claims
+        conn.ceiling = None
+        conn.wake.set()
+        revoked = [room for room in sorted(conn.subscriber.rooms) if await self.allowed(conn, room) is None]
+        for room in revoked:
+            await self.withdraw(conn, room)
+        for other in list(self.connections.values()):
+            if other is conn or other.claims.sub != claims.sub:
+                continue
+            other.ceiling = claims
+            for room in sorted(other.subscriber.rooms):
+                if await self.allowed(other, room) is None:
+                    await self.withdraw(other, room)
+                    # its own writer tells the client, in order with its events; never dropped
+                    # (a connection too slow to take it is closed and must reconnect)
+                    other.subscriber.offer(Delivery(room, "", b"", True, None, FORBIDDEN))
+        return revoked
+
+    async def withdraw(self, conn: Connection, room: str) -> None:
+        """Take ``room`` away from ``conn``: what is still queued for it is not sent."""
+        await self.leave(conn, room)
+        conn.revoked.add(room)
+        self.counters.rooms_revoked += 1
 
     async def room_allowed(self, claims: Claims, name: str) -> Room | None:
         """The room if ``claims`` may join it; None for unknown and forbidden alike."""
@@ -213,18 +303,30 @@ class Realtime:
         return room if can_subscribe(claims, room, owner) else None
 
     async def join(self, conn: Connection, room: str) -> None:
+        fresh = room not in conn.subscriber.rooms
         self.hub.join(conn.subscriber, room)
-        await self.hub.backend.presence_join(room, Member(conn.id, conn.claims.sub, self.runtime.node, conn.joined_ms))
+        conn.revoked.discard(room)
+        if fresh:
+            conn.room_joined_ms[room] = now_ms()
+        member = self._member(conn, room)
+        await self.hub.backend.presence_join(room, member)
+        if fresh:
+            self.presence.joined(room, member)
 
     async def leave(self, conn: Connection, room: str) -> None:
+        was_in = room in conn.subscriber.rooms
         self.hub.leave(conn.subscriber, room)
         conn.sent.pop(room, None)
-        await self.hub.backend.presence_leave(room, conn.id)
+        if was_in:
+            member = self._member(conn, room)
+            conn.room_joined_ms.pop(room, None)
+            await self.hub.backend.presence_leave(room, member)
+            self.presence.left(room, member)
 
     async def replay(self, conn: Connection, room: str, since: str) -> list[Delivery] | None:
         """What ``conn`` missed in ``room`` since ``since``, or None (resync). The permission
         is checked again here because the claims may have changed since the subscribe."""
-        if await self.room_allowed(conn.claims, room) is None:
+        if await self.allowed(conn, room) is None:
             return None
         try:
             missed = await self.hub.history(room, since)
@@ -243,7 +345,7 @@ class Realtime:
     async def _refresh_presence(self) -> None:
         while True:
             await asyncio.sleep(PRESENCE_REFRESH_S)
-            memberships = [(room, Member(c.id, c.claims.sub, self.runtime.node, c.joined_ms))
+            memberships = [(room, self._member(c, room))
                            for c in list(self.connections.values()) for room in c.subscriber.rooms]
             await self.hub.backend.presence_refresh(memberships)
 
@@ -255,7 +357,9 @@ class Realtime:
             "connections_per_user": dict(self.by_user), "connections_opened": dict(c.connections_opened),
             "refused": dict(c.refused), "forced_disconnects": dict(c.forced_disconnects),
             "replay_served": c.replay_served, "replay_events": c.replay_events, "replay_resync": c.replay_resync,
+            "live_resync": c.live_resync, "rooms_revoked": c.rooms_revoked,
             "subscribe_refused": c.subscribe_refused, "rate_limited": c.rate_limited, "sent": c.sent,
+            **self.presence.counters,
             "rooms": self.hub.local_rooms(),
         }
 
@@ -297,7 +401,7 @@ class WebSocketSession:
             await self.send_text(json.dumps(message, separators=(",", ":")))
 
     async def subscribe(self, room: str | None, since: str | None) -> None:
-        if not isinstance(room, str) or await self.rt.room_allowed(self.conn.claims, room) is None:
+        if not isinstance(room, str) or await self.rt.allowed(self.conn, room) is None:
             self.rt.counters.subscribe_refused += 1
             self.audit("realtime.subscribe", str(room), "denied", CLOSE_CODES["forbidden"])
             await self.send_json({"type": "error", "code": "forbidden", "room": room,
@@ -319,8 +423,7 @@ class WebSocketSession:
             if since is not None:
                 missed = await self.rt.replay(self.conn, room, str(since))
             if missed is None:
-                await self.send_text(json.dumps({"type": "resync", "room": room,
-                                                 "message": "history does not reach back that far; reload from the REST API"}))
+                await self.send_text(json.dumps({"type": "resync", "room": room, "message": RESYNC_MESSAGE}))
                 return
             answer["replayed"] = len(missed)
             await self.send_text(json.dumps(answer))
@@ -364,19 +467,25 @@ class WebSocketSession:
         elif kind == "ping":
             await self.send_json({"type": "pong", "ts": now_ms()})
         elif kind == "auth":
-            try:
-                claims = await run_in_threadpool(self.rt.runtime.verifier.verify, message.get("token"))
-            except AuthError as exc:
-                await self.send_json({"type": "error", "code": exc.reason, "message": str(exc)})
-                return
-            if claims.sub != self.conn.claims.sub:
-                await self.send_json({"type": "error", "code": "token_invalid",
-                                      "message": "a refreshed token must have the same subject"})
-                return
-            self.conn.claims = claims
-            await self.send_json({"type": "authenticated", "expires_at": claims.exp})
+            await self.refresh(message.get("token"))
         else:
             await self.send_json({"type": "error", "code": "bad_request", "message": f"unknown type {kind!r}"})
+
+    async def refresh(self, token: Any) -> None:
+        """``{"type": "auth"}``: a fresh token for the same subject. Every joined room is checked
+        again with it; the ones it no longer allows are left (``unsubscribed`` with ``reason:
+        forbidden``) before the ``authenticated`` answer. Another subject closes the stream."""
+        try:
+            claims = await run_in_threadpool(self.rt.runtime.verifier.verify, token if isinstance(token, str) else None)
+        except AuthError as exc:
+            await self.send_json({"type": "error", "code": exc.reason, "message": str(exc)})
+            return
+        if claims.sub != self.conn.claims.sub:
+            raise _Close("token_invalid", "a refreshed token must have the same subject")
+        async with self.lock:
+            for room in await self.rt.refresh(self.conn, claims):
+                await self.send_text(json.dumps({"type": "unsubscribed", "room": room, "reason": "forbidden"}))
+            await self.send_text(json.dumps({"type": "authenticated", "expires_at": claims.exp}))
 
     async def reader(self) -> None:
         limit = self.rt.settings.ws_max_message_bytes
@@ -386,36 +495,56 @@ class WebSocketSession:
                 return
             raw = message.get("text")
             if raw is None:
-                raw = (message.get("bytes") or b"").decode("utf-8", "replace")
-            if len(raw) > limit:
+                data = message.get("bytes") or b""
+                size = len(data)
+                raw = data.decode("utf-8", "replace") if size <= limit else ""
+            else:
+                size = utf8_size(raw, limit)
+            if size > limit:
                 raise _Close("message_too_large", f"messages are limited to {limit} bytes")
             await self.handle(raw)
 
     async def writer(self) -> None:
-        subscriber = self.conn.subscriber
+        conn = self.conn
+        subscriber = conn.subscriber
         while True:
             try:
                 delivery = await subscriber.get()
             except HubError as exc:
                 raise _Close("slow_consumer", "an alert did not fit the send queue; reconnect with since") from exc
             async with self.lock:
-                if self.conn.fresh(delivery):
+                if delivery.room in conn.revoked and delivery.room not in subscriber.rooms:
+                    if delivery.control == FORBIDDEN:
+                        await self.send_text(json.dumps({"type": "unsubscribed", "room": delivery.room,
+                                                         "reason": "forbidden"}))
+                    continue  # queued before the room was taken away
+                if delivery.control == RESYNC:
+                    if delivery.room in subscriber.rooms:
+                        conn.sent.pop(delivery.room, None)
+                        self.rt.counters.live_resync += 1
+                        await self.send_text(json.dumps({"type": "resync", "room": delivery.room,
+                                                         "message": GAP_MESSAGE}))
+                elif delivery.control is None and conn.fresh(delivery):
                     await self.send_text(ws_text(delivery))
 
     async def housekeeping(self) -> None:
         """Keepalive pings, the token's expiry and server shutdown, in one task per connection
-        (every task costs memory, and a server holds thousands of connections)."""
+        (every task costs memory, and a server holds thousands of connections). A refresh
+        wakes it, so the expiry always follows the newest token."""
         interval = self.rt.settings.ws_ping_seconds
         next_ping = time.monotonic() + interval
+        wake = self.conn.wake
         while True:
-            remaining = self.conn.claims.exp - time.time()
+            if self.rt.closing.is_set():
+                raise _Close("server_shutdown", "server shutting down; reconnect")
+            remaining = self.conn.expires_at - time.time()
             if remaining <= 0:
                 raise _Close("token_expired", "token expired; reconnect with a fresh token")
-            try:
-                await asyncio.wait_for(self.rt.closing.wait(), min(remaining, max(0.0, next_ping - time.monotonic())))
-                raise _Close("server_shutdown", "server shutting down; reconnect")
-            except asyncio.TimeoutError:
-                pass
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), min(remaining, max(0.0, next_ping - time.monotonic())))
+            if wake.is_set():
+                continue  # shutdown or a refreshed token: look again
             if time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + interval
                 await self.send_json({"type": "ping", "ts": now_ms()})
@@ -498,7 +627,7 @@ def sse_frame(delivery: Delivery) -> bytes:
     ``id:`` the event id, ``event:`` the dotted name, ``data:`` the envelope's ``data``."""
     envelope = json.loads(delivery.data)
     return ServerSentEvent(data=json.dumps(envelope["data"], separators=(",", ":")), event=envelope["event"],
-                           id=envelope["id"]).encode()
+                           id=envelope["id"] or None).encode()
 
 
 def _sse_error(refused: Refused) -> JSONResponse:
@@ -536,7 +665,7 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
                     if conn.fresh(delivery):
                         yield sse_frame(delivery)
             while True:
-                remaining = conn.claims.exp - time.time()
+                remaining = conn.expires_at - time.time()
                 if remaining <= 0:
                     rt.counters.forced_disconnects["token_expired"] += 1
                     yield ServerSentEvent(data=json.dumps({"reason": "token expired"}), event="reauth")
@@ -550,7 +679,17 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
                 except HubError:
                     rt.counters.forced_disconnects["slow_consumer"] += 1
                     return  # the browser reconnects with Last-Event-ID and replays
-                if conn.fresh(delivery):
+                if delivery.room in conn.revoked:
+                    # a refreshed token of the same subject no longer allows the room: the
+                    # stream ends (a reconnect with this token is refused with 403)
+                    rt.counters.forced_disconnects["forbidden"] += 1
+                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": "forbidden"}), event="forbidden")
+                    return
+                if delivery.control == RESYNC:
+                    conn.sent.pop(room, None)
+                    rt.counters.live_resync += 1
+                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": GAP_MESSAGE}), event="resync")
+                elif delivery.control is None and conn.fresh(delivery):
                     rt.counters.sent += 1
                     yield sse_frame(delivery)
         finally:
@@ -650,12 +789,41 @@ async def ticket(request: Request, c: Auth) -> dict[str, Any]:
 
 @router.get("/realtime/presence", tags=["realtime"])
 async def presence(request: Request, c: Auth, room: str) -> dict[str, Any]:
-    """Who is in a room, across every bridge process sharing the hub."""
+    """Who is in a room, across every bridge process sharing the hub, and when each user who
+    was in it during the last day was last seen there (online users: now)."""
     rt = _rt(request)
     if await rt.room_allowed(c, room) is None:
         raise ApiError(403, "forbidden", "unknown room or not allowed")
     try:
         members = await rt.hub.backend.presence(room)
+        seen = await rt.hub.backend.last_seen(room)
     except HubError as exc:
         raise ApiError(503, "hub_unavailable", str(exc)) from exc
-    return {"room": room, "count": len(members), "members": members}
+    online = {m["user"] for m in members}
+    last_seen = {user: {"last_seen": format_ts(at), "last_seen_ms": at, "online": user in online}
+                 for user, at in sorted(seen.items(), key=lambda item: -item[1])}
+    return {"room": room, "count": len(members), "members": members, "users": last_seen}
+
+
+def utf8_size(text: str, limit: int) -> int:
+    """The UTF-8 size of ``text``, counted only when it could exceed ``limit`` (a character is
+    at most 4 bytes): the message limit counts bytes, never characters.
+
+    >>> utf8_size("é" * 3000, 4096), utf8_size("ab", 4096)
+    (6000, 2)
+    """
+    return len(text) if len(text) * 4 <= limit else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _ip_origin_of_host(origin: str, host: str) -> bool:
+    """True for ``http(s)://<IP address>[:port]`` naming exactly the ``Host`` the request was
+    sent to: an address cannot be rebound by DNS, so that page is this server's own."""
+    from urllib.parse import urlsplit
+    import ipaddress
+
+    try:
+        parts = urlsplit(origin)
+        ipaddress.ip_address((parts.hostname or "").strip("[]"))
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host

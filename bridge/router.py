@@ -8,6 +8,7 @@
     device.status.change    -> device:{type}:{id}, hospital:{hid}, patient:{pid} when bound
     hospital.*              -> hospital:{hid}
     system.*                -> system
+    presence.join|leave     -> the room named in the event (ephemeral: never in a room's history)
 
 The most specific room comes first: a connection in several of an event's rooms receives it
 once, under the first of them it has joined.
@@ -58,4 +59,6 @@ def rooms_for(event: Event) -> list[str]:
         out.append(rooms.hospital_room(hid))
     elif name.startswith("system."):
         out.append(rooms.SYSTEM)
+    elif name.startswith("presence.") and d.get("room"):
+        out.append(d["room"])
     return out

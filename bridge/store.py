@@ -266,6 +266,9 @@ class DashboardQueries(Protocol):
                state: str | None, limit: int, cursor: str | None) -> Page: ...
     def alert(self, alert_id: str) -> Alert | None: ...
     def alert_history(self, alert_id: str) -> list[dict[str, Any]]: ...
+    # the fan-out's catch-up after the hub could not publish alarms
+    def alert_transition_id(self, alert_id: str, action: str, at_ms: int) -> int | None: ...
+    def alert_transitions_after(self, after_id: int, limit: int) -> list[tuple[int, Transition]]: ...
     def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int, cursor: str | None) -> Page: ...
     def device(self, device_type: str, device_id: str) -> DeviceRecord | None: ...
     def patient_hospital(self, patient_id: str) -> str | None: ...
@@ -342,6 +345,20 @@ def cursor_parts(cursor: str | None, n: int) -> list[int] | None:
 
 def page_limit(limit: int) -> int:
     return max(1, min(int(limit), MAX_PAGE))
+
+
+def alert_as_of(a: Alert, action: str, at_ms: int, state: str, value: float | None, by: str | None) -> Alert:
+    """The alarm as it was at one of its stored transitions, from its current row: what
+    happened later (acknowledgement, escalation, resolution) is taken out again."""
+    def before(ms: int | None) -> int | None:
+        return ms if ms is not None and ms <= at_ms else None
+
+    acknowledged_ms = before(a.acknowledged_ms)
+    return dataclasses.replace(
+        a, state=state, value=a.value if value is None else value, updated_ms=at_ms,
+        acknowledged_ms=acknowledged_ms,
+        acknowledged_by=(by or a.acknowledged_by) if action == "acknowledged" or acknowledged_ms is not None else None,
+        escalated_ms=before(a.escalated_ms), resolved_ms=before(a.resolved_ms))
 
 
 def alert_json(a: Alert) -> dict[str, Any]:

@@ -119,6 +119,7 @@ async def _serve(settings: Settings, on_ready: Any = None, on_stopping: Any = No
     import uvicorn
 
     from bridge.app import create_app
+    from bridge.server import server_config
     from firstcare.broker import check_port_free
 
     if settings.mqtt_url == "embedded":
@@ -126,11 +127,7 @@ async def _serve(settings: Settings, on_ready: Any = None, on_stopping: Any = No
     check_port_free(settings.http_host, settings.http_port, "HTTP", "--http-port", "FC_HTTP_PORT")
     settings.check_bridge_client()
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, timeout_graceful_shutdown=5,
-                            ws_max_size=max(65536, settings.ws_max_message_bytes * 2),
-                            log_level=settings.log_level.lower(), ws_per_message_deflate=False,
-                            lifespan="on", access_log=False, ssl_certfile=settings.http_cert_file,
-                            ssl_keyfile=settings.http_key_file)
+    config = server_config(app, settings)
     install_redaction()
 
     class Server(uvicorn.Server):
@@ -231,9 +228,44 @@ def _register_simulated_keys(app: Any, config: Any, loop: asyncio.AbstractEventL
             asyncio.run_coroutine_threadsafe(runtime.writer.run(runtime.core.register_key, key), loop).result(30)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def up_banner(settings: Settings, hospital: str, broker_url: str | None = None,
+              tls_dir: Path | None = None) -> str:
+    """What ``firstcare up`` prints once it serves. It mints an admin token only when it holds
+    the HS256 secret: with FC_JWT_PUBLIC_KEY or FC_JWKS_URL the tokens come from the identity
+    provider that holds the private key, and the banner says so. ``broker_url`` names an
+    external broker; ``tls_dir`` is the development CA's folder when ``--tls`` is on."""
     from firstcare.auth import mint_token
 
+    scheme = "https" if settings.http_cert_file else "http"
+    base = f"{scheme}://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
+    mqtt_scheme = "mqtts" if settings.mqtt_tls else "mqtt"
+    broker = (f"{mqtt_scheme}://{settings.mqtt_host}:{settings.mqtt_port} (embedded"
+              f"{', a certificate per device' if settings.broker_cert_file else ''})"
+              if settings.mqtt_url == "embedded" else (broker_url or settings.mqtt_url))
+    if settings.jwt_secret:
+        token = mint_token(settings.jwt_secret, "admin", "admin", ttl_seconds=7 * 86400)
+        dashboard, admin = f"{base}/#token={token}&hospital={hospital}", token
+    else:
+        source = "FC_JWT_PUBLIC_KEY" if settings.jwt_public_key else "FC_JWKS_URL"
+        dashboard = f"{base}/#hospital={hospital}   (paste a token from your identity provider)"
+        admin = (f"none minted: tokens are verified with {source}, so they are signed by your identity "
+                 f"provider (set FC_JWT_SECRET to have `up` mint HS256 ones)")
+    curl = f"curl --cacert {settings.mqtt_ca_file} " if settings.http_cert_file and settings.mqtt_ca_file else "curl "
+    tls_note = (f"\n  TLS           development CA {tls_dir / 'ca.pem'} (trust it in the browser, or accept"
+                f" the warning)" if tls_dir is not None else "")
+    return f"""
+FirstCare Realtime is up.
+  dashboard     {dashboard}
+  MQTT broker   {broker}
+  REST API      {base}/api   (OpenAPI: {base}/docs)
+  health        {base}/healthz   {base}/readyz
+  admin token   {admin}{tls_note}
+  try           {curl}-H "Authorization: Bearer $TOKEN" {base}/api/devices
+Press Ctrl-C to stop.
+"""
+
+
+def cmd_up(args: argparse.Namespace) -> int:
     settings = ensure_secret(_settings(args, mqtt_url=args.mqtt_url or None))
     certs_dir = Path(settings.sqlite_path).resolve().parent / "certs"
     if args.tls:
@@ -244,26 +276,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     progress: list[asyncio.Task[None]] = []
 
     def ready(app: Any) -> None:
-        scheme = "https" if settings.http_cert_file else "http"
-        base = f"{scheme}://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
-        token = mint_token(settings.jwt_secret or "", "admin", "admin", ttl_seconds=7 * 86400)
-        mqtt_scheme = "mqtts" if settings.mqtt_tls else "mqtt"
-        broker = (f"{mqtt_scheme}://{settings.mqtt_host}:{settings.mqtt_port} (embedded"
-                  f"{', a certificate per device' if settings.broker_cert_file else ''})"
-                  if settings.mqtt_url == "embedded" else str(app.state.runtime.mqtt_target))
-        curl = f"curl --cacert {settings.mqtt_ca_file} " if settings.http_cert_file and settings.mqtt_ca_file else "curl "
-        tls_note = (f"\n  TLS           development CA {certs_dir / 'ca.pem'} (trust it in the browser, or accept"
-                    f" the warning)" if args.tls else "")
-        print(f"""
-FirstCare Realtime is up.
-  dashboard     {base}/#token={token}&hospital={args.hospital}
-  MQTT broker   {broker}
-  REST API      {base}/api   (OpenAPI: {base}/docs)
-  health        {base}/healthz   {base}/readyz
-  admin token   {token}{tls_note}
-  try           {curl}-H "Authorization: Bearer $TOKEN" {base}/api/devices
-Press Ctrl-C to stop.
-""", flush=True)
+        broker_url = None if settings.mqtt_url == "embedded" else str(app.state.runtime.mqtt_target)
+        print(up_banner(settings, args.hospital, broker_url, certs_dir if args.tls else None), flush=True)
         progress.append(asyncio.get_running_loop().create_task(_report_progress(app)))
         if args.simulate:
             from simulators.runner import SimulationConfig, run_simulation

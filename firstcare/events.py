@@ -7,6 +7,7 @@ Every event a browser sees has one shape::
 
 An :class:`Event` is what producers hand to the router (no room, no id); the hub gives it a
 room and a per-room id when it is published, and :func:`envelope` makes the wire form.
+Ephemeral events (``presence.*``) are never part of a room's history: their ``id`` is ``null``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ EVENT_TYPES: dict[str, str] = {
     "hospital.emergency": "emergency",
     "system.maintenance": "maintenance",
     "system.alert": "system_alert",
+    "presence.join": "presence_join",
+    "presence.leave": "presence_leave",
 }
+EPHEMERAL_EVENTS = frozenset({"presence.join", "presence.leave"})
 
 ALERT_EVENTS = frozenset(name for name in EVENT_TYPES if ".alert" in name)
 
@@ -74,7 +78,7 @@ def parse_event_id(value: str) -> tuple[str, int]:
     return epoch, int(offset)
 
 
-def envelope(event: Event, room: str, id: str) -> dict[str, Any]:
+def envelope(event: Event, room: str, id: str | None) -> dict[str, Any]:
     return {
         "type": event.type,
         "event": event.name,
@@ -103,3 +107,12 @@ def encode_envelope(event: Event, room: str, id: str) -> bytes:
     """Encode once per room; every client in the room gets the same bytes."""
     head, mid, tail = envelope_parts(event)
     return head + room.encode() + mid + id.encode() + tail
+
+
+def encode_ephemeral(event: Event, room: str) -> bytes:
+    """An event outside the room's history (presence): the same envelope with ``"id": null``.
+
+    >>> encode_ephemeral(Event("presence.join", {"user": "u"}, 0), "system")[:60]
+    b'{"type":"presence_join","event":"presence.join","room":"syst'
+    """
+    return _encoder.encode(envelope(event, room, None))

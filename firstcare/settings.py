@@ -144,7 +144,8 @@ class Settings(EnvSettings):
     jwt_issuer: str | None = field(default=None, metadata={"doc": "required `iss` claim, when set"})
     http_host: str = field(default="127.0.0.1", metadata={"doc": "HTTP bind address"})
     http_port: int = field(default=8000, metadata={"doc": "HTTP port (REST, WebSocket, SSE)"})
-    allowed_origins: tuple[str, ...] = field(default=(), metadata={"doc": "comma-separated browser origins allowed (empty: same origin only)"})
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"doc": "comma-separated other browser origins allowed to open streams and call the API (CORS)"})
+    public_origins: tuple[str, ...] = field(default=(), metadata={"doc": "comma-separated origins browsers reach this server at, e.g. `https://monitor.example.org` (empty: `http://127.0.0.1:PORT`, `http://localhost:PORT`, `http://[::1]:PORT` and `http://FC_HTTP_HOST:PORT`, also `https://`)"})
     retention_days: float = field(default=30.0, metadata={"doc": "readings and dead letters older than this are deleted (0 keeps all)"})
     device_silent_seconds: float = field(default=60.0, metadata={"doc": "an online device with no data this long raises `device.silent`"})
     device_offline_seconds: float = field(default=180.0, metadata={"doc": "a device with no message at all this long is marked offline (heartbeat timeout)"})
@@ -204,6 +205,10 @@ class Settings(EnvSettings):
         for name in ("ws_send_timeout_seconds", "ws_ping_seconds", "ws_rate_per_second"):
             if not getattr(self, name) > 0:
                 raise self.bad(name, "must be greater than 0")
+        for name in ("allowed_origins", "public_origins"):
+            for origin in getattr(self, name):
+                if not _is_origin(origin):
+                    raise self.bad(name, f"{origin!r} is not an origin (scheme://host[:port], no path)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise self.bad("log_level", "one of DEBUG, INFO, WARNING, ERROR")
         try:
@@ -299,6 +304,33 @@ class Settings(EnvSettings):
         if self.is_postgres:
             return "data/firstcare.db"
         return self.store_url[len("sqlite:///"):]
+
+
+def _is_origin(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path == "" and not parts.query
+
+
+def own_origins(settings: Settings) -> frozenset[str]:
+    """The origins of this server's own pages: ``FC_PUBLIC_ORIGINS`` when set, else the loopback
+    names and ``FC_HTTP_HOST`` at ``FC_HTTP_PORT`` (``0.0.0.0`` and ``::`` name no origin).
+
+    >>> sorted(own_origins(Settings(http_host="127.0.0.1", http_port=8000)))[:2]
+    ['http://127.0.0.1:8000', 'http://[::1]:8000']
+    """
+    if settings.public_origins:
+        return frozenset(settings.public_origins)
+    hosts = {"127.0.0.1", "localhost", "[::1]"}
+    host = settings.http_host
+    if host not in ("0.0.0.0", "::", ""):
+        hosts.add(f"[{host}]" if ":" in host else host)
+    port = settings.http_port
+    return frozenset(f"{scheme}://{h}{'' if (scheme, port) in (('http', 80), ('https', 443)) else f':{port}'}"
+                     for scheme in ("http", "https") for h in hosts)
 
 
 def _convert(key: str, type_: Any, raw: str) -> Any:

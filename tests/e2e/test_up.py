@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -233,6 +234,40 @@ def test_up_with_tls_runs_everything_encrypted_with_a_certificate_per_device(tmp
             except ConnectionError:
                 answer = b""
             assert answer[:1] != b"\x20"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
+
+
+def test_up_with_only_a_public_key_starts_and_says_where_tokens_come_from(tmp_path: Path) -> None:
+    """No HS256 secret to mint with: `up` must not crash minting its admin token."""
+    import os
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    http_port, mqtt_port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FC_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "firstcare.cli", "up", "--http-port", str(http_port), "--mqtt-port", str(mqtt_port)],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env={**env, "FC_JWT_PUBLIC_KEY": public})
+    try:
+        wait_until(lambda: "FirstCare Realtime is up" in log.read_text() or proc.poll() is not None, timeout=60,
+                   what="the banner")
+        text = log.read_text()
+        assert proc.poll() is None, text
+        assert "none minted" in text and "FC_JWT_PUBLIC_KEY" in text and "Traceback" not in text
+        assert not (tmp_path / "data" / "jwt-secret").exists()
+        signed = jwt.encode({"sub": "ops", "role": "admin", "exp": int(time.time()) + 600}, key, algorithm="RS256")
+        response = httpx.get(f"http://127.0.0.1:{http_port}/api/devices", headers={"Authorization": f"Bearer {signed}"})
+        assert response.status_code == 200, response.text
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)

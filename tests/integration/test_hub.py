@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -161,7 +162,7 @@ def test_presence_lists_members_and_forgets_those_who_leave(hub_url: str) -> Non
         members = await backend.presence("patient:p")
         assert sorted((m["conn_id"], m["user"], m["node"]) for m in members) == [
             ("c1", "alice", "node-a"), ("c2", "bob", "node-b")]
-        await backend.presence_leave("patient:p", "c1")
+        await backend.presence_leave("patient:p", Member("c1", "alice", "node-a", T0))
         assert [m["user"] for m in await backend.presence("patient:p")] == ["bob"]
 
     run(hub_url, body)
@@ -175,3 +176,107 @@ def test_tickets_are_single_use(hub_url: str) -> None:
         assert await hub.backend.take_ticket("never-issued") is None
 
     run(hub_url, body)
+
+
+# --- replay is exact or a resync, never partial (the same body on both backends) -----------
+
+HISTORY = 20
+
+
+@pytest.mark.parametrize("published", [HISTORY - 1, HISTORY, HISTORY + 1, HISTORY + 2, 31, 150, 260])
+def test_replay_is_exact_or_a_resync_never_partial(hub_url: str, published: int) -> None:
+    """Every cursor a client could hold, against rooms just below, at and above the history
+    size. Redis trims approximately (whole stream nodes of 100 entries), so at 150 and 260
+    it still holds more than the history size: replay must not be decided from what it holds."""
+
+    async def body(hub: Hub) -> None:
+        ids = [(await hub.publish(vitals(n))).deliveries[0].id for n in range(published)]
+        epoch = parse_event_id(ids[0])[0]
+        cursors = [f"{epoch}:0", *ids]
+        for offset, since in enumerate(cursors):
+            got = await hub.history("patient:p:vitals", since)
+            missed = ids[offset:]
+            if len(missed) <= HISTORY:
+                assert got is not None, f"since {since}: {len(missed)} missed is within the history: replay"
+                assert [d.id for d in got] == missed, f"since {since}: not exactly what was missed"
+                assert [json.loads(d.data)["data"]["seq"] for d in got] == list(range(offset, published))
+            else:
+                assert got is None, f"since {since}: {len(missed)} missed > history {HISTORY}: resync, " \
+                                    f"not {len(got or [])} of them"
+        if hub.backend.name == "redis" and published >= 150:
+            held = await hub.backend._redis.xlen(hub.backend._room_keys("patient:p:vitals")[2])
+            assert held > HISTORY, "approximate trimming kept more than the history size"
+
+    run(hub_url, body, history_size=HISTORY)
+
+
+def test_the_issue_case_one_then_thirty_is_a_resync(hub_url: str) -> None:
+    async def body(hub: Hub) -> None:
+        first = (await hub.publish(vitals(0))).deliveries[0].id
+        for n in range(1, 31):
+            await hub.publish(vitals(n))
+        assert await hub.history("patient:p:vitals", first) is None
+
+    run(hub_url, body, history_size=HISTORY)
+
+
+def test_replay_stops_at_what_has_aged_out(hub_url: str) -> None:
+    async def body(hub: Hub) -> None:
+        old = [(await hub.publish(vitals(n))).deliveries[0].id for n in range(3)]
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # let the first three age out (history_age_s=1)
+            await asyncio.sleep(0.1)
+        new = [(await hub.publish(vitals(n))).deliveries[0].id for n in range(3, 5)]
+        assert await hub.history("patient:p:vitals", old[0]) is None, "an aged-out event would be skipped"
+        assert await hub.history("patient:p:vitals", old[1]) is None
+        got = await hub.history("patient:p:vitals", old[2])
+        assert got is not None and [d.id for d in got] == new
+
+    run(hub_url, body, history_size=HISTORY, history_age_s=1.0)
+
+
+# --- a room that missed publications starts over, and its subscribers hear it at once ------------
+
+def test_a_room_that_missed_publications_tells_its_subscribers_and_starts_a_new_epoch(hub_url: str) -> None:
+    async def body(hub: Hub) -> None:
+        sub = Subscriber()
+        hub.join(sub, "patient:p:vitals")
+        hub.join(sub, "hospital:h")
+        first = await hub.publish(vitals(1))
+        before = (await take(sub, 1))[0]
+        hub.backend.mark_lost(["patient:p:vitals", "patient:p", "hospital:h", "device:monitor:m1"])
+        after = await hub.publish(vitals(2))
+        got = await take(sub, 3)
+        controls = [(d.control, d.room) for d in got[:2]]
+        assert sorted(controls) == [("resync", "hospital:h"), ("resync", "patient:p:vitals")], \
+            "one resync per joined room, before anything new"
+        assert got[2].id == after.deliveries[0].id
+        assert parse_event_id(got[2].id)[0] != parse_event_id(before.id)[0], "a new epoch"
+        assert await hub.history("patient:p:vitals", first.deliveries[0].id) is None
+        assert hub.stats()["resyncs_sent"] == 4
+
+    run(hub_url, body)
+
+
+def test_every_process_hears_of_a_gap_another_one_could_not_record(redis_url: str) -> None:
+    hub_url = f"{redis_url}?prefix=test-{secrets.token_hex(4)}:"
+
+    async def main() -> None:
+        a, b = open_hub(hub_url), open_hub(hub_url)
+        await a.start()
+        await b.start()
+        try:
+            sub = Subscriber()
+            b.join(sub, "hospital:h:alerts")
+            await a.publish(alert(1))
+            (old,) = await take(sub, 1)
+            a.backend.mark_lost(["hospital:h:alerts"])  # as after a publish that failed on a only
+            new = await a.publish(alert(2))
+            resync, event = await take(sub, 2)
+            assert (resync.control, resync.room) == ("resync", "hospital:h:alerts")
+            assert event.id == new.deliveries[2].id and event.id.split(":")[0] != old.id.split(":")[0]
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())

@@ -54,10 +54,13 @@ async def ws_client(url: str, **kw: Any) -> AsyncIterator[ClientConnection]:
         yield ws
 
 
+PASSING = ("ping", "presence_join", "presence_leave")  # keepalives and other users coming and going
+
+
 async def recv(ws: ClientConnection, timeout: float = 15) -> dict[str, Any]:
     while True:
         message = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        if message["type"] != "ping":
+        if message["type"] not in PASSING:
             return message
 
 
@@ -128,16 +131,17 @@ def test_sse_patient_stream_carries_id_event_and_data(bridge: BridgeThread) -> N
 
 
 def read_sse(response: httpx.Response, n: int) -> list[dict[str, str]]:
-    """Parse the raw stream as EventSource does; comments (pings) are skipped."""
+    """Parse the raw stream as EventSource does; comments (pings) and other users' presence
+    announcements are skipped."""
     events: list[dict[str, str]] = []
     current: dict[str, str] = {}
     for line in response.iter_lines():
         if line == "":
-            if current:
+            if current and not current.get("event", "").startswith("presence."):
                 events.append(current)
-                current = {}
                 if len(events) == n:
                     return events
+            current = {}
             continue
         if line.startswith(":"):
             continue

@@ -16,6 +16,7 @@ import uvicorn
 
 from bridge.app import Runtime, create_app
 from bridge.hub import Delivery, Subscriber
+from bridge.server import server_config
 from firstcare.auth import mint_token
 from firstcare.settings import Settings
 from tests.support.brokers import free_port
@@ -59,11 +60,7 @@ class BridgeThread:
         self.settings = settings
         self.app = create_app(settings)
         self.url = f"{'https' if settings.http_cert_file else 'http'}://127.0.0.1:{settings.http_port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.http_port,
-                                                     log_level="warning", lifespan="on",
-                                                     ws_per_message_deflate=False, timeout_graceful_shutdown=5,
-                                                     ssl_certfile=settings.http_cert_file,
-                                                     ssl_keyfile=settings.http_key_file))
+        self._server = uvicorn.Server(server_config(self.app, settings, host="127.0.0.1", log_level="warning"))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 

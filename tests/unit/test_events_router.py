@@ -39,6 +39,7 @@ DESIGN_NAMES = [
     "system.maintenance",
     "system.alert",
 ]
+PRESENCE_NAMES = ["presence.join", "presence.leave"]  # ephemeral: who comes and goes in a room
 
 
 # ------------------------------------------------------------------------------- events
@@ -52,7 +53,7 @@ def test_every_design_name_maps_to_a_type(name: str) -> None:
 
 
 def test_event_types_are_exactly_the_design_names_and_unique() -> None:
-    assert sorted(EVENT_TYPES) == sorted(DESIGN_NAMES)
+    assert sorted(EVENT_TYPES) == sorted(DESIGN_NAMES + PRESENCE_NAMES)
     assert len(set(EVENT_TYPES.values())) == len(EVENT_TYPES)
 
 
@@ -169,6 +170,8 @@ TECH_NO_PATIENT = {**ALERT, "kind": "technical", "patient_id": None}
         ("hospital.alert", {"hospital_id": "h"}, ["hospital:h"]),
         ("hospital.capacity.update", {"hospital_id": "h", "beds_free": 3}, ["hospital:h"]),
         ("hospital.emergency", {"hospital_id": "h", "code": "red"}, ["hospital:h"]),
+        ("presence.join", {"room": "patient:p:vitals", "user": "u", "connections": 1}, ["patient:p:vitals"]),
+        ("presence.leave", {"room": "hospital:h", "user": "u", "connections": 0}, ["hospital:h"]),
     ],
 )
 def test_rooms_for_table(name: str, data: dict, expected: list[str]) -> None:
@@ -177,3 +180,13 @@ def test_rooms_for_table(name: str, data: dict, expected: list[str]) -> None:
     assert len(set(got)) == len(got)
     for room in got:
         parse_room(room)  # every routed room is a valid room name
+
+
+def test_presence_is_ephemeral_and_never_an_alert() -> None:
+    from firstcare.events import EPHEMERAL_EVENTS, encode_ephemeral
+
+    assert EPHEMERAL_EVENTS == set(PRESENCE_NAMES)
+    event = make_event("presence.join", {"room": "system", "user": "u"}, T0)
+    assert not event.is_alert
+    body = json.loads(encode_ephemeral(event, "system"))
+    assert (body["type"], body["event"], body["room"], body["id"]) == ("presence_join", "presence.join", "system", None)
