@@ -13,7 +13,11 @@
 //   so a reconnect replays exactly what was missed;
 // * drops duplicates client side too (same epoch, offset not above the last one of the room);
 // * a `resync` answer means the history no longer reaches back: the `synced` event then says
-//   `reload: true`, and the page reloads from the REST API;
+//   `reload: true`, and the page reloads from the REST API. A `resync` for a room already
+//   joined (the server could not record some of its events) does the same at once;
+// * `unsubscribed` with `reason: "forbidden"` (a refreshed token no longer allows the room) is
+//   reported as `forbidden`, like a refused subscribe;
+// * `presence_join` / `presence_leave` (who comes and goes in a room) are emitted as `presence`;
 // * reconnects with exponential backoff and jitter for 4000-4099 and network failures; stops for
 //   4400-4499 (4401/4410: sign in again, 4403: forbidden) and reports why.
 
@@ -178,7 +182,21 @@ export class RealtimeClient extends EventTarget {
       case 'resync':
         this.lastId.delete(message.room); // its history is gone: start the room afresh
         this.emit('resync', message);
-        this.answered(message.room, 'resync', message);
+        if (this.pending.has(message.room)) {
+          this.answered(message.room, 'resync', message);
+        } else { // a gap while joined: reload now
+          this.answers.set(message.room, {answer: 'resync', since: null});
+          this.emit('synced', {reload: true, rooms: [message.room], forbidden: [], live: true});
+        }
+        return;
+      case 'unsubscribed':
+        if (message.reason === 'forbidden') {
+          this.rooms = this.rooms.filter((room) => room !== message.room);
+          this.emit('forbidden', message);
+        }
+        return;
+      case 'presence_join': case 'presence_leave':
+        this.emit('presence', message);
         return;
       case 'error':
         if (message.code === 'forbidden' && this.pending.has(message.room)) {
@@ -188,7 +206,7 @@ export class RealtimeClient extends EventTarget {
           this.emit('server-error', message);
         }
         return;
-      case 'ping': case 'pong': case 'unsubscribed': case 'authenticated':
+      case 'ping': case 'pong': case 'authenticated':
         return;
       default:
         if (typeof message.id === 'string' && typeof message.room === 'string') this.deliver(message);
