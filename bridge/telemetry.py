@@ -278,6 +278,14 @@ class StatsCollector(Collector):
         yield counter("hub_publish_failures", "Publishes the hub backend refused", hub.get("publish_failures", 0))
         yield counter("hub_outbox_dropped", "Events that did not fit the fan-out outbox (rooms resync)",
                       hub.get("outbox_dropped", 0))
+        yield counter("hub_resyncs", "Rooms told to resync because the hub could not record their events",
+                      hub.get("resyncs_sent", 0))
+        yield counter("hub_epochs_reset", "Rooms started over in a new epoch after missed publications (Redis)",
+                      hub.get("backend_epochs_reset", 0))
+        yield counter("hub_alerts_caught_up", "Alarm transitions re-published from the database after the hub"
+                      " could not take them", hub.get("alerts_caught_up", 0))
+        yield gauge("hub_alerts_catch_up_pending", "1 while alarm transitions wait to be re-published",
+                    int(bool(hub.get("alerts_catch_up_pending"))))
         yield gauge("hub_outbox_depth", "Committed events waiting for the fan-out", hub.get("outbox_depth", 0))
         yield gauge("hub_rooms", "Rooms with a local subscriber", hub.get("rooms", 0))
         yield gauge("hub_subscribers", "Local subscribers", hub.get("subscribers", 0))
@@ -300,5 +308,10 @@ class StatsCollector(Collector):
                           ("replay_resync", "Replays answered with resync"),
                           ("subscribe_refused", "Subscriptions refused"),
                           ("rate_limited", "Client messages refused by the rate limit"),
-                          ("sent", "Events sent to clients")):
+                          ("sent", "Events sent to clients"),
+                          ("live_resync", "Resync messages sent to joined rooms (a gap in the room's history)"),
+                          ("rooms_revoked", "Rooms taken from a stream because a refreshed token no longer allows"
+                                            " them"),
+                          ("presence_announced", "Presence announcements sent to rooms"),
+                          ("presence_suppressed", "Presence announcements left out by the per-room bound")):
             yield counter(f"realtime_{key}", help, rt.get(key, 0))
