@@ -23,10 +23,11 @@ def start(tmp_path: Path, name: str, hub_url: str) -> tuple[BridgeProcess, int]:
     return BridgeProcess(env, tmp_path / f"{name}.log").start(), mqtt_port
 
 
-async def next_event(ws: websockets.ClientConnection) -> dict:
+async def next_event(ws: websockets.ClientConnection,
+                     skip: tuple[str, ...] = ("ping", "welcome", "subscribed", "presence_join", "presence_leave")) -> dict:
     while True:
         message = json.loads(await asyncio.wait_for(ws.recv(), 20))
-        if message["type"] not in ("ping", "welcome", "subscribed"):
+        if message["type"] not in skip:
             return message
 
 
@@ -56,6 +57,10 @@ def test_a_client_on_one_process_gets_events_ingested_by_the_other(tmp_path: Pat
                 event = await next_event(on_b)
                 assert (event["room"], event["data"]["seq"]) == (room, seq)
                 last_id = event["id"]
+                while (told := await next_event(on_a, ("ping", "welcome", "subscribed", "vitals_update")))[
+                        "type"] != "presence_join":
+                    pass
+                assert (told["room"], told["data"]["user"]) == (room, "on-b"), "presence across processes"
             missed = [await asyncio.to_thread(device.vitals, {"spo2": 94}, patient_id="p-001") for _ in range(3)]
             await asyncio.to_thread(wait_until, lambda: httpx.get(
                 f"{a.url}/api/patients/p-001/readings", headers=auth).json()["items"][-1]["seq"] == missed[-1])
