@@ -513,7 +513,7 @@ class WebSocketSession:
             except HubError as exc:
                 raise _Close("slow_consumer", "an alert did not fit the send queue; reconnect with since") from exc
             async with self.lock:
-                if delivery.room in conn.revoked and delivery.room not in subscriber.rooms:
+                if conn.revoked and delivery.room in conn.revoked and delivery.room not in subscriber.rooms:
                     if delivery.control == FORBIDDEN:
                         await self.send_text(json.dumps({"type": "unsubscribed", "room": delivery.room,
                                                          "reason": "forbidden"}))
@@ -679,7 +679,7 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
                 except HubError:
                     rt.counters.forced_disconnects["slow_consumer"] += 1
                     return  # the browser reconnects with Last-Event-ID and replays
-                if delivery.room in conn.revoked:
+                if conn.revoked and delivery.room in conn.revoked:
                     # a refreshed token of the same subject no longer allows the room: the
                     # stream ends (a reconnect with this token is refused with 403)
                     rt.counters.forced_disconnects["forbidden"] += 1
