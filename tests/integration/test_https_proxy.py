@@ -36,8 +36,8 @@ def nginx_binary() -> str:
 
 
 class Proxy:
-    def __init__(self, workdir: Path, certs: Certs, bridge_port: int) -> None:
-        self.https_port, self.http_port = free_port(), free_port()
+    def __init__(self, workdir: Path, certs: Certs, bridge_port: int, https_port: int) -> None:
+        self.https_port, self.http_port = https_port, free_port()
         site = NGINX_CONF.read_text()
         site = re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", site)  # no IPv6 on every test machine
         site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{self.https_port} ssl http2;")
@@ -78,9 +78,10 @@ class Proxy:
 
 @pytest.fixture
 def proxied(tmp_path: Path, certs: Certs) -> Iterator[tuple[BridgeThread, Proxy]]:
-    with BridgeThread(bridge_settings(tmp_path)) as bridge:
+    https_port = free_port()  # the bridge is told its public origin, as docs/nginx.conf says
+    with BridgeThread(bridge_settings(tmp_path, public_origins=(f"https://localhost:{https_port}",))) as bridge:
         (tmp_path / "nginx").mkdir()
-        proxy = Proxy(tmp_path / "nginx", certs, bridge.settings.http_port)
+        proxy = Proxy(tmp_path / "nginx", certs, bridge.settings.http_port, https_port)
         try:
             yield bridge, proxy
         finally:
