@@ -62,6 +62,7 @@ from bridge.store import (
     Page,
     ReadingKey,
     SeqGap,
+    alert_as_of,
     alert_json,
     cursor_parts,
     device_json,
@@ -843,6 +844,23 @@ class PostgresStore(ClinicalStoreMixin):
         rows = self._query("SELECT * FROM alert_transitions WHERE alert_id = %s ORDER BY id", (alert_id,))
         return [{"action": r["action"], "at": format_ts(r["at_ms"]), "state": r["state"], "value": r["value"],
                  "by": r["by"]} for r in rows]
+
+    def alert_transition_id(self, alert_id: str, action: str, at_ms: int) -> int | None:
+        rows = self._query("SELECT min(id) AS id FROM alert_transitions WHERE alert_id = %s AND action = %s"
+                           " AND at_ms = %s", (alert_id, action, at_ms))
+        return rows[0]["id"] if rows else None
+
+    def alert_transitions_after(self, after_id: int, limit: int) -> list[tuple[int, Transition]]:
+        """Stored transitions in id order, each with its alarm as it was then. Ids come from one
+        sequence shared by every bridge, so a transaction that took a lower id may commit after a
+        higher one is read; the hub's catch-up reads from before the first lost transition."""
+        rows = self._query(
+            "SELECT t.id AS tid, t.action AS t_action, t.at_ms AS t_at, t.state AS t_state, t.value AS t_value, "
+            "t.by AS t_by, a.* FROM alert_transitions t JOIN alerts a ON a.id = t.alert_id "
+            "WHERE t.id > %s ORDER BY t.id LIMIT %s", (after_id, page_limit(limit)))
+        return [(r["tid"], Transition(r["t_action"], alert_as_of(alert_from_row(r), r["t_action"], r["t_at"],
+                                                                  r["t_state"], r["t_value"], r["t_by"]), r["t_at"]))
+                for r in rows]
 
     def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int, cursor: str | None) -> Page:
         limit = page_limit(limit)

@@ -326,6 +326,21 @@ def test_alert_history_lists_every_transition(alerts: Store) -> None:
     assert alerts.alert_history("missing") == []
 
 
+
+def test_the_hub_catch_up_reads_transitions_in_order_with_the_alarm_as_it_was(alerts: Store) -> None:
+    """What the fan-out re-publishes after a hub outage (bridge/fanout.py), on every backend."""
+    got = alerts.alert_transitions_after(0, 100)
+    ids = [tid for tid, _ in got]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    a1 = [(t.action, t.alert.state, t.alert.acknowledged_by) for _, t in got if t.alert.id == "a1"]
+    assert a1 == [("raised", "raised", None), ("updated", "raised", None),
+                  ("acknowledged", "acknowledged", "dr-who"), ("resolved", "resolved", "dr-who")]
+    acked = alerts.alert_transition_id("a1", "acknowledged", T0 + 10 * S)
+    assert acked is not None and [t.action for _, t in alerts.alert_transitions_after(acked, 100)
+                                  if t.alert.id == "a1"] == ["resolved"]
+    assert alerts.alert_transition_id("a1", "escalated", T0) is None
+    assert len(alerts.alert_transitions_after(0, 2)) == 2
+
 def test_alerts_paging(alerts: Store) -> None:
     seen, cursor = [], None
     for _ in range(5):
