@@ -3,6 +3,7 @@ test tools. Checked with `make -n` (what make would run for a fresh virtual envi
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,8 +16,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def dry_run(target: str, venv: Path) -> list[str]:
     if shutil.which("make") is None:
         pytest.fail("make is not installed")
-    result = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=30, check=True)
+    # run as a top-level make even when the suite itself runs under `make test` (a nested make
+    # would print "Entering/Leaving directory" lines and inherit the outer make's flags)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=30, check=True, env=env)
     return result.stdout.splitlines()
 
 
