@@ -4,6 +4,8 @@
       embedded broker (FC_MQTT_URL=embedded) -> store (SQLite: locked, one bridge per file;
         PostgreSQL: shared) -> cluster membership (bridge.cluster: who runs the timers)
         -> writer/core -> hub -> client-id lease on the broker -> ingest -> timers
+    With ingest slots (FC_INGEST_SLOTS, bridge.slot_ingest) the lease and the session are per
+    slot, and the slot manager claims, hands over and takes over slots every second.
     and stops them in reverse. A refusal at start (database in use, client id in use, a
     session that cannot be persistent) stops the process with a message saying what to change.
 
@@ -47,6 +49,8 @@ from bridge.fanout import FanOut
 from bridge.hub import Hub, open_hub
 from bridge.realtime import Realtime
 from bridge.realtime import router as realtime_router
+from bridge.slot_ingest import SlotIngest
+from bridge.slots import share_filters
 from bridge.store import Store, open_store
 from bridge.telemetry import LatencyTracker, StatsCollector, Telemetry
 from firstcare.auth import TokenVerifier
@@ -80,7 +84,7 @@ class Runtime:
         self.core: BridgeCore
         self.writer: Writer
         self.hub: Hub
-        self.ingest: AckingConsumer
+        self.ingest: AckingConsumer | SlotIngest  # SlotIngest: with ingest slots
         self.tasks: list[asyncio.Task[Any]] = []
         self.timer_errors = 0
         self.tick_store_error: str | None = None  # the last timer tick's store failure, until one succeeds
@@ -148,6 +152,14 @@ class Runtime:
         self.realtime = Realtime(self)
         self.realtime.start()
         target = self.mqtt_target
+        loop = asyncio.get_running_loop()
+        self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
+                      asyncio.create_task(self.fanout.run(), name="fc-fan-out")]
+        if s.ingest_slot_count:
+            self.ingest = SlotIngest(s.ingest_slot_count, s.mqtt_client_id, open_cluster(s.store_url, self.node),
+                                     self.node, self._open_slot, self._slot_lease)
+            self.tasks.append(asyncio.create_task(self.ingest.run(), name="fc-slots"))
+            return
         # The embedded broker lives and dies with this process: no session outlives a restart.
         expected = s.mqtt_url != "embedded" and self.store.session_established(s.mqtt_client_id, self.broker_key)
         self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filters(s.topic_root),
@@ -156,12 +168,9 @@ class Runtime:
                                  session_expected=expected, on_session_lost=self._session_lost,
                                  on_session_established=self._session_established,
                                  quarantine=self.quarantine)
-        loop = asyncio.get_running_loop()
         self.lease = LeaseKeeper(target.host, target.port, target.username, target.password, s.mqtt_client_id,
                                  on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message),
                                  tls=target.tls)
-        self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
-                      asyncio.create_task(self.fanout.run(), name="fc-fan-out")]
         try:
             await asyncio.to_thread(self.lease.acquire)
         except BrokerUnreachable as exc:
@@ -169,6 +178,25 @@ class Runtime:
             self.tasks.append(asyncio.create_task(self._acquire_then_ingest(), name="fc-lease"))
         else:
             self.tasks.append(asyncio.create_task(self.ingest.run(), name="fc-ingest"))
+
+    async def _open_slot(self, client_id: str) -> AckingConsumer:
+        """The consumer of one ingest slot: its own persistent session on the shared subscription."""
+        s = self.settings
+        expected = await self.writer.run(self.store.session_established, client_id, self.broker_key)
+        return AckingConsumer(self.mqtt_target, client_id,
+                              share_filters(s.ingest_share_group, subscription_filters(s.topic_root)),
+                              self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms,
+                              protocol=s.mqtt_protocol, session_expiry_s=s.mqtt_session_expiry_seconds,
+                              session_expected=expected, on_session_lost=lambda: self._session_lost(client_id),
+                              on_session_established=lambda: self._session_established(client_id),
+                              quarantine=self.quarantine)
+
+    def _slot_lease(self, client_id: str) -> LeaseKeeper:
+        target = self.mqtt_target
+        loop = asyncio.get_running_loop()
+        return LeaseKeeper(target.host, target.port, target.username, target.password, client_id,
+                           on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message),
+                           tls=target.tls)
 
     async def _acquire_then_ingest(self) -> None:
         """The broker was down at start: keep trying to take the lease, then ingest."""
@@ -188,26 +216,28 @@ class Runtime:
                 self.ingest.last_error = str(exc)
         await self.ingest.run()
 
-    def _session_established(self) -> None:
+    def _session_established(self, client_id: str | None = None) -> None:
         if self.settings.mqtt_url != "embedded":
-            self.tasks.append(asyncio.create_task(self._remember_session(), name="fc-session"))
+            self.tasks.append(asyncio.create_task(self._remember_session(client_id or self.settings.mqtt_client_id),
+                                                  name="fc-session"))
 
-    async def _remember_session(self) -> None:
+    async def _remember_session(self, client_id: str) -> None:
         try:
-            await self.writer.run(self.core.remember_session, self.settings.mqtt_client_id, self.broker_key)
+            await self.writer.run(self.core.remember_session, client_id, self.broker_key)
         except Exception as exc:  # noqa: BLE001 - retried at the next connect
             log.warning("could not record the MQTT session in the store: %s", exc)
 
-    def _session_lost(self) -> None:
-        self.tasks.append(asyncio.create_task(self._raise_session_lost(), name="fc-session-lost"))
+    def _session_lost(self, client_id: str | None = None) -> None:
+        self.tasks.append(asyncio.create_task(self._raise_session_lost(client_id or self.settings.mqtt_client_id),
+                                              name="fc-session-lost"))
 
-    async def _raise_session_lost(self) -> None:
+    async def _raise_session_lost(self, client_id: str) -> None:
         """Store the alarm (retrying while the store fails: it must not be lost), then publish it."""
         rng = random.Random()
         attempt = 0
         while True:
             try:
-                events = await self.writer.run(self.core.session_lost, self.settings.mqtt_client_id, self.broker_key)
+                events = await self.writer.run(self.core.session_lost, client_id, self.broker_key)
                 break
             except Exception as exc:  # noqa: BLE001 - keep trying
                 log.error("could not store the session-lost alarm (%s); retrying", exc)
@@ -308,6 +338,8 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["store"] = f"error: {exc}"
         ready = checks["mqtt"] == "connected" and checks["store"] == "ok" and checks["hub"] == "ok"
+        if isinstance(self.ingest, SlotIngest):
+            return {"ready": ready, "checks": checks, "slots": self.ingest.slot_stats()}
         return {"ready": ready, "checks": checks}
 
     def stats(self) -> dict[str, Any]:
@@ -324,7 +356,8 @@ class Runtime:
             "hub": {**self.hub.stats(), **self.fanout.stats()},
             "realtime": self.realtime.stats(),
             "timer_errors": self.timer_errors,
-            "cluster": {"node": self.node, "leader": self.leader},
+            "cluster": {"node": self.node, "leader": self.leader,
+                        **({"slots": self.ingest.slot_stats()} if isinstance(self.ingest, SlotIngest) else {})},
             "audit": self.audit.stats() if self.audit is not None else {},
         }
 

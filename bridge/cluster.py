@@ -16,9 +16,10 @@ Two kinds of lock, both PostgreSQL advisory locks keyed by two 32-bit integers
   names hashing alike share a lock: more waiting, never a wrong answer.
 
 * **Session-scoped** (``pg_advisory_lock``), held by a dedicated connection for as long as it
-  lives: ``LEADER`` (the one bridge that runs the cluster's timers) and, for the ingest slots,
-  ``SLOT``. PostgreSQL drops them when the holder's connection ends, so a process killed with
-  SIGKILL frees its leadership (and slots) without anyone cleaning up.
+  lives: ``LEADER`` (the one bridge that runs the cluster's timers), ``SLOT`` (an ingest slot:
+  :mod:`bridge.slots`) and ``MEMBER`` (one per live bridge process: the cluster's membership, read
+  from ``pg_locks``). PostgreSQL drops them when the holder's connection ends, so a process killed
+  with SIGKILL frees its leadership, slots and membership without anyone cleaning up.
 
 With SQLite one process owns the database (a file lock), so :class:`SingleNode` is always the
 leader and transaction locks are not needed (``BEGIN IMMEDIATE`` serialises every writer).
@@ -41,6 +42,7 @@ INGEST = 3
 LEADER = 101
 SLOT = 102
 MIGRATIONS = 103
+MEMBER = 104
 
 
 class LockKey(NamedTuple):
@@ -88,6 +90,11 @@ def subject_key(subject: str) -> LockKey:
     raise ValueError(f"unknown alert subject {subject!r}")
 
 
+def slot_key(slot: int) -> LockKey:
+    """The session lock that makes ingest slot ``slot`` one bridge's (:mod:`bridge.slots`)."""
+    return LockKey(SLOT, f"slot-{slot}")
+
+
 def lock_order(keys: Iterable[LockKey]) -> list[tuple[int, int]]:
     """The distinct lock ids of ``keys`` in the one order every process takes them."""
     return sorted({key.ids for key in keys})
@@ -100,14 +107,57 @@ class Cluster(Protocol):
         """Whether this process runs the cluster's timers now (tries to become it if nobody is)."""
         ...
 
+    def hold(self, key: LockKey) -> bool:
+        """Hold a session lock (taking it if free): True if this process holds it now."""
+        ...
+
+    def holding(self, key: LockKey) -> bool:
+        """Still held (False once the session that held it was lost)?"""
+        ...
+
+    def release(self, key: LockKey) -> None: ...
+
+    def census(self, member: LockKey, cls: int) -> "Census | None":
+        """Hold ``member`` (this process's membership) and count the live members and the locked
+        keys of class ``cls``; None when the database cannot be reached (nothing is held then)."""
+        ...
+
     def close(self) -> None: ...
 
 
+class Census(NamedTuple):
+    """What the database says about the cluster at one moment."""
+
+    members: int  # live bridge processes (MEMBER locks), this one included
+    locked: frozenset[int]  # unsigned 32-bit name hashes of the locked keys of the class asked for
+
+
+def unsigned_hash(name: str) -> int:
+    """``name_hash`` as ``pg_locks.objid`` shows it (an unsigned oid)."""
+    return name_hash(name) & 0xFFFFFFFF
+
+
 class SingleNode:
-    """One bridge per database (SQLite): always the leader."""
+    """One bridge per database (SQLite): always the leader, the only member, every lock its own."""
+
+    def __init__(self) -> None:
+        self._held: set[LockKey] = set()
 
     def is_leader(self) -> bool:
         return True
+
+    def hold(self, key: LockKey) -> bool:
+        self._held.add(key)
+        return True
+
+    def holding(self, key: LockKey) -> bool:
+        return key in self._held
+
+    def release(self, key: LockKey) -> None:
+        self._held.discard(key)
+
+    def census(self, member: LockKey, cls: int) -> Census:
+        return Census(1, frozenset(unsigned_hash(k.name) for k in self._held if k.cls == cls))
 
     def close(self) -> None:
         pass

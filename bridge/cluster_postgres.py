@@ -6,6 +6,7 @@ connection per bridge process (:mod:`bridge.cluster` explains the lock classes).
     cluster.hold(LockKey(SLOT, "3"))    # any other session lock (e.g. an ingest slot): True if ours now
     cluster.holding(LockKey(SLOT, "3")) # still ours? (False once the connection was lost)
     cluster.release(LockKey(SLOT, "3"))
+    cluster.census(LockKey(MEMBER, node), SLOT)  # (live members, locked slot keys) from pg_locks
     cluster.close()                     # ends the session: PostgreSQL releases every lock at once
 
 PostgreSQL releases a session's advisory locks when its connection ends, for whatever reason
@@ -24,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from bridge.cluster import LEADER, LockKey
+from bridge.cluster import LEADER, Census, LockKey
 
 log = logging.getLogger("firstcare.cluster")
 
@@ -85,6 +86,23 @@ class PostgresCluster:
             self._connection().execute("SELECT pg_advisory_unlock(%s, %s)", key.ids)
         except psycopg.Error:
             self._drop()
+
+    def census(self, member: LockKey, cls: int) -> Census | None:
+        """Hold ``member`` and read, from ``pg_locks``, how many members hold their lock and which
+        keys of class ``cls`` are locked in this database (by anyone, this session included)."""
+        if not self.hold(member):
+            return None
+        try:
+            rows = self._connection().execute(
+                "SELECT classid::int, objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
+                " AND granted AND classid::int = ANY(%s)"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                ([member.cls, cls],)).fetchall()
+        except psycopg.Error as exc:
+            log.debug("cluster census failed: %s", exc)
+            self._drop()
+            return None
+        return Census(sum(1 for c, _ in rows if c == member.cls), frozenset(o for c, o in rows if c == cls))
 
     def is_leader(self) -> bool:
         return self.hold(LEADER_KEY)

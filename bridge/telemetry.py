@@ -262,6 +262,16 @@ class StatsCollector(Collector):
         yield counter("store_retries", "Batches retried because the store failed", g("store_retries", 0))
         yield gauge("ingest_queue_depth", "Messages waiting for the writer", g("queue_depth", 0))
         yield gauge("ingest_queue_size", "Bound of the ingest queue", g("queue_size", 0))
+        slots = s.get("cluster", {}).get("slots") or {}
+        yield gauge("ingest_slots_held", "Ingest slots this bridge consumes (0 without slots)", len(slots.get("held", ())))
+        yield gauge("ingest_slots_total", "Ingest slots of the cluster (0: one session, no slots)", slots.get("total", 0))
+        yield gauge("ingest_slots_locked", "Ingest slots some bridge of the cluster holds", slots.get("locked", 0))
+        yield gauge("cluster_members", "Live bridges the database shows (with ingest slots)", slots.get("members", 0))
+        yield counter("ingest_slots_claimed", "Ingest slots this bridge took", slots.get("slots_claimed", 0))
+        yield counter("ingest_slots_released", "Ingest slots this bridge handed over (drained first)",
+                      slots.get("slots_released", 0))
+        yield counter("ingest_slots_lost", "Ingest slots dropped at once because the database session was lost",
+                      slots.get("slots_lost", 0))
         yield gauge("ready", "1 when /readyz answers 200", int(bool(ready.get("ready"))))
         yield labelled(GaugeMetricFamily("firstcare_readiness_check", "1 when the readiness check passes",
                                          labels=["check"]),

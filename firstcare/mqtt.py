@@ -316,6 +316,8 @@ class AckingConsumer:
         self._acks: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         self._generation = 0
         self._stop = threading.Event()
+        self._intake = threading.Lock()  # orders appends to the inbox with close_intake
+        self._closing = False  # close_intake was called: take nothing more, settle what was taken
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
@@ -452,11 +454,17 @@ class AckingConsumer:
             # the unacknowledged messages; nothing is dropped.
             self.counters["queue_full_waits"] += 1
             while not self._slots.acquire(timeout=0.5):
-                if self._stop.is_set():
+                if self._stop.is_set() or self._closing:
                     return
-        self.counters["received"] += 1
-        assert self._loop is not None
-        self._inbox.append(received)
+        with self._intake:
+            if self._closing:
+                # Left unacknowledged: the session keeps it and resends it to whoever connects
+                # with this client id next (an ingest slot's next holder).
+                self._slots.release()
+                return
+            self.counters["received"] += 1
+            assert self._loop is not None
+            self._inbox.append(received)
         if not self._wakeup_pending:
             self._wakeup_pending = True
             self._loop.call_soon_threadsafe(self._wake)
@@ -510,10 +518,22 @@ class AckingConsumer:
         assert self._ready is not None
         self._ready.set()
 
+    def close_intake(self) -> None:
+        """Take no more messages (those arriving stay unacknowledged with the session) and let
+        :meth:`run` return once everything taken is settled and acknowledged: how an ingest slot
+        is handed over without two bridges processing one message at once. Any thread."""
+        with self._intake:
+            self._closing = True
+        if self._loop is not None and self._ready is not None:
+            self._loop.call_soon_threadsafe(self._ready.set)
+
     async def _next_batch(self) -> list[_Received]:
-        """Wait for a message, linger a moment so a burst commits together, take a batch."""
+        """Wait for a message, linger a moment so a burst commits together, take a batch
+        (empty once the intake is closed and nothing is left)."""
         assert self._ready is not None
         while not self._inbox:
+            if self._closing:
+                return []
             self._ready.clear()
             if self._inbox:
                 break
@@ -524,17 +544,18 @@ class AckingConsumer:
         return [inbox.popleft() for _ in range(min(len(inbox), self._batch_max))]
 
     async def run(self) -> None:
-        """Consume until cancelled; every batch is settled (stored or quarantined, then
-        acknowledged) before the next is taken, so per-device order is kept."""
+        """Consume until cancelled (or, after :meth:`close_intake`, drained); every batch is
+        settled (stored or quarantined, then acknowledged) before the next is taken, so
+        per-device order is kept."""
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._network, name=f"fc-mqtt-{self.client_id}", daemon=True)
         self._thread.start()
         try:
-            while True:
-                await self._settle(await self._next_batch())
+            while batch := await self._next_batch():
+                await self._settle(batch)
         finally:
-            await self.stop()
+            await self.stop()  # sends the acknowledgements of every settled batch, then disconnects
 
     async def _settle(self, batch: list[_Received]) -> None:
         await self.settler.settle(batch, self._ack)

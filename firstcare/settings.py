@@ -151,7 +151,9 @@ class Settings(EnvSettings):
     device_offline_seconds: float = field(default=180.0, metadata={"doc": "a device with no message at all this long is marked offline (heartbeat timeout)"})
     escalation_seconds: float = field(default=120.0, metadata={"doc": "an alert unacknowledged this long is escalated to the hospital"})
     alert_rules: str | None = field(default=None, metadata={"doc": "path of a YAML rules file replacing the built-in defaults"})
-    ingest_queue_size: int = field(default=10000, metadata={"doc": "bounded queue between the MQTT client and the writer"})
+    ingest_slots: int | None = field(default=None, metadata={"doc": "ingest slots shared by the bridges of one database (docs/ingest-slots.md): each a persistent MQTT session `{FC_MQTT_CLIENT_ID}-{slot}` on the shared subscription `$share/{FC_INGEST_SHARE_GROUP}/...`, claimed through PostgreSQL; unset: 8 with PostgreSQL and an external broker, none otherwise; `0`: one session with a plain subscription (one bridge per client id). Needs a broker with shared subscriptions (Mosquitto 2), not the embedded one; every bridge of a cluster uses the same number. More slots than bridges lets a cluster grow (a bridge holds at most ceil(slots/bridges))"})
+    ingest_share_group: str = field(default="firstcare", metadata={"doc": "the shared-subscription group of the ingest slots (`[A-Za-z0-9_-]`)"})
+    ingest_queue_size: int = field(default=10000, metadata={"doc": "bounded queue between the MQTT client and the writer (per ingest slot)"})
     batch_max: int = field(default=500, metadata={"doc": "most messages committed in one transaction"})
     batch_linger_ms: float = field(default=5.0, metadata={"doc": "how long the writer waits to fill a batch"})
     dead_letter_bytes: int = field(default=4096, metadata={"doc": "raw payload kept per dead letter (truncated beyond)"})
@@ -187,6 +189,7 @@ class Settings(EnvSettings):
             raise self.bad("hub_url", "expected memory:// or redis://host:port/db")
         self.validate_security()
         self.check_mqtt_session()
+        self.check_ingest_slots()
         if not (math.isfinite(self.store_busy_timeout_seconds) and 0 < self.store_busy_timeout_seconds <= 60):
             raise self.bad("store_busy_timeout_seconds", "must be greater than 0 and at most 60 (seconds)")
         if not (math.isfinite(self.store_statement_timeout_seconds) and 1 <= self.store_statement_timeout_seconds <= 3600):
@@ -279,6 +282,26 @@ class Settings(EnvSettings):
                                        " published while the bridge is away would be lost. Put the bridge's user in"
                                        " the URL (mqtt://bridge:password@host:port) or, for a broker that keeps"
                                        " anonymous sessions (Mosquitto), set FC_MQTT_ALLOW_ANONYMOUS=true")
+
+    @property
+    def ingest_slot_count(self) -> int:
+        """Ingest slots in use: 0 is one session with a plain subscription."""
+        if self.ingest_slots is not None:
+            return self.ingest_slots
+        return 8 if self.is_postgres and self.mqtt_url != "embedded" else 0
+
+    def check_ingest_slots(self) -> None:
+        if self.ingest_slots is not None and not 0 <= self.ingest_slots <= 256:
+            raise self.bad("ingest_slots", "expected 0 (one session, no slots) to 256")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.ingest_share_group):
+            raise self.bad("ingest_share_group", "expected 1 to 64 of A-Z a-z 0-9 _ -")
+        if self.ingest_slot_count and self.mqtt_url == "embedded":
+            raise self.bad("ingest_slots", "the embedded broker (amqtt) has no shared subscriptions, which ingest"
+                                           " slots need: use Mosquitto 2 (FC_MQTT_URL=mqtt://...) or set"
+                                           " FC_INGEST_SLOTS=0")
+        if self.ingest_slot_count and len(f"{self.mqtt_client_id}-{self.ingest_slot_count - 1}") > 128:
+            raise self.bad("mqtt_client_id", "too long for the ingest slots' client ids ({client id}-{slot},"
+                                              " at most 128 characters)")
 
     def check_store_url(self) -> None:
         if self.store_url.startswith("sqlite:///"):
