@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,7 +50,7 @@ from bridge.hub import Hub, open_hub
 from bridge.realtime import Realtime
 from bridge.realtime import router as realtime_router
 from bridge.slot_ingest import SlotIngest
-from bridge.slots import share_filters
+from bridge.slots import share_filters, slots_tag
 from bridge.store import Store, open_store
 from bridge.telemetry import LatencyTracker, StatsCollector, Telemetry
 from firstcare.auth import TokenVerifier
@@ -156,8 +156,9 @@ class Runtime:
         self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
                       asyncio.create_task(self.fanout.run(), name="fc-fan-out")]
         if s.ingest_slot_count:
-            self.ingest = SlotIngest(s.ingest_slot_count, s.mqtt_client_id, open_cluster(s.store_url, self.node),
-                                     self.node, self._open_slot, self._slot_lease)
+            tag = slots_tag(s.mqtt_client_id, s.ingest_slot_count, s.ingest_share_group)
+            self.ingest = SlotIngest(s.ingest_slot_count, s.mqtt_client_id, open_cluster(s.store_url, self.node, tag),
+                                     self.node, self._open_slot, self._slot_lease, tag)
             self.tasks.append(asyncio.create_task(self.ingest.run(), name="fc-slots"))
             return
         # The embedded broker lives and dies with this process: no session outlives a restart.
@@ -191,12 +192,10 @@ class Runtime:
                               on_session_established=lambda: self._session_established(client_id),
                               quarantine=self.quarantine)
 
-    def _slot_lease(self, client_id: str) -> LeaseKeeper:
+    def _slot_lease(self, client_id: str, on_yield: Callable[[str], None]) -> LeaseKeeper:
         target = self.mqtt_target
-        loop = asyncio.get_running_loop()
         return LeaseKeeper(target.host, target.port, target.username, target.password, client_id,
-                           on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message),
-                           tls=target.tls)
+                           on_yield=on_yield, tls=target.tls)
 
     async def _acquire_then_ingest(self) -> None:
         """The broker was down at start: keep trying to take the lease, then ingest."""

@@ -130,6 +130,7 @@ class Census(NamedTuple):
 
     members: int  # live bridge processes (MEMBER locks), this one included
     locked: frozenset[int]  # unsigned 32-bit name hashes of the locked keys of the class asked for
+    tags: frozenset[str] = frozenset()  # the members' tags (open_cluster's ``tag``): one when they agree
 
 
 def unsigned_hash(name: str) -> int:
@@ -163,10 +164,11 @@ class SingleNode:
         pass
 
 
-def open_cluster(store_url: str, node: str) -> Cluster:
-    """The cluster membership for the store a URL names (backend imported only when chosen)."""
+def open_cluster(store_url: str, node: str, tag: str = "") -> Cluster:
+    """The cluster membership for the store a URL names (backend imported only when chosen).
+    ``tag`` (no spaces) is shown to the other members by :meth:`Cluster.census`."""
     if store_url.startswith(("postgresql://", "postgres://")):
         from bridge.cluster_postgres import PostgresCluster
 
-        return PostgresCluster(store_url, node)
+        return PostgresCluster(store_url, node, tag)
     return SingleNode()

@@ -33,9 +33,10 @@ LEADER_KEY = LockKey(LEADER, "timers")
 
 
 class PostgresCluster:
-    def __init__(self, url: str, node: str) -> None:
+    def __init__(self, url: str, node: str, tag: str = "") -> None:
         self.url = url
         self.node = node
+        self.tag = tag  # shown to the others in application_name (63 characters at most)
         self._conn: psycopg.Connection[Any] | None = None
         self._held: set[LockKey] = set()
 
@@ -45,7 +46,8 @@ class PostgresCluster:
             self._drop()
             conn = self._conn = psycopg.connect(
                 self.url, autocommit=True, connect_timeout=5, keepalives=1, keepalives_idle=10,
-                keepalives_interval=5, keepalives_count=3, application_name=f"firstcare-cluster {self.node}"[:63],
+                keepalives_interval=5, keepalives_count=3, application_name=(f"fc-cluster {self.tag} {self.node}" if self.tag
+                                  else f"firstcare-cluster {self.node}")[:63],
                 options="-c statement_timeout=5000")
         return conn
 
@@ -94,15 +96,18 @@ class PostgresCluster:
             return None
         try:
             rows = self._connection().execute(
-                "SELECT classid::int, objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
-                " AND granted AND classid::int = ANY(%s)"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                "SELECT l.classid::int, l.objid::bigint, coalesce(a.application_name, '') FROM pg_locks l"
+                " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.objsubid = 2"
+                " AND l.granted AND l.classid::int = ANY(%s)"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 ([member.cls, cls],)).fetchall()
         except psycopg.Error as exc:
             log.debug("cluster census failed: %s", exc)
             self._drop()
             return None
-        return Census(sum(1 for c, _ in rows if c == member.cls), frozenset(o for c, o in rows if c == cls))
+        tags = frozenset(name.split(" ")[1] if name.startswith("fc-cluster ") else ""
+                         for c, _, name in rows if c == member.cls)
+        return Census(sum(1 for c, _, _ in rows if c == member.cls), frozenset(o for c, o, _ in rows if c == cls), tags)
 
     def is_leader(self) -> bool:
         return self.hold(LEADER_KEY)

@@ -70,13 +70,14 @@ class SlotIngest:
     rest of the bridge (``connected``, ``state``, ``counters``, ``store_error``, ...)."""
 
     def __init__(self, total: int, client_id: str, cluster: Cluster, node: str,
-                 open_slot: Callable[[str], Any], make_lease: Callable[[str], LeaseKeeper],
-                 tick_s: float = TICK_S) -> None:
+                 open_slot: Callable[[str], Any], make_lease: Callable[[str, Callable[[str], None]], LeaseKeeper],
+                 tag: str = "", tick_s: float = TICK_S) -> None:
         self.total = total
         self.client_id = client_id
         self.cluster = cluster
         self.node = node
         self.member = LockKey(MEMBER, node)
+        self.tag = tag
         self._open_slot = open_slot  # async (client_id) -> AckingConsumer, not yet running
         self._make_lease = make_lease
         self.tick_s = tick_s
@@ -91,6 +92,7 @@ class SlotIngest:
         self.locked = 0  # slots locked cluster-wide at the last census
         self.census_ok = False
         self.conflict: str | None = None
+        self.mismatch: str | None = None  # other bridges of the database use other slot settings
         self.last_error: str | None = None
         self.counters_extra = {"slots_claimed": 0, "slots_released": 0, "slots_lost": 0}
 
@@ -120,6 +122,8 @@ class SlotIngest:
     def state(self) -> str:
         if self.conflict is not None:
             return "conflict"
+        if self.mismatch is not None:
+            return f"conflict: {self.mismatch}"
         held = [self._slots[n] for n in self.held]
         if held and all(s.consumer is not None and s.consumer.connected for s in held):
             return "connected"
@@ -146,8 +150,18 @@ class SlotIngest:
     def queue_depth(self) -> int:
         return sum(c.queue_depth() for c in self._consumers())
 
-    def yield_session(self, message: str) -> None:  # the single-session lease's callback; unused here
+    def yield_session(self, message: str) -> None:
+        """Another process uses the whole set of client ids: stop contending (state conflict)."""
         self.conflict = message
+
+    def _lease_lost(self, number: int, message: str) -> None:
+        """A slot's lease owner came back (called on the loop): give that slot up and leave it
+        alone a while; the others go on."""
+        slot = self._slots.get(number)
+        self.last_error = message
+        self._cooldown[number] = time.monotonic() + CONFLICT_BACKOFF_S
+        if slot is not None and slot.state != "releasing":
+            self._spawn(self._release(slot))
 
     def slot_stats(self) -> dict[str, Any]:
         return {"total": self.total, "held": self.held, "members": self.members,
@@ -182,6 +196,18 @@ class SlotIngest:
             return
         self.census_ok, self.last_error = True, None
         self.members = census.members
+        strangers = census.tags - {self.tag}
+        if self.tag and strangers:
+            # Another bridge of this database uses other slot settings: its sessions and ours
+            # would split the shared subscription, and slots nobody claims would strand readings.
+            if self.mismatch is None:
+                log.error("bridges of this database use different FC_MQTT_CLIENT_ID, FC_INGEST_SLOTS or"
+                          " FC_INGEST_SHARE_GROUP settings (%s here, %s elsewhere): no further slot is claimed"
+                          " until they agree", self.tag, ", ".join(sorted(t or "no slots" for t in strangers)))
+            self.mismatch = ("bridges of this database disagree on FC_MQTT_CLIENT_ID, FC_INGEST_SLOTS or"
+                             " FC_INGEST_SHARE_GROUP; give them all the same values")
+            return
+        self.mismatch = None
         locked = {self._hashes[h] for h in census.locked if h in self._hashes}
         self.locked = len(locked)
         now = time.monotonic()
@@ -208,7 +234,9 @@ class SlotIngest:
         task.add_done_callback(self._tasks.discard)
 
     async def _claim(self, slot: _Slot) -> None:
-        lease = slot.lease = self._make_lease(slot.client_id)
+        loop = asyncio.get_running_loop()
+        lease = slot.lease = self._make_lease(
+            slot.client_id, lambda message: loop.call_soon_threadsafe(self._lease_lost, slot.number, message))
         try:
             await asyncio.to_thread(lease.acquire)
         except LeaseError as exc:
@@ -221,7 +249,14 @@ class SlotIngest:
         if self._slots.get(slot.number) is not slot or not self.cluster.holding(slot.key):
             await asyncio.to_thread(lease.release)  # lost meanwhile
             return
-        consumer = slot.consumer = await self._open_slot(slot.client_id)
+        try:
+            consumer = slot.consumer = await self._open_slot(slot.client_id)
+        except Exception as exc:  # noqa: BLE001 - the store could not say whether a session exists: later
+            log.warning("ingest slot %d not opened: %s", slot.number, exc)
+            self._cooldown[slot.number] = time.monotonic() + self.tick_s * 3
+            await self._end_lease(slot)
+            await self._unlock(slot)
+            return
         slot.state = "held"
         slot.task = asyncio.create_task(consumer.run(), name=f"fc-slot-{slot.number}")
         self.counters_extra["slots_claimed"] += 1

@@ -19,6 +19,7 @@ bridge lives. The plan never releases a slot it is still taking nor takes one it
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -61,6 +62,14 @@ def plan_slots(total: int, members: int, held: Collection[int], leaving: Collect
 def slot_client_id(client_id: str, slot: int) -> str:
     """The MQTT client id of slot ``slot``'s persistent session."""
     return f"{client_id}-{slot}"
+
+
+def slots_tag(client_id: str, total: int, group: str) -> str:
+    """What every bridge of a cluster must agree on, as a short tag the others can compare:
+    bridges with other slot client ids, counts or groups would strand the broker's queues of
+    sessions nobody claims."""
+    digest = hashlib.blake2b(f"{client_id}|{total}|{group}".encode(), digest_size=4).hexdigest()
+    return f"slots-{digest}"
 
 
 def share_filters(group: str, filters: Collection[str]) -> tuple[str, ...]:

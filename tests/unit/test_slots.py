@@ -8,7 +8,7 @@ import random
 import pytest
 
 from bridge.cluster import SLOT, SingleNode, name_hash, slot_key, unsigned_hash
-from bridge.slots import SlotPlan, fair_share, plan_slots, share_filters, slot_client_id
+from bridge.slots import SlotPlan, fair_share, plan_slots, share_filters, slot_client_id, slots_tag
 
 
 def test_fair_share_is_the_ceiling_and_everything_when_alone() -> None:
@@ -55,7 +55,7 @@ def test_names_and_filters() -> None:
 def test_the_single_node_cluster_holds_every_lock_it_asks_for() -> None:
     cluster = SingleNode()
     assert cluster.hold(slot_key(2)) and cluster.holding(slot_key(2))
-    assert cluster.census(slot_key(0), SLOT) == (1, frozenset({unsigned_hash(slot_key(2).name)}))
+    assert cluster.census(slot_key(0), SLOT) == (1, frozenset({unsigned_hash(slot_key(2).name)}), frozenset())
     cluster.release(slot_key(2))
     assert not cluster.holding(slot_key(2))
 
@@ -93,3 +93,10 @@ def test_a_cluster_converges_to_every_slot_held_once_within_the_shares(total: in
     simulate(total, ["a", "c"], held, 3, rng)
     assert sorted(s for h in held.values() for s in h) == list(range(total))
     assert all(len(h) <= fair_share(total, 2) for h in held.values())
+
+
+def test_the_slots_tag_changes_with_anything_the_bridges_must_agree_on() -> None:
+    base = slots_tag("firstcare-bridge", 8, "firstcare")
+    assert base == slots_tag("firstcare-bridge", 8, "firstcare") and " " not in base
+    assert len({base, slots_tag("bridge-a", 8, "firstcare"), slots_tag("firstcare-bridge", 6, "firstcare"),
+                slots_tag("firstcare-bridge", 8, "other")}) == 4
