@@ -8,7 +8,9 @@ import random
 import pytest
 
 from bridge.cluster import SLOT, SingleNode, name_hash, slot_key, unsigned_hash
-from bridge.slots import SlotPlan, fair_share, plan_slots, share_filters, slot_client_id, slots_tag
+from bridge.slots import DEFAULT_SLOTS, SlotPlan, fair_share, plan_slots, share_filters, slot_client_id, slots_tag
+from firstcare.errors import ConfigError
+from firstcare.settings import Settings
 
 
 def test_fair_share_is_the_ceiling_and_everything_when_alone() -> None:
@@ -100,3 +102,30 @@ def test_the_slots_tag_changes_with_anything_the_bridges_must_agree_on() -> None
     assert base == slots_tag("firstcare-bridge", 8, "firstcare") and " " not in base
     assert len({base, slots_tag("bridge-a", 8, "firstcare"), slots_tag("firstcare-bridge", 6, "firstcare"),
                 slots_tag("firstcare-bridge", 8, "other")}) == 4
+
+
+PG = "postgresql://fc@db/firstcare"
+MOSQUITTO = "mqtt://bridge:pw@broker:1883"
+
+
+def settings(**values: object) -> Settings:
+    return Settings.from_env({}, jwt_secret="s" * 40, **values)
+
+
+def test_slots_are_on_by_default_only_with_postgresql_and_an_external_broker() -> None:
+    assert settings(store_url=PG, mqtt_url=MOSQUITTO).ingest_slot_count == DEFAULT_SLOTS
+    assert settings(store_url=PG).ingest_slot_count == 0  # the embedded broker
+    assert settings(mqtt_url=MOSQUITTO).ingest_slot_count == 0  # SQLite: one bridge, today's session
+    assert settings(mqtt_url=MOSQUITTO, ingest_slots=4).ingest_slot_count == 4  # asked for
+    assert settings(store_url=PG, mqtt_url=MOSQUITTO, ingest_slots=0).ingest_slot_count == 0
+
+
+def test_slots_that_cannot_work_are_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="FC_INGEST_SLOTS=.*shared subscriptions"):
+        settings(store_url=PG, ingest_slots=4)  # amqtt has none
+    with pytest.raises(ConfigError, match="FC_INGEST_SLOTS"):
+        settings(store_url=PG, mqtt_url=MOSQUITTO, ingest_slots=-1)
+    with pytest.raises(ConfigError, match="FC_INGEST_SHARE_GROUP"):
+        settings(store_url=PG, mqtt_url=MOSQUITTO, ingest_share_group="a/b")
+    with pytest.raises(ConfigError, match="FC_MQTT_CLIENT_ID"):
+        settings(store_url=PG, mqtt_url=MOSQUITTO, mqtt_client_id="x" * 127)
