@@ -1,0 +1,65 @@
+"""Ingest slots on one bridge (SQLite, slots asked for explicitly) against a real Mosquitto: every
+slot is a persistent session with its own client id and lease, readings spread over the slots,
+and a broker that forgot the sessions raises `ingest.session_lost` once per hospital while every
+slot counts its own loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from firstcare.lease import lease_topic
+from tests.support.bridge import BridgeThread, bridge_settings, wait_until
+from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mosquitto
+from tests.support.devices import Device
+
+SLOTS = 3
+
+
+@pytest.fixture
+def forgetful_broker(tmp_path: Path) -> Iterator[MosquittoInstance]:
+    """The dev config without persistence: a restart forgets every session and queue."""
+    require_mosquitto()
+    broker = start_mosquitto(tmp_path / "broker", dev=True, overrides={"persistence": "false"})
+    yield broker
+    broker.stop()
+
+
+def test_slots_on_one_bridge_and_a_broker_that_forgot_their_sessions(
+        forgetful_broker: MosquittoInstance, tmp_path: Path) -> None:
+    settings = bridge_settings(tmp_path, mqtt_url=forgetful_broker.url("bridge"), ingest_slots=SLOTS,
+                               mqtt_client_id="fc-one")
+    with BridgeThread(settings) as bridge:
+        wait_until(lambda: bridge.runtime.ingest.held == list(range(SLOTS)) and bridge.runtime.ingest.connected,
+                   what="every slot held and connected")
+        slots = httpx.get(bridge.url + "/readyz").json()["slots"]
+        assert slots["client_ids"] == [f"fc-one-{n}" for n in range(SLOTS)]
+        assert slots["total"] == SLOTS and slots["members"] == 1
+        leases = {s.lease.topic for s in bridge.runtime.ingest._slots.values() if s.lease is not None}
+        assert leases == {lease_topic(f"fc-one-{n}") for n in range(SLOTS)}, "one lease per slot client id"
+
+        devices = [Device(forgetful_broker.port, f"ox-{h}", hospital_id=h) for h in ("h1", "h2")]
+        for seq in range(1, 31):
+            for device in devices:
+                device.vitals({"spo2": 97}, seq=seq, patient_id=f"p-{device.hospital_id}")
+        wait_until(lambda: bridge.runtime.core.snapshot.counters.get("readings_stored") == 60, what="all stored")
+        per_slot = [s.consumer.counters["received"] for s in bridge.runtime.ingest._slots.values()]
+        assert sum(per_slot) == 60 and all(n > 0 for n in per_slot), per_slot  # dealt over the slots
+
+        sub = bridge.subscribe("system")
+        forgetful_broker.restart()
+        bridge.receive_until(sub, lambda e: e["data"].get("rule_id") == "ingest.session_lost", timeout=60)
+        wait_until(lambda: bridge.runtime.ingest.counters["sessions_lost"] == SLOTS, timeout=60,
+                   what="every slot noticed its lost session")
+        with bridge.http() as client:
+            alerts = [a for a in client.get("/api/alerts", params={"limit": 100}).json()["items"]
+                      if a["rule_id"] == "ingest.session_lost"]
+        assert sorted(a["hospital_id"] for a in alerts) == ["h1", "h2"], "one alarm per hospital, not per slot"
+        wait_until(lambda: bridge.runtime.ingest.connected, timeout=30, what="slots reconnected")
+        for device in devices:
+            device.close()
+        text = httpx.get(bridge.url + "/metrics").text
+        assert f"firstcare_ingest_slots_held {float(SLOTS)}" in text
