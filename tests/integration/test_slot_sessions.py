@@ -63,3 +63,60 @@ def test_slots_on_one_bridge_and_a_broker_that_forgot_their_sessions(
             device.close()
         text = httpx.get(bridge.url + "/metrics").text
         assert f"firstcare_ingest_slots_held {float(SLOTS)}" in text
+
+
+def test_a_slot_handed_over_is_drained_first_and_the_next_holder_gets_the_rest(tmp_path: Path) -> None:
+    """``AckingConsumer.close_intake`` on a real Mosquitto: the consumer settles and acknowledges
+    what it took, leaves the rest with the session, and the next consumer with that client id
+    (the slot's next holder) gets exactly the rest: every message processed once, never by two."""
+    import asyncio
+    import threading
+
+    from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget
+
+    require_mosquitto()
+    with start_mosquitto(tmp_path / "broker", dev=True) as broker:
+        target = MqttTarget.parse(broker.url())
+        processed: list[tuple[str, bytes]] = []
+        first_batch = threading.Event()
+
+        def consumer(name: str, delay: float) -> AckingConsumer:
+            async def handle(batch: list[Inbound]) -> None:
+                await asyncio.sleep(delay)  # a slow store: messages wait in the consumer's queue
+                processed.extend((name, m.payload) for m in batch)
+                first_batch.set()
+
+            # a small queue: most messages are still with the broker (or unread) at the hand-over
+            return AckingConsumer(target, "fc-drain-0", ("$share/g/fc/v1/#",), handle, queue_size=10,
+                                  batch_max=5, linger_ms=0)
+
+        async def first() -> AckingConsumer:
+            a = consumer("a", 0.05)
+            task = asyncio.create_task(a.run())
+            await asyncio.to_thread(wait_until, lambda: a.connected, what="a connected")
+            await asyncio.sleep(0.5)  # subscribed
+            device = Device(broker.port, "ox-drain", will=False)
+            for seq in range(1, 201):
+                device.publish(device.vitals_topic, str(seq), qos=1)
+            device.close()
+            await asyncio.to_thread(first_batch.wait, 10)
+            a.close_intake()
+            await asyncio.wait_for(task, 30)  # returns once drained, acknowledged, disconnected
+            return a
+
+        a = asyncio.run(first())
+        taken = [p for n, p in processed if n == "a"]
+        assert 0 < len(taken) < 200, "handed over mid-stream"
+        assert a.counters["acked"] == len(taken), "everything taken was acknowledged before the hand-over"
+
+        async def second() -> None:
+            b = consumer("b", 0)
+            task = asyncio.create_task(b.run())
+            await asyncio.to_thread(wait_until, lambda: len(processed) >= 200, 30, 0.05, "the rest drained by b")
+            await asyncio.sleep(0.5)  # nothing more arrives
+            b.close_intake()
+            await asyncio.wait_for(task, 30)
+
+        asyncio.run(second())
+        payloads = sorted(int(p) for _, p in processed)
+        assert payloads == list(range(1, 201)), "every message processed exactly once"
