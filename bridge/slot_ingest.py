@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -76,7 +77,7 @@ class SlotIngest:
         self.client_id = client_id
         self.cluster = cluster
         self.node = node
-        self.member = LockKey(MEMBER, node)
+        self.member = LockKey(MEMBER, f"{node}-{secrets.token_hex(4)}")  # unique even for two bridges in one process
         self.tag = tag
         self._open_slot = open_slot  # async (client_id) -> AckingConsumer, not yet running
         self._make_lease = make_lease
