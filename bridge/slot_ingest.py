@@ -162,6 +162,7 @@ class SlotIngest:
         self.last_error = message
         self._cooldown[number] = time.monotonic() + CONFLICT_BACKOFF_S
         if slot is not None and slot.state != "releasing":
+            slot.state = "releasing"
             self._spawn(self._release(slot))
 
     def slot_stats(self) -> dict[str, Any]:
@@ -190,6 +191,7 @@ class SlotIngest:
         census = await self._db(self.cluster.census, self.member, SLOT)
         for slot in list(self._slots.values()):
             if slot.state != "releasing" and not self.cluster.holding(slot.key):
+                slot.state = "releasing"  # at once, so this tick's plan neither counts nor claims it
                 self._spawn(self._drop(slot))  # the database session is gone, and the lock with it
         if census is None:
             self.census_ok = False
@@ -219,6 +221,7 @@ class SlotIngest:
         for n in plan.release:
             slot = self._slots[n]
             if slot.state == "held":
+                slot.state = "releasing"
                 self._spawn(self._release(slot))
         taken = 0
         for n in plan.claim:
@@ -281,8 +284,6 @@ class SlotIngest:
 
     async def _drop(self, slot: _Slot) -> None:
         """The lock is gone with the database session: stop consuming at once."""
-        if self._slots.get(slot.number) is not slot:
-            return
         slot.state = "releasing"
         log.warning("ingest slot %d lost with the database session: its consumer stops now", slot.number)
         self.counters_extra["slots_lost"] += 1
@@ -292,7 +293,8 @@ class SlotIngest:
                 await slot.task
         await self._end_lease(slot)
         self._retire(slot)
-        self._slots.pop(slot.number, None)
+        if self._slots.get(slot.number) is slot:
+            del self._slots[slot.number]
 
     async def _end_lease(self, slot: _Slot) -> None:
         if slot.lease is not None:
