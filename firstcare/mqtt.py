@@ -31,7 +31,9 @@ taken over" three times within a minute makes the consumer stop fighting (state 
 Threads: the paho thread owns the connection, ``state``, ``last_error`` and the counters it
 increments; the event loop owns the batches and the settler (``store_error``, ``busy_since``). ``counters``
 has a fixed set of keys made here and never added to, so any thread may copy it (``dict.copy``
-runs under the GIL in one step); readers never iterate it live.
+runs under the GIL in one step); readers never iterate it live. ``close_intake`` (handing an
+ingest slot over) may be called from any thread: ``_intake`` orders it with the paho thread's
+appends to the inbox, so nothing is taken after it returns.
 
 No message can stall the stream (poison isolation, :class:`Settler`): when the
 batch handler raises :class:`~firstcare.errors.StoreUnavailable` the store itself is down, so
