@@ -264,9 +264,10 @@ def test_a_killed_bridge_s_slots_are_taken_over_and_its_backlog_drained(
             assert len(seqs) == len(set(seqs)), "no event twice"
             first = seqs[0]
             missing = set(range(first, last + 1)) - set(seqs)
-            # only what the killed bridge had committed but not yet published when it died may lack
-            # its live event (the readings are stored, see above): readings of the second before the kill
-            late = {s for s in missing if not (measured["killed"] - 2 <= monitors.publish_times[(0, s)]
+            # only what the killed bridge had committed but not yet handed to the hub when it died
+            # may lack its live event (the readings are stored, see above): readings published in
+            # the few seconds before the kill (ingest and fan-out lag on a loaded machine)
+            late = {s for s in missing if not (measured["killed"] - 5 <= monitors.publish_times[(0, s)]
                                                <= measured["killed"])}
             assert not late, sorted(missing)
             print(f"replayed {len(seqs)} events; {len(missing)} published by the killed bridge were lost with it")
