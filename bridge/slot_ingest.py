@@ -261,6 +261,10 @@ class SlotIngest:
             await self._end_lease(slot)
             await self._unlock(slot)
             return
+        if self._slots.get(slot.number) is not slot or slot.state != "claiming" or not self.cluster.holding(slot.key):
+            self._retire(slot)  # lost while the store answered: never start a consumer we do not own
+            await self._end_lease(slot)
+            return
         slot.state = "held"
         slot.task = asyncio.create_task(consumer.run(), name=f"fc-slot-{slot.number}")
         self.counters_extra["slots_claimed"] += 1
