@@ -44,10 +44,10 @@ class PostgresCluster:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             self._drop()
+            name = f"fc-cluster {self.tag} {self.node}" if self.tag else f"firstcare-cluster {self.node}"
             conn = self._conn = psycopg.connect(
                 self.url, autocommit=True, connect_timeout=5, keepalives=1, keepalives_idle=10,
-                keepalives_interval=5, keepalives_count=3, application_name=(f"fc-cluster {self.tag} {self.node}" if self.tag
-                                  else f"firstcare-cluster {self.node}")[:63],
+                keepalives_interval=5, keepalives_count=3, application_name=name[:63],
                 options="-c statement_timeout=5000")
         return conn
 
