@@ -30,7 +30,7 @@ from bridge.core import PUBLISHED_ALERT_ACTIONS, alert_event
 from bridge.hub import Hub, HubError
 from bridge.router import rooms_for
 from bridge.store import Store
-from firstcare.events import Event
+from firstcare.events import Event, transition_key
 
 log = logging.getLogger("firstcare.fanout")
 
@@ -48,19 +48,6 @@ class _NoLatency:
 
     def published(self, publication: Any) -> None:
         pass
-
-
-def transition_key(event: Event) -> tuple[str, str, int] | None:
-    """(alert id, action, time) of an alarm event: how its stored transition is found.
-
-    >>> transition_key(Event("patient.alert.raised", {"id": "a1"}, 5))
-    ('a1', 'raised', 5)
-    >>> transition_key(Event("patient.vitals.update", {}, 5)) is None
-    True
-    """
-    if not event.name.startswith("patient.alert.") or not isinstance(event.data.get("id"), str):
-        return None
-    return event.data["id"], event.name.rsplit(".", 1)[1], event.ts_ms
 
 
 class FanOut:

@@ -9,6 +9,7 @@ Redis Streams are the source of truth (pub/sub silently drops a subscriber that 
     {p}presence:{room} sorted set conn -> last seen (ms), with {p}presence:{room}:i for details
     {p}seen:{room}     hash user -> last seen (ms), kept a day
     {p}ticket:{t}      single-use connection tickets (GETDEL)
+    {p}once:{alert}:{action}:{ts}   an alarm transition already published, kept a day
 
 Offsets are assigned and the envelope spliced inside one Lua script, so two processes
 publishing into one room can never interleave ids. History is read by another script that
@@ -22,6 +23,12 @@ again their keys are deleted and a ``resync`` entry is added to the fanout strea
 script: the rooms start a new epoch, and every process tells its subscribers of those rooms to
 resync. The listener does the same as soon as it reads again, so the news does not wait for the
 next publication.
+
+An alarm transition is published once however many bridges try: the publish script sets its
+``once`` key and publishes in one step, and does nothing when the key exists. Two bridges
+catching up alarms after an outage (bridge/fanout.py re-publishes every transition stored since
+its first loss, whoever committed it) therefore deliver each transition once, and so do a
+bridge's live publish and another's catch-up of the same transition.
 
 The listener task owns ``_state`` and the fanout cursor; ``_lost_rooms`` is shared by the
 publishers and the listener on one event loop, and ``_settle_lock`` serialises its reset.
@@ -41,7 +48,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bridge.hub import RESYNC, Delivery, HubError, Member, Publication, coalesce_key, resync_publication
-from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id
+from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id, transition_key
 from firstcare.payloads import now_ms
 
 log = logging.getLogger("firstcare.hub")
@@ -49,6 +56,7 @@ log = logging.getLogger("firstcare.hub")
 FANOUT_MAXLEN = 100_000
 PRESENCE_TTL_MS = 60_000
 LAST_SEEN_TTL_S = 86_400
+ONCE_TTL_S = 86_400  # how long an alarm transition is remembered as published
 RESET_CHUNK = 200  # rooms per reset script (Lua's unpack has a stack limit)
 MAX_OFFSET = 2**53  # Lua numbers are doubles
 
@@ -56,6 +64,10 @@ _PUBLISH = """
 local n = tonumber(ARGV[1])
 local maxlen, ttl, now, new_epoch = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local head, mid, tail, alert, key = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local once = KEYS[3 * n + 2]
+if once and not redis.call('SET', once, '1', 'NX', 'EX', ARGV[#ARGV - 1]) then
+  return false
+end
 local fanout = {'n', n, 'a', alert, 'k', key}
 local out = {}
 for i = 1, n do
@@ -137,7 +149,7 @@ class RedisBackend:
         self._state = "starting"
         self._lost_rooms: set[str] = set()
         self._settle_lock = asyncio.Lock()
-        self.counters = {"reconnects": 0, "read_errors": 0, "epochs_reset": 0}
+        self.counters = {"reconnects": 0, "read_errors": 0, "epochs_reset": 0, "alerts_already_published": 0}
 
     def _room_keys(self, room: str) -> list[str]:
         return [f"{self._p}room:{room}:o", f"{self._p}room:{room}:e", f"{self._p}room:{room}:s"]
@@ -232,8 +244,11 @@ class RedisBackend:
         head, mid, tail = envelope_parts(event)
         key = coalesce_key(event) or ""
         keys = [k for room in rooms for k in self._room_keys(room)] + [f"{self._p}fanout"]
+        transition = transition_key(event)
+        if transition is not None:
+            keys.append(f"{self._p}once:{transition[0]}:{transition[1]}:{transition[2]}")
         args: list[Any] = [len(rooms), self._history_size, self._ttl_s, now_ms(), secrets.token_hex(4),
-                           head, mid, tail, "1" if event.is_alert else "0", key, *rooms, FANOUT_MAXLEN]
+                           head, mid, tail, "1" if event.is_alert else "0", key, *rooms, ONCE_TTL_S, FANOUT_MAXLEN]
         try:
             await self._settle_lost_rooms()
             ids = await self._publish_script(keys=keys, args=args)
@@ -241,6 +256,9 @@ class RedisBackend:
             self._lost_rooms.update(rooms)
             self._state = "degraded"
             raise HubError(f"Redis hub publish failed: {exc}") from exc
+        if ids is None:
+            self.counters["alerts_already_published"] += 1
+            return Publication(())
         return Publication(tuple(
             Delivery(room, _s(id), head + room.encode() + mid + _s(id).encode() + tail, event.is_alert, key or None)
             for room, id in zip(rooms, ids)

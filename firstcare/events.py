@@ -60,6 +60,20 @@ class Event:
         return self.name in ALERT_EVENTS
 
 
+def transition_key(event: Event) -> tuple[str, str, int] | None:
+    """(alert id, action, time) of an alarm event: how its stored transition is found, and
+    what makes it one publication however many bridges try to publish it (bridge/hub_redis.py).
+
+    >>> transition_key(Event("patient.alert.raised", {"id": "a1"}, 5))
+    ('a1', 'raised', 5)
+    >>> transition_key(Event("patient.vitals.update", {}, 5)) is None
+    True
+    """
+    if not event.name.startswith("patient.alert.") or not isinstance(event.data.get("id"), str):
+        return None
+    return event.data["id"], event.name.rsplit(".", 1)[1], event.ts_ms
+
+
 def make_event(name: str, data: dict[str, Any], ts_ms: int | None = None, device_ms: int | None = None) -> Event:
     if name not in EVENT_TYPES:
         raise ValueError(f"unknown event {name!r} (one of {', '.join(EVENT_TYPES)})")
