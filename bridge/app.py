@@ -121,8 +121,6 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         s.check_bridge_client()
-        self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
-        self.audit.start()
         if s.mqtt_tls:
             warn_if_insecure(s.tls_insecure, "the bridge's MQTT connection", "FC_TLS_INSECURE")
         elif s.mqtt_url == "embedded":
@@ -136,6 +134,9 @@ class Runtime:
             await self.broker.start()
         rules = load_rules(Path(s.alert_rules).read_text()) if s.alert_rules else default_rules()
         self.store = open_store(s.store_url, s.store_busy_timeout_seconds, s.store_statement_timeout_seconds)
+        # after the store: a second bridge on one SQLite file is refused for the database first
+        self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
+        self.audit.start()
         self.cluster = open_cluster(s.store_url, self.node)
         self.core = BridgeCore(self.store, rules, CoreSettings(
             topic_root=s.topic_root, silent_ms=int(s.device_silent_seconds * 1000),

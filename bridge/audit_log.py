@@ -12,12 +12,20 @@ counts every record it could not take (``overflowed``) and logs it; the next bat
 starts with an ``audit.overflow`` record saying how many were lost, so the gap is in the trail
 itself. A failing write keeps its batch and retries with backoff (``failures``, ``last_error``).
 
+One writer per trail: the chain's head lives in the writing process, so a second process
+appending to the same file would fork the chain. ``start`` takes an exclusive lock beside the
+file (``<file>.lock``, dropped by the kernel with the process) and refuses to start when another
+process holds it; several bridges on one PostgreSQL database each keep their own trail
+(``FC_AUDIT_URL``), see docs/scaling.md.
+
 Threads: ``record`` from any thread (event loop, thread pool); the chain state (head seq and
 hash) and the writer connection belong to the fc-audit thread; reads open their own connection.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import sqlite3
@@ -97,6 +105,32 @@ def verify_file(path: str, anchors: Sequence[tuple[int, str]] = ()) -> Verificat
         conn.close()
 
 
+class AuditTrailInUse(StoreError):
+    """Another process writes this audit trail."""
+
+    reason = "audit_in_use"
+
+
+def _lock(path: str) -> int:
+    """The exclusive writer lock beside the trail; raise AuditTrailInUse naming the holder."""
+    lock_path = os.path.abspath(path) + ".lock"
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise AuditTrailInUse(
+                f"the audit trail {path!r} is written by {holder} (lock {lock_path!r}): one bridge per trail."
+                " Give each bridge its own FC_AUDIT_URL") from exc
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    return fd
+
+
 class AuditLog:
     def __init__(self, path: str, queue_size: int = 10_000, flush_seconds: float = 1.0) -> None:
         self.path = path
@@ -108,6 +142,7 @@ class AuditLog:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._local = threading.local()
         self._head = (0, GENESIS)
         self._lost_unrecorded = 0
@@ -119,10 +154,12 @@ class AuditLog:
     # --- lifecycle (event loop / main thread) ---------------------------------------------
 
     def start(self) -> None:
+        self._lock_fd = _lock(self.path)
         try:
             self._conn = connect(self.path)
             row = self._conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
         except sqlite3.Error as exc:
+            self._unlock()
             raise StoreError(f"cannot open the audit trail {self.path!r}: {exc}") from exc
         if row is not None:
             self._head = (row["seq"], row["hash"])
@@ -142,9 +179,15 @@ class AuditLog:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._unlock()
         seq, digest = self._head
         log.info("audit trail head: %d:%s (keep it to check the trail later: firstcare audit verify --anchor)",
                  seq, digest)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the lock
+            self._lock_fd = None
 
     # --- producers (any thread) --------------------------------------------------------------
 
@@ -264,4 +307,4 @@ def record_json(row: Any) -> dict[str, Any]:
     return body
 
 
-__all__ = ["AUDIT_MIGRATIONS", "AuditLog", "Record", "audit_path", "verify_file"]
+__all__ = ["AUDIT_MIGRATIONS", "AuditLog", "AuditTrailInUse", "Record", "audit_path", "verify_file"]

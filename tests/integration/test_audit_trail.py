@@ -18,7 +18,7 @@ import pytest
 import websockets
 
 from bridge.audit import Entry
-from bridge.audit_log import AuditLog, verify_file
+from bridge.audit_log import AuditLog, AuditTrailInUse, verify_file
 from tests.support.bridge import SECRET, BridgeProcess, BridgeThread, bridge_settings, token, wait_until
 from tests.support.brokers import free_port
 from tests.support.devices import Device
@@ -283,6 +283,23 @@ def test_a_full_queue_counts_what_it_lost_and_says_so_in_the_trail(tmp_path: Pat
     conn.close()
     assert rows[0] == ("audit.overflow", "7 audit records lost: queue full (3)") and len(rows) == 4
     assert verify_file(str(tmp_path / "a.db")).ok
+
+
+def test_one_writer_per_trail_a_second_is_refused_until_the_first_stops(tmp_path: Path) -> None:
+    """Two bridges on one PostgreSQL database in one directory would both default to one trail
+    file: the chain's head is per process, so the second writer is refused, never forks it."""
+    path = str(tmp_path / "shared-audit.db")
+    first, second = AuditLog(path, flush_seconds=0.05), AuditLog(path, flush_seconds=0.05)
+    first.start()
+    with pytest.raises(AuditTrailInUse) as refused:
+        second.start()
+    assert "FC_AUDIT_URL" in str(refused.value) and "shared-audit.db" in str(refused.value)
+    first.record(Entry(1, "s", "admin", "x.read", "/api/x", "success"))
+    first.stop()
+    second.start()
+    second.record(Entry(2, "s", "admin", "x.read", "/api/x", "success"))
+    second.stop()
+    assert verify_file(path).ok
 
 
 def test_a_clean_shutdown_by_sigterm_writes_every_queued_record(tmp_path: Path) -> None:
