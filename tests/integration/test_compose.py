@@ -1,8 +1,9 @@
-"""docker-compose.yml is valid and consistent with broker-config/, and fits each service.
+"""docker-compose.yml is valid and consistent with broker-config/ and deploy/, and fits each service.
 
 No Docker engine is needed: Debian's ``docker-compose`` (v1) validates the file with ``config -q``
 and resolves its variables with ``config``; each health check runs here against a real Mosquitto,
-bridge and gateway (with the container's port swapped for the test's).
+PostgreSQL, bridge and gateway (with the container's port swapped for the test's). The scale
+profile's front (deploy/nginx.conf) is checked in tests/integration/test_scale_front.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 
 from firstcare.certs_cli import gateway_acl
 from firstcare.identity import file_stem, gateway_identity, parse_identity
+from tests.conftest import require_postgres
 from tests.support.bridge import BridgeThread, bridge_settings
 from tests.support.brokers import (PRODUCTION_CONF, REPO_ROOT, free_port, parse_config, require_mosquitto,
                                    start_mosquitto)
@@ -43,17 +45,17 @@ def require_docker_compose() -> str:
     return binary
 
 
-def compose_config(*args: str) -> subprocess.CompletedProcess[str]:
+def compose_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     binary = require_docker_compose()
     # Minimal environment: the file must not depend on the caller's FC_* or password variables.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
     return subprocess.run([binary, "-f", "docker-compose.yml", "config", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def resolved() -> dict:
-    """The file as Compose runs it: variables replaced by their defaults."""
-    result = compose_config()
+def resolved(env: dict[str, str] | None = None) -> dict:
+    """The file as Compose runs it: variables replaced by their defaults (or ``env``'s values)."""
+    result = compose_config(env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -89,6 +91,7 @@ def test_host_ports_leave_room_for_what_already_runs_on_a_host():
     # only the devices' listener: the service listener (8884) is for bridges and gateways
     assert compose()["services"]["mosquitto"]["ports"] == ["18883:8883"]
     assert ports["bridge"] == [8000] and sorted(ports["edge"]) == [1885, 8010]
+    assert ports["front"] == [8080] and ports["bridge-2"] == ports["bridge-3"] == [] and ports["postgres"] == []
 
 
 def bind_mounts(service: dict) -> list[tuple[str, str]]:
@@ -169,7 +172,8 @@ def run_check(test: list[str], port_in_container: int, port: int, env: dict[str,
 
 def test_every_service_has_its_own_health_check():
     services = resolved()["services"]
-    assert set(services) == {"certs", "mosquitto", "redis", "bridge", "edge", "simulator"}
+    assert set(services) == {"certs", "mosquitto", "postgres", "redis", "bridge", "bridge-2", "bridge-3", "front",
+                             "edge", "simulator"}
     # the image's default checks the bridge's port: every service built from it says what fits it
     for name, service in services.items():
         assert "healthcheck" in service, name
@@ -177,12 +181,74 @@ def test_every_service_has_its_own_health_check():
     assert health_check("simulator") == ["NONE"], "the simulator serves nothing to check"
     assert health_check("certs") == ["NONE"], "a one-shot job"
     assert services["mosquitto"]["depends_on"] == {"certs": {"condition": "service_completed_successfully"}}
-    for name, port_variable in (("bridge", "FC_HTTP_PORT"), ("edge", "FC_EDGE_HTTP_PORT")):
+    for name, port_variable in (("bridge", "FC_HTTP_PORT"), ("bridge-2", "FC_HTTP_PORT"), ("bridge-3", "FC_HTTP_PORT"),
+                                ("edge", "FC_EDGE_HTTP_PORT")):
         port = services[name]["environment"][port_variable]
         assert f"http://127.0.0.1:{port}/healthz" in " ".join(health_check(name)), name
-    for name in ("bridge", "edge"):
+    assert "http://127.0.0.1:8080/healthz" in health_check("front"), "through the front to a bridge"
+    for name in ("bridge", "bridge-2", "bridge-3", "front", "edge"):
         assert all(d["condition"] == "service_healthy" for d in services[name].get("depends_on", {}).values())
+    for name in ("bridge", "bridge-2", "bridge-3"):
+        assert set(services[name]["depends_on"]) == {"mosquitto", "postgres", "redis"}, name
+    assert set(services["front"]["depends_on"]) == {"bridge", "bridge-2", "bridge-3"}
     assert set(services["simulator"]["depends_on"]) == {"edge", "bridge"}
+
+
+# --- the scaled system (profile scale) ----------------------------------------------------------
+
+
+def test_the_scale_profile_adds_two_bridges_and_the_front_to_one_cluster():
+    """`docker compose up` runs one bridge; `--profile scale` adds two identical ones and the front."""
+    services = resolved()["services"]
+    profiles = {name: service.get("profiles", []) for name, service in services.items()}
+    assert {name for name, p in profiles.items() if p} == {"bridge-2", "bridge-3", "front"}
+    assert all(profiles[name] == ["scale"] for name in ("bridge-2", "bridge-3", "front"))
+    bridges = [services[name] for name in ("bridge", "bridge-2", "bridge-3")]
+    # one cluster: the same settings everywhere (one client id, whose ingest slots they share)
+    assert bridges[0]["environment"] == bridges[1]["environment"] == bridges[2]["environment"]
+    env = bridges[0]["environment"]
+    assert urlsplit(env["FC_STORE_URL"]).hostname == "postgres" and env["FC_HUB_URL"].startswith("redis://redis:")
+    assert env["FC_INGEST_SLOTS"] == "6", "two slots a bridge with three, all six with one"
+    assert env["FC_AUDIT_URL"] == "sqlite:////data/audit.db", "each bridge its own audit trail, on its own volume"
+    raw = compose()["services"]
+    data = [next(v for v in raw[name]["volumes"] if v.endswith(":/data")) for name in ("bridge", "bridge-2", "bridge-3")]
+    assert len(set(data)) == 3 and not any(v.startswith(".") for v in data)
+    origins = env["FC_PUBLIC_ORIGINS"].split(",")
+    assert "http://localhost:8080" in origins, "browsers reach the bridges through the front"
+    mounted = dict(bind_mounts(compose()["services"]["front"]))
+    assert mounted == {"./deploy/nginx.conf": "/etc/nginx/conf.d/default.conf"}
+    upstreams = re.findall(r"^\s*server (\S+?):8000\b", (REPO_ROOT / "deploy" / "nginx.conf").read_text(), re.M)
+    assert upstreams == ["bridge", "bridge-2", "bridge-3"]
+
+
+def test_passwords_and_secrets_come_from_the_environment():
+    """`.env` (or the environment) sets the database password once, for PostgreSQL and every bridge."""
+    services = resolved({"FC_POSTGRES_PASSWORD": "s3cret-from-env", "FC_JWT_SECRET": "jwt-from-env"})["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret-from-env"
+    for name in ("bridge", "bridge-2", "bridge-3"):
+        env = services[name]["environment"]
+        assert urlsplit(env["FC_STORE_URL"]).password == "s3cret-from-env", name
+        assert env["FC_JWT_SECRET"] == "jwt-from-env", name
+    assert "s3cret" not in COMPOSE_FILE.read_text()
+
+
+def test_the_postgres_check_asks_the_server() -> None:
+    from tests.support.postgres import admin_url
+
+    require_postgres()
+    if shutil.which("pg_isready") is None:
+        pytest.fail("pg_isready (Debian's postgresql-client) is not installed")
+    test = health_check("postgres")
+    assert test[:2] == ["CMD", "pg_isready"]
+    server = urlsplit(admin_url())
+
+    def check(port: int) -> int:
+        argv = [str(port) if a == "5432" else a for a in test[1:]]
+        argv[argv.index("-h") + 1] = server.hostname or "127.0.0.1"
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode
+
+    assert check(server.port or 5432) == 0
+    assert check(free_port()) != 0, "nothing listening is unhealthy"
 
 
 def run_mosquitto_check(broker_port: int, certs_dir: Path) -> int:
