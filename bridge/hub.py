@@ -53,6 +53,7 @@ class HubError(FirstCareError):
 
 RESYNC = "resync"  # control: the room's history has a gap; reload from the REST API
 FORBIDDEN = "forbidden"  # control (local only): the connection's token no longer allows the room
+RIGHTS = "rights"  # a subject's refreshed claims, for every process's streams of that subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,7 @@ class HubBackend(Protocol):
     async def stop(self) -> None: ...
     async def publish(self, event: Event, rooms: list[str]) -> Publication: ...
     async def announce(self, event: Event, rooms: list[str], origin: str) -> None: ...
+    async def announce_rights(self, claims: str, origin: str) -> None: ...
     async def history(self, room: str, since: str) -> list[Delivery] | None: ...
     async def position(self, room: str) -> str | None: ...
     async def presence_join(self, room: str, member: Member) -> None: ...
@@ -241,6 +243,8 @@ class HubCounters:
     overflowed: int = 0
     publish_failures: int = 0
     resyncs_sent: int = 0
+    rights_received: int = 0  # refreshed claims announced by other processes
+    rights_unannounced: int = 0  # refreshed claims this process could not announce (hub down)
 
 
 class Hub:
@@ -249,6 +253,8 @@ class Hub:
         self._rooms: dict[str, set[Subscriber]] = {}
         self.counters = HubCounters()
         self.on_dispatch: Callable[[Publication, int], None] | None = None
+        # told, on the loop, of a subject's refreshed claims announced by another process
+        self.on_rights: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         await self.backend.start(self._dispatch)
@@ -272,7 +278,17 @@ class Hub:
         room's history and never to ``origin``'s own connections. Raises HubError."""
         await self.backend.announce(event, rooms, origin)
 
+    async def announce_rights(self, claims: str) -> None:
+        """A subject's refreshed claims (JSON), to every other process sharing the hub: each
+        narrows its own streams of that subject (bridge.realtime). Raises HubError."""
+        await self.backend.announce_rights(claims, getattr(self.backend, "node", ""))
+
     def _dispatch(self, publication: Publication) -> None:
+        if publication.kind == RIGHTS:
+            own = publication.origin == getattr(self.backend, "node", None)
+            if self.on_rights is not None and publication.deliveries and not own:
+                self.on_rights(publication.deliveries[0].data.decode())
+            return
         c = self.counters
         deliveries = publication.deliveries
         rooms = self._rooms
@@ -342,7 +358,8 @@ class Hub:
             "published": c.published.total, "published_per_s": c.published.rate(),
             "delivered": c.delivered.total, "delivered_per_s": c.delivered.rate(),
             "dropped": c.dropped, "coalesced": c.coalesced, "overflowed": c.overflowed,
-            "publish_failures": c.publish_failures, "resyncs_sent": c.resyncs_sent, "rooms": len(self._rooms),
+            "publish_failures": c.publish_failures, "resyncs_sent": c.resyncs_sent,
+            "rights_received": c.rights_received, "rights_unannounced": c.rights_unannounced, "rooms": len(self._rooms),
             "subscribers": len({s for members in self._rooms.values() for s in members}),
             **{f"backend_{k}": v for k, v in self.backend.stats().items()},
         }

@@ -71,6 +71,9 @@ class MemoryBackend:
         self._deliver(Publication(tuple(Delivery(room, "", encode_ephemeral(event, room)) for room in rooms),
                                   "presence", origin))
 
+    async def announce_rights(self, claims: str, origin: str) -> None:
+        """One process: its own streams were narrowed where the refresh happened."""
+
     async def history(self, room: str, since: str) -> list[Delivery] | None:
         try:
             epoch, offset = parse_event_id(since)

@@ -9,6 +9,8 @@ Redis Streams are the source of truth (pub/sub silently drops a subscriber that 
     {p}presence:{room} sorted set conn -> last seen (ms), with {p}presence:{room}:i for details
     {p}seen:{room}     hash user -> last seen (ms), kept a day
     {p}ticket:{t}      single-use connection tickets (GETDEL)
+                       (the fanout stream also carries ``resync``, ``presence`` and ``rights``
+                       controls: a subject's refreshed claims, for every process's streams)
     {p}once:{alert}:{action}:{ts}   an alarm transition already published, kept a day
 
 Offsets are assigned and the envelope spliced inside one Lua script, so two processes
@@ -47,7 +49,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bridge.hub import RESYNC, Delivery, HubError, Member, Publication, coalesce_key, resync_publication
+from bridge.hub import RESYNC, RIGHTS, Delivery, HubError, Member, Publication, coalesce_key, resync_publication
 from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id, transition_key
 from firstcare.payloads import now_ms
 
@@ -212,6 +214,8 @@ class RedisBackend:
         control = _s(fields.get(b"c", b""))
         if control == RESYNC:
             return resync_publication(_s(fields[f"r{i}".encode()]) for i in range(1, n + 1))
+        if control == RIGHTS:  # another process's refreshed claims: see Hub.announce_rights
+            return Publication((Delivery("", "", fields[b"v"]),), RIGHTS, _s(fields[b"o"]))
         if control == "presence":
             return Publication(tuple(Delivery(_s(fields[f"r{i}".encode()]), "", fields[f"d{i}".encode()])
                                      for i in range(1, n + 1)), "presence", _s(fields[b"o"]))
@@ -301,6 +305,13 @@ class RedisBackend:
             await self._redis.xadd(f"{self._p}fanout", fields, maxlen=FANOUT_MAXLEN, approximate=True)
         except (RedisError, OSError) as exc:
             raise HubError(f"Redis hub announce failed: {exc}") from exc
+
+    async def announce_rights(self, claims: str, origin: str) -> None:
+        fields = {"n": 0, "a": "0", "k": "", "c": RIGHTS, "o": origin, "v": claims}
+        try:
+            await self._redis.xadd(f"{self._p}fanout", fields, maxlen=FANOUT_MAXLEN, approximate=True)
+        except (RedisError, OSError) as exc:
+            raise HubError(f"Redis hub rights announcement failed: {exc}") from exc
 
     async def position(self, room: str) -> str | None:
         okey, ekey, _ = self._room_keys(room)

@@ -55,6 +55,7 @@ from bridge.api import ApiError, Auth, admin
 from bridge.audit_http import audit_stream, audited_room
 from bridge.hub import FORBIDDEN, RESYNC, Delivery, HubError, Member, Subscriber
 from bridge.hub_presence import PresenceNotifier
+from bridge.hub_rights import announce_rights, rights_from_elsewhere
 from firstcare.auth import LEEWAY_SECONDS, claims_from_payload
 from firstcare.errors import AuthError, RoomError
 from firstcare.events import make_event, parse_event_id
@@ -179,6 +180,7 @@ class Realtime:
         return self.runtime.hub
 
     def start(self) -> None:
+        self.hub.on_rights = functools.partial(rights_from_elsewhere, self)
         self._tasks = [asyncio.create_task(self._refresh_presence(), name="fc-presence"),
                        asyncio.create_task(self.presence.run(), name="fc-presence-announce")]
 
@@ -260,8 +262,8 @@ class Realtime:
 
     async def refresh(self, conn: Connection, claims: Claims) -> list[str]:
         """Rights follow the token: ``conn`` now holds ``claims`` (same subject), every room it
-        has joined is checked again, and so is every room of the subject's other streams on
-        this process (a refresh narrows them, it never widens them). Returns the rooms ``conn``
+        has joined is checked again, and so is every room of the subject's other streams, on
+        this process and on the others sharing the hub (a refresh narrows them, it never widens them). Returns the rooms ``conn``
         must leave; the other streams get a ``forbidden`` control delivery per room."""
         conn.claims = claims
         conn.ceiling = None
@@ -269,8 +271,14 @@ class Realtime:
         revoked = [room for room in sorted(conn.subscriber.rooms) if await self.allowed(conn, room) is None]
         for room in revoked:
             await self.withdraw(conn, room)
+        await self.narrow(claims, conn)
+        announce_rights(self.hub, claims)  # and on the other bridges (bridge/hub_rights.py)
+        return revoked
+
+    async def narrow(self, claims: Claims, skip: Connection | None = None) -> None:
+        """The subject's streams on this process (but ``skip``) keep only what ``claims`` allow."""
         for other in list(self.connections.values()):
-            if other is conn or other.claims.sub != claims.sub:
+            if other is skip or other.claims.sub != claims.sub:
                 continue
             other.ceiling = claims
             for room in sorted(other.subscriber.rooms):
@@ -279,7 +287,6 @@ class Realtime:
                     # its own writer tells the client, in order with its events; never dropped
                     # (a connection too slow to take it is closed and must reconnect)
                     other.subscriber.offer(Delivery(room, "", b"", True, None, FORBIDDEN))
-        return revoked
 
     async def withdraw(self, conn: Connection, room: str) -> None:
         """Take ``room`` away from ``conn``: what is still queued for it is not sent."""
