@@ -10,7 +10,9 @@ An alarm needs more than a reload someone may not do: alarms are in the database
 hub takes publications again this task re-publishes, in commit order, every alarm transition
 stored since the first one that was lost. It does so before any later alarm event leaves the
 outbox, so each alarm's transitions reach clients in order; an outbox event whose transition
-was re-published that way is skipped.
+was re-published that way is skipped. The catch-up reads every bridge's transitions, not only
+this one's: the Redis hub publishes an alarm transition once however many bridges offer it
+(bridge/hub_redis.py), so what another bridge published already is not repeated.
 
 The latency tracker (bridge/telemetry.py), when given, sees each committed event as before:
 marked when offered, told just before and after its publish. Re-published alarms are not
