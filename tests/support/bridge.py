@@ -42,6 +42,9 @@ def bridge_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "mqtt_url": "embedded", "mqtt_port": free_port(), "http_port": free_port(),
         "store_url": f"sqlite:///{tmp_path}/bridge.db", "jwt_secret": SECRET, "log_level": "WARNING",
+        # beside the SQLite store, as by default; with a PostgreSQL store still this bridge's own
+        # (one writer per trail: two bridges of one test must not share one)
+        "audit_url": f"sqlite:///{tmp_path}/bridge-audit.db",
         "mqtt_client_id": f"bridge-{os.getpid()}-{free_port()}",
     }
     values.update(overrides)
