@@ -48,7 +48,7 @@ from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.fanout import FanOut
 from bridge.hub import Hub, open_hub
 from bridge.realtime import Realtime
-from bridge.realtime import router as realtime_router
+from bridge.realtime_routes import router as realtime_router
 from bridge.slot_ingest import SlotIngest
 from bridge.slots import share_filters, slots_tag
 from bridge.store import Store, open_store

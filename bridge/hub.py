@@ -22,7 +22,9 @@ events out of it.
 Subscribers have bounded queues. Under pressure a vitals delivery replaces the older queued one
 from the same device in the same room (coalesced) or, failing that, is dropped; an alert is
 never dropped: the subscriber is marked ``overflowed`` and its connection must be closed so the
-client recovers through replay. Every drop, coalesce and overflow is counted.
+client recovers through replay. Every drop, coalesce and overflow is counted. A subscriber may
+write a delivery to its socket at once instead of queuing it (``offer`` returns ``sent``: the
+WebSocket outlet of bridge/realtime_outlet.py); the queue is then used only while it cannot.
 
 Threads: the event loop owns the hub, its rooms, subscribers and counters; read them (stats)
 on the loop only. ``on_dispatch`` (optional) is told, on the loop, how many local subscribers
@@ -126,7 +128,9 @@ class Subscriber:
 
     def offer(self, delivery: Delivery) -> str:
         """Queue without ever blocking the publisher. Returns ``queued``, ``coalesced``,
-        ``dropped`` or ``overflow`` (an alert that did not fit: close the connection)."""
+        ``dropped`` or ``overflow`` (an alert that did not fit: close the connection); a
+        subclass that writes the delivery out at once returns ``sent``
+        (bridge/realtime_outlet.py)."""
         items = self._items
         key = (delivery.room, delivery.coalesce_key) if delivery.coalesce_key is not None else None
         if key is not None and len(items) >= self._coalesce_from:
@@ -292,7 +296,7 @@ class Hub:
         c = self.counters
         deliveries = publication.deliveries
         rooms = self._rooms
-        outcomes: dict[str, int] = {"queued": 0, "coalesced": 0, "dropped": 0, "overflow": 0}
+        outcomes: dict[str, int] = {"sent": 0, "queued": 0, "coalesced": 0, "dropped": 0, "overflow": 0}
         if publication.kind != "event":
             self._dispatch_special(publication, outcomes)
         elif len(deliveries) == 1:
@@ -306,13 +310,14 @@ class Hub:
                     if subscriber not in reached:
                         reached.add(subscriber)
                         outcomes[subscriber.offer(delivery)] += 1
-        if outcomes["queued"]:
-            c.delivered.add(outcomes["queued"])
+        delivered = outcomes["sent"] + outcomes["queued"]
+        if delivered:
+            c.delivered.add(delivered)
         c.coalesced += outcomes["coalesced"]
         c.dropped += outcomes["dropped"]
         c.overflowed += outcomes["overflow"]
         if self.on_dispatch is not None and publication.kind == "event":  # committed events only
-            self.on_dispatch(publication, outcomes["queued"] + outcomes["coalesced"])
+            self.on_dispatch(publication, delivered + outcomes["coalesced"])
 
     def _dispatch_special(self, publication: Publication, outcomes: dict[str, int]) -> None:
         if publication.kind == RESYNC:

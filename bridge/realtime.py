@@ -1,33 +1,19 @@
-"""WebSocket and Server-Sent Events: rooms, replay, presence, limits.
+"""Real-time streams, the part both transports share: admission (origin, token, ticket, the
+per-user limit), rooms and their permissions, replay, presence, the registry and its counters.
 
-WebSocket protocol (``/realtime/ws``; the patient and hospital variants subscribe on connect)::
-
-    client -> {"type": "subscribe", "room": "patient:p-001:vitals", "since": "<last id seen>"}
-              {"type": "unsubscribe", "room": "..."}   {"type": "ping"}
-              {"type": "auth", "token": "<fresh jwt>"}   (same sub: rooms re-checked, expiry moved)
-    server -> {"type": "welcome", "conn_id": ..., "user": ..., "expires_at": ...}
-              {"type": "subscribed", "room": ..., "replayed": n} | {"type": "resync", "room": ...}
-              {"type": "unsubscribed", "room": ...[, "reason": "forbidden"]}
-              {"type": "authenticated", "expires_at": ...}   {"type": "pong"}   {"type": "ping"}
-              {"type": "error", "code": ..., "message": ..., "room": ...}
-              <event envelopes>   (presence_join / presence_leave carry "id": null)
-
-Replay is race-free because each connection owns one send lock: a subscribe joins the room
-first (live events start queuing), reads the history while holding the lock, and the sender
-then skips anything at or below the offset already sent for that room.
-
-Control deliveries come through the same queue as events, so they are ordered with them: a
-``resync`` (the room's history has a gap: the hub could not record something) and a
-``forbidden`` (a refreshed token of the same subject no longer allows the room).
-
-Each connection's state is owned by its own tasks on the event loop; :class:`Realtime` (the
-registry, the presence notifier) is owned by the event loop too.
+    bridge/realtime.py         this: Realtime (registry, admission, auth, rooms), Connection
+    bridge/realtime_outlet.py  the write path (dispatch loop -> socket) and the timer wheel
+    bridge/realtime_wire.py    the bytes on the wire (WebSocket frames, SSE chunks)
+    bridge/realtime_ws.py      the WebSocket transport and its protocol
+    bridge/realtime_sse.py     the Server-Sent Events transport
+    bridge/realtime_routes.py  the HTTP routes
 
 Close codes (also in the README): 4000-4099 mean "reconnect, with ``since``"; 4400-4499 mean
 "do not reconnect without changing something" (a new token, another room, fewer connections).
 
-Threads: the event loop owns the connection registry, ``by_user`` and the counters; the stats
-are read on the loop (``/realtime/stats`` and ``/metrics`` are async endpoints).
+Threads: the event loop owns the connection registry, ``by_user``, the counters and every
+connection's state; the stats are read on the loop (``/realtime/stats`` and ``/metrics`` are
+async endpoints).
 """
 
 from __future__ import annotations
@@ -41,29 +27,24 @@ import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any, Protocol
 
-from fastapi import APIRouter, Depends, Request, WebSocket
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
-from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from bridge.api import ApiError, Auth, admin
 from bridge.audit_http import audit_stream, audited_room
-from bridge.hub import FORBIDDEN, RESYNC, Delivery, HubError, Member, Subscriber
+from bridge.hub import FORBIDDEN, Delivery, Hub, HubError, Member
 from bridge.hub_presence import PresenceNotifier
 from bridge.hub_rights import announce_rights, rights_from_elsewhere
-from firstcare.auth import LEEWAY_SECONDS, claims_from_payload
+from bridge.realtime_outlet import Outlet, TimerWheel
+from bridge.store import Store
+from firstcare.auth import LEEWAY_SECONDS, TokenVerifier, claims_from_payload
 from firstcare.errors import AuthError, RoomError
-from firstcare.events import make_event, parse_event_id
-from firstcare.payloads import format_ts, now_ms
+from firstcare.payloads import now_ms
 from firstcare.permissions import Claims, can_subscribe
-from firstcare.ratelimit import TokenBucket
-from firstcare.rooms import Room, hospital_room, parse_room, patient_room
-from firstcare.settings import own_origins
+from firstcare.rooms import Room, parse_room
+from firstcare.settings import Settings, own_origins
 
 log = logging.getLogger("firstcare.realtime")
 
@@ -114,22 +95,25 @@ class RealtimeCounters:
 
 
 class Connection:
-    """One WebSocket or SSE stream: its claims, its inbox and what it has been sent."""
+    """One WebSocket or SSE stream: its claims, its outlet (queue and write path) and what it
+    has been sent. ``end`` is the transport's way to close it (a CLOSE_CODES key), synchronous."""
 
     def __init__(self, kind: str, claims: Claims, maxsize: int) -> None:
         self.kind = kind
         self.claims = claims
         self.id = f"{kind}-{next(_conn_ids)}-{secrets.token_hex(3)}"
-        self.subscriber = Subscriber(maxsize=maxsize, owner=claims.sub)
-        self.sent: dict[str, tuple[str, int]] = {}
+        self.subscriber = Outlet(maxsize, claims.sub)
         self.joined_ms = now_ms()
         self.room_joined_ms: dict[str, int] = {}
         # A refresh of another connection of the same subject narrows this one: rooms must be
         # allowed by the refreshed claims too, and the ones they no longer allow are revoked
         # (their queued events are not sent).
         self.ceiling: Claims | None = None
-        self.revoked: set[str] = set()
-        self.wake = asyncio.Event()  # set on a refresh and at shutdown: the expiry is looked at again
+        self.end: Callable[[str], None] = lambda code: None
+
+    @property
+    def revoked(self) -> set[str]:
+        return self.subscriber.revoked
 
     @property
     def expires_at(self) -> float:
@@ -138,54 +122,53 @@ class Connection:
 
     def fresh(self, delivery: Delivery) -> bool:
         """False for a delivery already sent (a replay overlapping the live queue)."""
-        if not delivery.id:
-            return True  # ephemeral (presence): no cursor
-        epoch, offset = parse_event_id(delivery.id)
-        last = self.sent.get(delivery.room)
-        if last is not None and last[0] == epoch and offset <= last[1]:
-            return False
-        self.sent[delivery.room] = (epoch, offset)
-        return True
+        return self.subscriber.fresh(delivery)
 
 
-class _Closing(asyncio.Event):
-    """Server shutdown: setting it also wakes every connection's housekeeping."""
+class RealtimeHost(Protocol):
+    """What the real-time streams need from the running bridge (bridge/app.py's Runtime)."""
 
-    def __init__(self, connections: dict[str, Connection]) -> None:
-        super().__init__()
-        self._connections = connections
-
-    def set(self) -> None:
-        super().set()
-        for conn in list(self._connections.values()):
-            conn.wake.set()
+    settings: Settings
+    hub: Hub
+    store: Store
+    verifier: TokenVerifier
+    node: str
 
 
 class Realtime:
     """Connection registry, permission checks, presence and counters, shared by both transports."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: RealtimeHost) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.connections: dict[str, Connection] = {}
         self.by_user: Counter[str] = Counter()
         self.counters = RealtimeCounters()
         self._tasks: list[asyncio.Task[None]] = []
-        self.closing = _Closing(self.connections)
+        self.closing = asyncio.Event()
+        self.wheel = TimerWheel()
         self.presence = PresenceNotifier(runtime.hub)
         self.origins = frozenset(self.settings.allowed_origins) | own_origins(self.settings)
 
     @property
-    def hub(self) -> Any:
+    def hub(self) -> Hub:
         return self.runtime.hub
 
     def start(self) -> None:
         self.hub.on_rights = functools.partial(rights_from_elsewhere, self)
+        self.wheel.start()
         self._tasks = [asyncio.create_task(self._refresh_presence(), name="fc-presence"),
                        asyncio.create_task(self.presence.run(), name="fc-presence-announce")]
 
-    async def stop(self) -> None:
+    def shut(self) -> None:
+        """Server shutdown: every stream is ended now (WebSocket 4001), new ones are refused."""
         self.closing.set()
+        for conn in list(self.connections.values()):
+            conn.end("server_shutdown")
+
+    async def stop(self) -> None:
+        self.shut()
+        self.wheel.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -242,6 +225,8 @@ class Realtime:
         rooms = list(conn.subscriber.rooms)
         self.hub.leave_all(conn.subscriber)
         if self.connections.pop(conn.id, None) is not None:
+            self.counters.sent += conn.subscriber.sent
+            conn.subscriber.sent = 0
             self.by_user[conn.claims.sub] -= 1
             if self.by_user[conn.claims.sub] <= 0:
                 del self.by_user[conn.claims.sub]
@@ -267,7 +252,6 @@ class Realtime:
         must leave; the other streams get a ``forbidden`` control delivery per room."""
         conn.claims = claims
         conn.ceiling = None
-        conn.wake.set()
         revoked = [room for room in sorted(conn.subscriber.rooms) if await self.allowed(conn, room) is None]
         for room in revoked:
             await self.withdraw(conn, room)
@@ -323,7 +307,7 @@ class Realtime:
     async def leave(self, conn: Connection, room: str) -> None:
         was_in = room in conn.subscriber.rooms
         self.hub.leave(conn.subscriber, room)
-        conn.sent.pop(room, None)
+        conn.subscriber.last_sent.pop(room, None)
         if was_in:
             member = self._member(conn, room)
             conn.room_joined_ms.pop(room, None)
@@ -365,451 +349,11 @@ class Realtime:
             "refused": dict(c.refused), "forced_disconnects": dict(c.forced_disconnects),
             "replay_served": c.replay_served, "replay_events": c.replay_events, "replay_resync": c.replay_resync,
             "live_resync": c.live_resync, "rooms_revoked": c.rooms_revoked,
-            "subscribe_refused": c.subscribe_refused, "rate_limited": c.rate_limited, "sent": c.sent,
+            "subscribe_refused": c.subscribe_refused, "rate_limited": c.rate_limited,
+            "sent": c.sent + sum(conn.subscriber.sent for conn in self.connections.values()),
             **self.presence.counters,
             "rooms": self.hub.local_rooms(),
         }
-
-
-# --- WebSocket ----------------------------------------------------------------------------
-
-
-def _ws_credentials(ws: WebSocket) -> tuple[str | None, str | None, str | None]:
-    """(token, ticket, subprotocol to echo). The token may come as ``?token=``, as
-    ``Authorization: Bearer``, or as a ``bearer.<jwt>`` subprotocol offered next to
-    ``firstcare.v1`` (the server echoes ``firstcare.v1``, never the token)."""
-    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
-    token = next((p[len(TOKEN_PROTOCOL_PREFIX):] for p in offered if p.startswith(TOKEN_PROTOCOL_PREFIX)), None)
-    scheme, _, value = ws.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        token = token or value.strip()
-    token = token or ws.query_params.get("token")
-    return token, ws.query_params.get("ticket"), SUBPROTOCOL if SUBPROTOCOL in offered else None
-
-
-class WebSocketSession:
-    def __init__(self, rt: Realtime, ws: WebSocket, conn: Connection) -> None:
-        self.rt = rt
-        self.ws = ws
-        self.conn = conn
-        self.lock = asyncio.Lock()
-        settings = rt.settings
-        self.bucket = TokenBucket(settings.ws_rate_per_second, settings.ws_rate_per_second * 2)
-        self.violations = 0
-        self.close_reason: str | None = None
-
-    async def send_text(self, text: str) -> None:
-        async with asyncio.timeout(self.rt.settings.ws_send_timeout_seconds):  # no task per send
-            await self.ws.send_text(text)
-        self.rt.counters.sent += 1
-
-    async def send_json(self, message: dict[str, Any]) -> None:
-        async with self.lock:
-            await self.send_text(json.dumps(message, separators=(",", ":")))
-
-    async def subscribe(self, room: str | None, since: str | None) -> None:
-        if not isinstance(room, str) or await self.rt.allowed(self.conn, room) is None:
-            self.rt.counters.subscribe_refused += 1
-            self.audit("realtime.subscribe", str(room), "denied", CLOSE_CODES["forbidden"])
-            await self.send_json({"type": "error", "code": "forbidden", "room": room,
-                                  "message": "unknown room or not allowed"})
-            return
-        async with self.lock:
-            answer: dict[str, Any] = {"type": "subscribed", "room": room}
-            if since is None:
-                # The room's position before joining, so a client with nothing to replay still
-                # gets a cursor; whatever is published while joining follows as a replay.
-                since = answer["last_id"] = await self._position(room)
-            await self.rt.join(self.conn, room)
-            if audited_room(room):
-                self.audit("realtime.subscribe", room, "success")
-            if since is None:
-                position = await self._position(room)
-                since = f"{position.rpartition(':')[0]}:0" if position else None
-            missed: list[Delivery] | None = []
-            if since is not None:
-                missed = await self.rt.replay(self.conn, room, str(since))
-            if missed is None:
-                await self.send_text(json.dumps({"type": "resync", "room": room, "message": RESYNC_MESSAGE}))
-                return
-            answer["replayed"] = len(missed)
-            await self.send_text(json.dumps(answer))
-            for delivery in missed:
-                if self.conn.fresh(delivery):
-                    await self.send_text(ws_text(delivery))
-
-    def audit(self, action: str, resource: str, outcome: str, status: int | None = None) -> None:
-        audit_stream(self.rt.runtime, self.ws.headers, self.ws.client, self.conn.claims, action, resource, outcome,
-                     status)
-
-    async def _position(self, room: str) -> str | None:
-        try:
-            return await self.rt.hub.backend.position(room)
-        except HubError:
-            return None
-
-    async def handle(self, raw: str) -> None:
-        if not self.bucket.take():
-            self.rt.counters.rate_limited += 1
-            self.violations += 1
-            if self.violations >= MAX_RATE_VIOLATIONS:
-                raise _Close("rate_limited", "too many messages")
-            await self.send_json({"type": "error", "code": "rate_limited",
-                                  "message": f"at most {self.rt.settings.ws_rate_per_second:g} messages/s"})
-            return
-        try:
-            message = json.loads(raw)
-            kind = message["type"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            await self.send_json({"type": "error", "code": "bad_request",
-                                  "message": "expected a JSON object with a 'type'"})
-            return
-        if kind == "subscribe":
-            await self.subscribe(message.get("room"), message.get("since"))
-        elif kind == "unsubscribe":
-            room = message.get("room")
-            if isinstance(room, str):
-                await self.rt.leave(self.conn, room)
-            await self.send_json({"type": "unsubscribed", "room": room})
-        elif kind == "ping":
-            await self.send_json({"type": "pong", "ts": now_ms()})
-        elif kind == "auth":
-            await self.refresh(message.get("token"))
-        else:
-            await self.send_json({"type": "error", "code": "bad_request", "message": f"unknown type {kind!r}"})
-
-    async def refresh(self, token: Any) -> None:
-        """``{"type": "auth"}``: a fresh token for the same subject. Every joined room is checked
-        again with it; the ones it no longer allows are left (``unsubscribed`` with ``reason:
-        forbidden``) before the ``authenticated`` answer. Another subject closes the stream."""
-        try:
-            claims = await run_in_threadpool(self.rt.runtime.verifier.verify, token if isinstance(token, str) else None)
-        except AuthError as exc:
-            await self.send_json({"type": "error", "code": exc.reason, "message": str(exc)})
-            return
-        if claims.sub != self.conn.claims.sub:
-            raise _Close("token_invalid", "a refreshed token must have the same subject")
-        async with self.lock:
-            for room in await self.rt.refresh(self.conn, claims):
-                await self.send_text(json.dumps({"type": "unsubscribed", "room": room, "reason": "forbidden"}))
-            await self.send_text(json.dumps({"type": "authenticated", "expires_at": claims.exp}))
-
-    async def reader(self) -> None:
-        limit = self.rt.settings.ws_max_message_bytes
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            raw = message.get("text")
-            if raw is None:
-                data = message.get("bytes") or b""
-                size = len(data)
-                raw = data.decode("utf-8", "replace") if size <= limit else ""
-            else:
-                size = utf8_size(raw, limit)
-            if size > limit:
-                raise _Close("message_too_large", f"messages are limited to {limit} bytes")
-            await self.handle(raw)
-
-    async def writer(self) -> None:
-        conn = self.conn
-        subscriber = conn.subscriber
-        while True:
-            try:
-                delivery = await subscriber.get()
-            except HubError as exc:
-                raise _Close("slow_consumer", "an alert did not fit the send queue; reconnect with since") from exc
-            async with self.lock:
-                if conn.revoked and delivery.room in conn.revoked and delivery.room not in subscriber.rooms:
-                    if delivery.control == FORBIDDEN:
-                        await self.send_text(json.dumps({"type": "unsubscribed", "room": delivery.room,
-                                                         "reason": "forbidden"}))
-                    continue  # queued before the room was taken away
-                if delivery.control == RESYNC:
-                    if delivery.room in subscriber.rooms:
-                        conn.sent.pop(delivery.room, None)
-                        self.rt.counters.live_resync += 1
-                        await self.send_text(json.dumps({"type": "resync", "room": delivery.room,
-                                                         "message": GAP_MESSAGE}))
-                elif delivery.control is None and conn.fresh(delivery):
-                    await self.send_text(ws_text(delivery))
-
-    async def housekeeping(self) -> None:
-        """Keepalive pings, the token's expiry and server shutdown, in one task per connection
-        (every task costs memory, and a server holds thousands of connections). A refresh
-        wakes it, so the expiry always follows the newest token."""
-        interval = self.rt.settings.ws_ping_seconds
-        next_ping = time.monotonic() + interval
-        wake = self.conn.wake
-        while True:
-            if self.rt.closing.is_set():
-                raise _Close("server_shutdown", "server shutting down; reconnect")
-            remaining = self.conn.expires_at - time.time()
-            if remaining <= 0:
-                raise _Close("token_expired", "token expired; reconnect with a fresh token")
-            wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), min(remaining, max(0.0, next_ping - time.monotonic())))
-            if wake.is_set():
-                continue  # shutdown or a refreshed token: look again
-            if time.monotonic() >= next_ping:
-                next_ping = time.monotonic() + interval
-                await self.send_json({"type": "ping", "ts": now_ms()})
-
-
-class _Close(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-async def _close(ws: WebSocket, code: str, message: str) -> None:
-    if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(CLOSE_CODES[code], message[:120]), 5)
-
-
-async def serve_websocket(rt: Realtime, ws: WebSocket, auto_rooms: list[str]) -> None:
-    token, ticket, subprotocol = _ws_credentials(ws)
-    try:
-        rt.check_origin(ws.headers)
-        claims = await rt.authenticate(token, ticket)
-        conn = rt.admit("ws", claims)
-    except Refused as refused:
-        rt.counters.refused[refused.code] += 1
-        audit_stream(rt.runtime, ws.headers, ws.client, None, "realtime.connect", ws.url.path,
-                     "denied" if refused.code != "server_shutdown" else "error", CLOSE_CODES[refused.code],
-                     detail=refused.code)
-        # accept first: a browser sees a refusal before accept() only as 1006, with no reason
-        await ws.accept(subprotocol=subprotocol)
-        await _close(ws, refused.code, refused.message)
-        return
-    await ws.accept(subprotocol=subprotocol)
-    session = WebSocketSession(rt, ws, conn)
-    try:
-        for room in auto_rooms:
-            if await rt.room_allowed(claims, room) is None:
-                rt.counters.subscribe_refused += 1
-                session.audit("realtime.subscribe", room, "denied", CLOSE_CODES["forbidden"])
-                raise _Close("forbidden", f"room {room!r}: unknown room or not allowed")
-        await session.send_json({"type": "welcome", "conn_id": conn.id, "user": claims.sub,
-                                 "expires_at": claims.exp, "close_codes": CLOSE_CODES})
-        for room in auto_rooms:
-            await session.subscribe(room, ws.query_params.get("since"))
-        tasks = [asyncio.create_task(coro) for coro in
-                 (session.reader(), session.writer(), session.housekeeping())]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                raise exc
-    except _Close as close:
-        rt.counters.forced_disconnects[close.code] += 1
-        await _close(ws, close.code, close.message)
-    except (WebSocketDisconnect, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
-        if isinstance(exc, asyncio.TimeoutError):
-            rt.counters.forced_disconnects["slow_consumer"] += 1
-            await _close(ws, "slow_consumer", "send timed out")
-    finally:
-        await rt.release(conn)
-
-
-# --- Server-Sent Events -------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4096)
-def ws_text(delivery: Delivery) -> str:
-    """Decoded once per delivery, however many connections send it."""
-    return delivery.data.decode()
-
-
-@functools.lru_cache(maxsize=4096)
-def sse_frame(delivery: Delivery) -> bytes:
-    """The SSE form of a delivery, made once per delivery however many clients get it:
-    ``id:`` the event id, ``event:`` the dotted name, ``data:`` the envelope's ``data``."""
-    envelope = json.loads(delivery.data)
-    return ServerSentEvent(data=json.dumps(envelope["data"], separators=(",", ":")), event=envelope["event"],
-                           id=envelope["id"] or None).encode()
-
-
-def _sse_error(refused: Refused) -> JSONResponse:
-    return JSONResponse({"error": refused.code, "detail": refused.message}, refused.status,
-                        headers={"WWW-Authenticate": "Bearer"} if refused.status == 401 else None)
-
-
-async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    token = value.strip() if scheme.lower() == "bearer" and value.strip() else request.query_params.get("token")
-    try:
-        rt.check_origin(request.headers)
-        claims = await rt.authenticate(token, request.query_params.get("ticket"))
-        request.state.audit_claims, request.state.audit_resource = claims, room  # bridge/audit_http.py
-        if await rt.room_allowed(claims, room) is None:
-            rt.counters.subscribe_refused += 1
-            raise Refused("forbidden", "unknown room or not allowed", 403)
-        conn = rt.admit("sse", claims)
-    except Refused as refused:
-        rt.counters.refused[refused.code] += 1
-        request.state.audit_detail = refused.code
-        return _sse_error(refused)
-    since = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    await rt.join(conn, room)
-
-    async def stream() -> Any:
-        try:
-            if since:
-                missed = await rt.replay(conn, room, since)
-                if missed is None:
-                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": "history does not reach back"}),
-                                          event="resync")
-                    missed = []
-                for delivery in missed:
-                    if conn.fresh(delivery):
-                        yield sse_frame(delivery)
-            while True:
-                remaining = conn.expires_at - time.time()
-                if remaining <= 0:
-                    rt.counters.forced_disconnects["token_expired"] += 1
-                    yield ServerSentEvent(data=json.dumps({"reason": "token expired"}), event="reauth")
-                    return
-                if rt.closing.is_set():
-                    return
-                try:
-                    delivery = await asyncio.wait_for(conn.subscriber.get(), min(remaining, 5.0))
-                except asyncio.TimeoutError:
-                    continue
-                except HubError:
-                    rt.counters.forced_disconnects["slow_consumer"] += 1
-                    return  # the browser reconnects with Last-Event-ID and replays
-                if conn.revoked and delivery.room in conn.revoked:
-                    # a refreshed token of the same subject no longer allows the room: the
-                    # stream ends (a reconnect with this token is refused with 403)
-                    rt.counters.forced_disconnects["forbidden"] += 1
-                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": "forbidden"}), event="forbidden")
-                    return
-                if delivery.control == RESYNC:
-                    conn.sent.pop(room, None)
-                    rt.counters.live_resync += 1
-                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": GAP_MESSAGE}), event="resync")
-                elif delivery.control is None and conn.fresh(delivery):
-                    rt.counters.sent += 1
-                    yield sse_frame(delivery)
-        finally:
-            await rt.release(conn)
-
-    return EventSourceResponse(stream(), ping=rt.settings.ws_ping_seconds,
-                               send_timeout=rt.settings.ws_send_timeout_seconds,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-
-
-# --- routes -------------------------------------------------------------------------------
-
-router = APIRouter()
-
-
-def _rt(request_or_ws: Request | WebSocket) -> Realtime:
-    return request_or_ws.app.state.runtime.realtime
-
-
-@router.websocket("/realtime/ws")
-async def ws_rooms(ws: WebSocket) -> None:
-    await serve_websocket(_rt(ws), ws, [])
-
-
-@router.websocket("/realtime/ws/patient/{patient_id}")
-async def ws_patient(ws: WebSocket, patient_id: str) -> None:
-    await serve_websocket(_rt(ws), ws, [patient_room(patient_id)])
-
-
-@router.websocket("/realtime/ws/hospital/{hospital_id}")
-async def ws_hospital(ws: WebSocket, hospital_id: str) -> None:
-    await serve_websocket(_rt(ws), ws, [hospital_room(hospital_id)])
-
-
-def _sub_room(base: str, room: str | None, allowed: tuple[str, ...]) -> str:
-    return f"{base}:{room}" if room in allowed else base
-
-
-@router.get("/realtime/events", tags=["realtime"])
-async def sse_system(request: Request) -> Any:
-    """The ``system`` room (maintenance, system alerts) as Server-Sent Events."""
-    return await serve_sse(_rt(request), request, "system")
-
-
-@router.get("/realtime/events/patient/{patient_id}", tags=["realtime"])
-async def sse_patient(request: Request, patient_id: str, room: str | None = None) -> Any:
-    """``patient:{id}`` (or ``?room=vitals`` / ``?room=alerts`` for the narrower rooms)."""
-    return await serve_sse(_rt(request), request, _sub_room(patient_room(patient_id), room, ("vitals", "alerts")))
-
-
-@router.get("/realtime/events/hospital/{hospital_id}", tags=["realtime"])
-async def sse_hospital(request: Request, hospital_id: str, room: str | None = None) -> Any:
-    """``hospital:{id}`` (or ``?room=alerts`` for ``hospital:{id}:alerts``)."""
-    return await serve_sse(_rt(request), request, _sub_room(hospital_room(hospital_id), room, ("alerts",)))
-
-
-@router.get("/realtime/events/device/{device_type}/{device_id}", tags=["realtime"])
-async def sse_device(request: Request, device_type: str, device_id: str) -> Any:
-    return await serve_sse(_rt(request), request, f"device:{device_type}:{device_id}")
-
-
-class TestPublish(BaseModel):
-    room: str = Field(description="room to publish to, e.g. 'system' or 'patient:p-001:vitals'")
-    event: str = Field(default="system.alert", description="dotted event name")
-    data: dict[str, Any] = Field(default_factory=dict)
-
-
-@router.post("/realtime/test/publish", tags=["realtime"])
-async def test_publish(request: Request, c: Annotated[Claims, Depends(admin)], body: TestPublish) -> dict[str, Any]:
-    """Admin only: publish a test event to one room (end-to-end checks of dashboards)."""
-    try:
-        parse_room(body.room)
-        event = make_event(body.event, body.data)
-    except (RoomError, ValueError) as exc:
-        raise ApiError(400, "bad_request", str(exc)) from exc
-    try:
-        publication = await request.app.state.runtime.hub.publish(event, [body.room])
-    except HubError as exc:
-        raise ApiError(503, "hub_unavailable", str(exc)) from exc
-    return {"room": body.room, "id": publication.deliveries[0].id, "event": body.event}
-
-
-@router.post("/realtime/ticket", tags=["realtime"])
-async def ticket(request: Request, c: Auth) -> dict[str, Any]:
-    """Trade the bearer token for a short-lived single-use ticket, for ``EventSource`` and
-    ``WebSocket`` URLs (``?ticket=``), so the long-lived token never appears in a URL."""
-    rt = _rt(request)
-    value = secrets.token_urlsafe(24)
-    payload = {"sub": c.sub, "role": c.role, "exp": c.exp, "hospitals": sorted(c.hospitals),
-               "patients": sorted(c.patients)}
-    try:
-        await rt.hub.backend.put_ticket(value, json.dumps(payload), rt.settings.ticket_seconds)
-    except HubError as exc:
-        raise ApiError(503, "hub_unavailable", str(exc)) from exc
-    return {"ticket": value, "expires_in": rt.settings.ticket_seconds}
-
-
-@router.get("/realtime/presence", tags=["realtime"])
-async def presence(request: Request, c: Auth, room: str) -> dict[str, Any]:
-    """Who is in a room, across every bridge process sharing the hub, and when each user who
-    was in it during the last day was last seen there (online users: now)."""
-    rt = _rt(request)
-    if await rt.room_allowed(c, room) is None:
-        raise ApiError(403, "forbidden", "unknown room or not allowed")
-    try:
-        members = await rt.hub.backend.presence(room)
-        seen = await rt.hub.backend.last_seen(room)
-    except HubError as exc:
-        raise ApiError(503, "hub_unavailable", str(exc)) from exc
-    online = {m["user"] for m in members}
-    last_seen = {user: {"last_seen": format_ts(at), "last_seen_ms": at, "online": user in online}
-                 for user, at in sorted(seen.items(), key=lambda item: -item[1])}
-    return {"room": room, "count": len(members), "members": members, "users": last_seen}
 
 
 def utf8_size(text: str, limit: int) -> int:

@@ -9,11 +9,24 @@ uvicorn's defaults are not ours:
   such a request ``431 Request Header Fields Too Large`` (``400`` for any other malformed
   handshake) and closes the connection.
 - per-message deflate is off: it halved fan-out throughput and cost 58-230 KB per connection.
+
+The write path (``FRAMES_EXTENSION``): the one place the application reaches past ASGI. An
+accepted WebSocket's scope carries ``scope["extensions"]["firstcare.frames"]``, the protocol
+object itself, offering :class:`FrameSink`: write an already encoded frame to the socket now
+(no task, no await, no ASGI message), see whether the transport is paused (its write buffer is
+above the high-water mark), be told when it resumes, and close with a code without waiting for
+the buffer to drain. It is offered only when no extension was negotiated (frames are written as
+they are: never compressed). Tested against the uvicorn range pinned in pyproject.toml
+(tests/integration/test_ws_adapter.py); a uvicorn without ``WebSocketsSansIOProtocol`` fails at
+import, not at run time.
+
+Threads: everything here runs on the event loop (asyncio protocol callbacks).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -30,10 +43,79 @@ def ws_frame_limit(settings: Settings) -> int:
     return max(WS_FRAME_FLOOR, settings.ws_max_message_bytes * 4)
 
 
+FRAMES_EXTENSION = "firstcare.frames"
+
+
+class FrameSink(Protocol):
+    """What the application may do with an accepted WebSocket's socket, synchronously."""
+
+    on_resume: Callable[[], None] | None  # called when a paused transport drains below its low mark
+    paused_since: float | None  # loop time the transport paused; None while it is writable
+
+    @property
+    def open(self) -> bool: ...
+    def buffered(self) -> int: ...
+    def write_frame(self, frame: bytes) -> None: ...
+    def close_now(self, code: int, reason: str) -> None: ...
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's default WebSocket protocol, answering a handshake it cannot parse."""
+    """uvicorn's default WebSocket protocol, answering a handshake it cannot parse, and offering
+    the direct write path (:class:`FrameSink`) as the ``firstcare.frames`` ASGI extension."""
 
     _handshake_bytes = 0
+    on_resume: Callable[[], None] | None = None
+    paused_since: float | None = None
+
+    # --- the FrameSink ------------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.handshake_complete and not self.close_sent and not self.disconnected
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def write_frame(self, frame: bytes) -> None:
+        """Put ``frame`` (a complete WebSocket frame) on the socket; nothing once closing."""
+        if self.handshake_complete and not self.close_sent and not self.disconnected:
+            self.transport.write(frame)
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Send a close frame behind what is buffered and tell the application, without waiting
+        for a paused transport; a peer that does not answer within ``close_timeout`` (or whose
+        buffer never drains) is cut off."""
+        if not self.handshake_complete or self.close_sent or self.disconnected or self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.paused_since = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.paused_since = None
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_resume = None
+        super().connection_lost(exc)
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if self.response.status_code == 101 and not self.conn.extensions:
+            self.scope["extensions"][FRAMES_EXTENSION] = self
+
+    # --- handshakes it cannot parse -----------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if not self.handshake_initiated:
