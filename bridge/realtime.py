@@ -120,9 +120,6 @@ class Connection:
         """When the stream ends: the token's ``exp`` plus the one leeway every check uses."""
         return self.claims.exp + LEEWAY_SECONDS
 
-    def fresh(self, delivery: Delivery) -> bool:
-        """False for a delivery already sent (a replay overlapping the live queue)."""
-        return self.subscriber.fresh(delivery)
 
 
 class RealtimeHost(Protocol):
@@ -307,7 +304,7 @@ class Realtime:
     async def leave(self, conn: Connection, room: str) -> None:
         was_in = room in conn.subscriber.rooms
         self.hub.leave(conn.subscriber, room)
-        conn.subscriber.last_sent.pop(room, None)
+        conn.subscriber.forget(room)
         if was_in:
             member = self._member(conn, room)
             conn.room_joined_ms.pop(room, None)

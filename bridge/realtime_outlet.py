@@ -64,6 +64,7 @@ class Outlet(Subscriber):
         self.transport: Transport | None = None
         self.holds = 0  # > 0 while a replay is written: live deliveries wait in the queue
         self.last_sent: dict[str, str] = {}  # room -> id of the last event sent
+        self.replayed: dict[str, tuple[str, int]] = {}  # room -> (epoch, offset) a replay sent up to
         self.revoked: set[str] = set()  # rooms taken away by a refreshed token: queued events are not sent
         self.sent = 0
         self.pause_noted: float | None = None
@@ -102,17 +103,36 @@ class Outlet(Subscriber):
     # --- queue ---------------------------------------------------------------------------------
 
     def fresh(self, delivery: Delivery) -> bool:
-        """False for an event already sent (a replay overlapping the live queue)."""
+        """False for a queued event a replay has already sent. Only the replay's own mark counts:
+        a coalesced vitals slot carries a newer offset than the events queued behind it, which
+        must still be sent (an alert among them above all)."""
         if not delivery.id:
             return True  # ephemeral (presence): no cursor
+        mark = self.replayed.get(delivery.room) if self.replayed else None
+        if mark is not None:
+            epoch, offset = parse_event_id(delivery.id)
+            if epoch == mark[0] and offset <= mark[1]:
+                return False
+        self.last_sent[delivery.room] = delivery.id
+        return True
+
+    def replay_fresh(self, delivery: Delivery) -> bool:
+        """False for a replayed event already sent live (a subscribe again with an older
+        ``since``); otherwise it is marked, so the live queue behind the replay skips it."""
+        epoch, offset = parse_event_id(delivery.id)
         last = self.last_sent.get(delivery.room)
         if last is not None:
-            epoch, offset = parse_event_id(delivery.id)
             last_epoch, last_offset = parse_event_id(last)
             if last_epoch == epoch and offset <= last_offset:
                 return False
         self.last_sent[delivery.room] = delivery.id
+        self.replayed[delivery.room] = (epoch, offset)
         return True
+
+    def forget(self, room: str) -> None:
+        """``room`` was left (or its history restarted): its cursors go."""
+        self.last_sent.pop(room, None)
+        self.replayed.pop(room, None)
 
     def _emit(self, delivery: Delivery) -> None:
         sink = self.sink

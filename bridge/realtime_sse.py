@@ -51,7 +51,7 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
                                           event="resync")
                     missed = []
                 for delivery in missed:
-                    if conn.fresh(delivery):
+                    if conn.subscriber.replay_fresh(delivery):
                         yield sse_delivery(delivery)
             while True:
                 remaining = conn.expires_at - time.time()
@@ -75,10 +75,10 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
                     yield ServerSentEvent(data=json.dumps({"room": room, "reason": "forbidden"}), event="forbidden")
                     return
                 if delivery.control == RESYNC:
-                    conn.sent.pop(room, None)
+                    conn.subscriber.forget(room)
                     rt.counters.live_resync += 1
                     yield ServerSentEvent(data=json.dumps({"room": room, "reason": GAP_MESSAGE}), event="resync")
-                elif delivery.control is None and conn.fresh(delivery):
+                elif delivery.control is None and conn.subscriber.fresh(delivery):
                     rt.counters.sent += 1
                     yield sse_delivery(delivery)
         finally:

@@ -122,7 +122,7 @@ class WebSocketSession:
                 return ws_json_frame({"type": "unsubscribed", "room": delivery.room, "reason": "forbidden"})
             return None
         if delivery.control == RESYNC and delivery.room in out.rooms:
-            out.last_sent.pop(delivery.room, None)
+            out.forget(delivery.room)
             self.rt.counters.live_resync += 1
             return ws_json_frame({"type": "resync", "room": delivery.room, "message": GAP_MESSAGE})
         return None
@@ -189,7 +189,7 @@ class WebSocketSession:
             answer["replayed"] = len(missed)
             out.write_now(ws_json_frame(answer))
             for delivery in missed:  # bounded by the history size, written even to a paused transport
-                if out.fresh(delivery):
+                if out.replay_fresh(delivery):
                     out.write_now(ws_text_frame(delivery.data))
                     out.sent += 1
         finally:
