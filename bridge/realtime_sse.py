@@ -1,6 +1,17 @@
 """The Server-Sent Events transport: one room per stream, resumed with ``Last-Event-ID``.
 
-Threads: the event loop owns each stream (its generator runs in the response's task).
+A stream is the server's own ASGI task, waiting on one future until the stream ends. Events are
+written by the hub's dispatch loop through the connection's outlet (bridge/realtime_outlet.py)
+straight to the response's socket as pre-encoded chunks (the ``firstcare.stream`` extension of
+bridge/server.py); the outlet queues only while the transport is paused or the replay is
+written. Keepalive comments, the token's expiry and a transport paused too long come from the
+shared timer wheel; the client going away and server shutdown from the protocol.
+
+How a stream ends: ``event: reauth`` (token expired), ``event: forbidden`` (a refreshed token of
+the same subject no longer allows the room), or simply ends (slow consumer, shutdown): the
+browser reconnects with ``Last-Event-ID`` and replays.
+
+Threads: the event loop owns every stream (its task, the dispatch loop and the wheel run there).
 """
 
 from __future__ import annotations
@@ -12,11 +23,152 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.responses import Response
 
-from bridge.hub import RESYNC, HubError
-from bridge.realtime import GAP_MESSAGE, Realtime, Refused
-from bridge.realtime_wire import sse_delivery
+from bridge.hub import FORBIDDEN, RESYNC, Delivery
+from bridge.realtime import GAP_MESSAGE, Connection, Realtime, Refused, log
+from bridge.realtime_wire import chunk, sse_delivery, sse_event, sse_frame
+from bridge.server import STREAM_EXTENSION, StreamSink
+
+HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+           (b"connection", b"keep-alive"), (b"x-accel-buffering", b"no")]
+
+
+def _plain(delivery: Delivery) -> bytes:
+    return sse_delivery(delivery)
+
+
+class SseSession:
+    """One stream: the outlet's transport (controls, overflow) and a wheel item."""
+
+    def __init__(self, rt: Realtime, conn: Connection, sink: StreamSink, room: str) -> None:
+        self.rt = rt
+        self.conn = conn
+        self.sink = sink
+        self.room = room
+        self.out = conn.subscriber
+        self.chunked = sink.chunked
+        self.next_ping = time.monotonic() + rt.settings.ws_ping_seconds
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        conn.end = self.end
+        sink.on_end = self.end
+
+    def frame(self, body: bytes) -> bytes:
+        return chunk(body) if self.chunked else body
+
+    def event(self, data: dict[str, Any], event: str) -> bytes:
+        return self.frame(sse_event(json.dumps(data), event))
+
+    def end(self, why: str) -> None:
+        if not self.ended.done():
+            self.ended.set_result(why)
+
+    def forced(self, code: str) -> None:
+        if not self.ended.done():
+            self.rt.counters.forced_disconnects[code] += 1
+        self.end(code)
+
+    # --- the outlet's transport ---------------------------------------------------------------
+
+    def control(self, delivery: Delivery) -> bytes | None:
+        out = self.out
+        if delivery.control == FORBIDDEN:
+            if delivery.room in out.revoked and delivery.room not in out.rooms:
+                self.forced("forbidden")
+                return self.event({"room": self.room, "reason": "forbidden"}, "forbidden")
+            return None
+        if delivery.control == RESYNC and delivery.room in out.rooms:
+            out.forget(delivery.room)
+            self.rt.counters.live_resync += 1
+            return self.event({"room": self.room, "reason": GAP_MESSAGE}, "resync")
+        return None
+
+    def overflow(self) -> None:
+        self.forced("slow_consumer")
+
+    def paused(self, since: float) -> None:
+        self.rt.wheel.at(since + self.rt.settings.ws_send_timeout_seconds, self)
+
+    # --- the wheel ----------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        self.rt.wheel.at(min(self.next_ping, time.monotonic() + self.conn.expires_at - time.time()), self)
+
+    def tick(self, now: float) -> float | None:
+        if self.ended.done():
+            return None
+        remaining = self.conn.expires_at - time.time()
+        if remaining <= 0:
+            self.out.send(self.event({"reason": "token expired"}, "reauth"))
+            self.forced("token_expired")
+            return None
+        paused = self.sink.paused_since
+        timeout = self.rt.settings.ws_send_timeout_seconds
+        if paused is not None and now - paused >= timeout:
+            self.forced("slow_consumer")
+            return None
+        if now >= self.next_ping:
+            self.next_ping = now + self.rt.settings.ws_ping_seconds
+            self.out.send(self.frame(b": ping\r\n\r\n"))
+        upcoming = min(self.next_ping, now + remaining)
+        return upcoming if paused is None else min(upcoming, paused + timeout)
+
+
+class SseStream(Response):
+    """The ASGI response of an admitted stream (the connection has joined its room)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, rt: Realtime, conn: Connection, room: str, since: str | None) -> None:
+        super().__init__()
+        self.rt, self.conn, self.room, self.since = rt, conn, room, since
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        rt, conn = self.rt, self.conn
+        session: SseSession | None = None
+        try:
+            sink: StreamSink | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
+            if sink is None:
+                log.error("Server-Sent Events need bridge.server.HttpProtocol (server_config); refusing")
+                await send({"type": "http.response.start", "status": 500, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            session = SseSession(rt, conn, sink, self.room)
+            out = conn.subscriber
+            out.hold()  # live events of the room wait behind the replay
+            try:
+                out.attach(sink, sse_frame if session.chunked else _plain, session)
+                if self.since:
+                    missed = await rt.replay(conn, self.room, self.since)
+                    if missed is None:
+                        out.write_now(session.event({"room": self.room, "reason": "history does not reach back"},
+                                                    "resync"))
+                        missed = []
+                    for delivery in missed:
+                        if out.replay_fresh(delivery):
+                            out.write_now(session.frame(sse_delivery(delivery)))
+                            out.sent += 1
+            finally:
+                out.release()
+            if out.overflowed:
+                session.forced("slow_consumer")
+            if rt.closing.is_set():
+                session.end("server_shutdown")
+            session.schedule()
+            why = await session.ended
+            if why not in ("lost", "slow_consumer") and sink.open:
+                try:
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
+                                           rt.settings.ws_send_timeout_seconds)
+                except asyncio.TimeoutError:
+                    sink.abort()
+            elif why == "slow_consumer":
+                sink.abort()  # the browser reconnects with Last-Event-ID and replays
+        finally:
+            if session is not None:
+                rt.wheel.discard(session)
+            await rt.release(conn)
 
 
 def _sse_error(refused: Refused) -> JSONResponse:
@@ -41,51 +193,4 @@ async def serve_sse(rt: Realtime, request: Request, room: str) -> Any:
         return _sse_error(refused)
     since = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     await rt.join(conn, room)
-
-    async def stream() -> Any:
-        try:
-            if since:
-                missed = await rt.replay(conn, room, since)
-                if missed is None:
-                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": "history does not reach back"}),
-                                          event="resync")
-                    missed = []
-                for delivery in missed:
-                    if conn.subscriber.replay_fresh(delivery):
-                        yield sse_delivery(delivery)
-            while True:
-                remaining = conn.expires_at - time.time()
-                if remaining <= 0:
-                    rt.counters.forced_disconnects["token_expired"] += 1
-                    yield ServerSentEvent(data=json.dumps({"reason": "token expired"}), event="reauth")
-                    return
-                if rt.closing.is_set():
-                    return
-                try:
-                    delivery = await asyncio.wait_for(conn.subscriber.get(), min(remaining, 5.0))
-                except asyncio.TimeoutError:
-                    continue
-                except HubError:
-                    rt.counters.forced_disconnects["slow_consumer"] += 1
-                    return  # the browser reconnects with Last-Event-ID and replays
-                if conn.revoked and delivery.room in conn.revoked:
-                    # a refreshed token of the same subject no longer allows the room: the
-                    # stream ends (a reconnect with this token is refused with 403)
-                    rt.counters.forced_disconnects["forbidden"] += 1
-                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": "forbidden"}), event="forbidden")
-                    return
-                if delivery.control == RESYNC:
-                    conn.subscriber.forget(room)
-                    rt.counters.live_resync += 1
-                    yield ServerSentEvent(data=json.dumps({"room": room, "reason": GAP_MESSAGE}), event="resync")
-                elif delivery.control is None and conn.subscriber.fresh(delivery):
-                    rt.counters.sent += 1
-                    yield sse_delivery(delivery)
-        finally:
-            await rt.release(conn)
-
-    return EventSourceResponse(stream(), ping=rt.settings.ws_ping_seconds,
-                               send_timeout=rt.settings.ws_send_timeout_seconds,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-
-
+    return SseStream(rt, conn, room, since)

@@ -20,6 +20,14 @@ they are: never compressed). Tested against the uvicorn range pinned in pyprojec
 (tests/integration/test_ws_adapter.py); a uvicorn without ``WebSocketsSansIOProtocol`` fails at
 import, not at run time.
 
+The same for a streamed HTTP response (Server-Sent Events), ``STREAM_EXTENSION``: an HTTP
+request's scope carries ``scope["extensions"]["firstcare.stream"]``, the HTTP protocol object
+(:class:`HttpProtocol`, uvicorn's h11 protocol, chosen in :func:`server_config`), offering
+:class:`StreamSink`: once the application has sent ``http.response.start``, write body bytes
+already framed for the wire (``chunked`` says whether chunks are expected), see whether the
+transport is paused, be told when it resumes, and be told when the client went away or the
+server shuts down (``on_end``), so a stream needs no task reading ``receive()``.
+
 Threads: everything here runs on the event loop (asyncio protocol callbacks).
 """
 
@@ -28,7 +36,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import SecurityError
 
@@ -140,10 +150,88 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.close()
 
 
+STREAM_EXTENSION = "firstcare.stream"
+
+
+class StreamSink(Protocol):
+    """What the application may do with a streamed HTTP response's socket, synchronously."""
+
+    on_resume: Callable[[], None] | None
+    on_end: Callable[[str], None] | None  # "lost" (the client went away) or "shutdown"
+    paused_since: float | None
+
+    @property
+    def open(self) -> bool: ...
+    @property
+    def chunked(self) -> bool: ...
+    def buffered(self) -> int: ...
+    def write_frame(self, frame: bytes) -> None: ...
+    def abort(self) -> None: ...
+
+
+class HttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol offering the streamed-response write path (:class:`StreamSink`)
+    as the ``firstcare.stream`` ASGI extension. One request at a time per connection (h11
+    pauses pipelined requests), so the protocol object is the sink of the current one."""
+
+    on_resume: Callable[[], None] | None = None
+    on_end: Callable[[str], None] | None = None
+    paused_since: float | None = None
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.scope.setdefault("extensions", {})[STREAM_EXTENSION] = self  # type: ignore[index, typeddict-unknown-key]
+
+    @property
+    def open(self) -> bool:
+        cycle = self.cycle
+        return (cycle is not None and cycle.response_started and not cycle.response_complete
+                and not cycle.disconnected and not self.transport.is_closing())
+
+    @property
+    def chunked(self) -> bool:
+        return self.conn.their_http_version == b"1.1"
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def write_frame(self, frame: bytes) -> None:
+        if self.open:
+            self.transport.write(frame)
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.paused_since = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.paused_since = None
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def _end(self, why: str) -> None:
+        on_end, self.on_end, self.on_resume = self.on_end, None, None
+        if on_end is not None:
+            on_end(why)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._end("lost")
+
+    def shutdown(self) -> None:
+        self._end("shutdown")
+        super().shutdown()
+
+
 def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
     options: dict[str, Any] = {
         "host": settings.http_host, "port": settings.http_port, "timeout_graceful_shutdown": 5,
-        "ws": WebSocketProtocol, "ws_max_size": ws_frame_limit(settings), "ws_per_message_deflate": False,
+        "http": HttpProtocol, "ws": WebSocketProtocol, "ws_max_size": ws_frame_limit(settings), "ws_per_message_deflate": False,
         "log_level": settings.log_level.lower(), "lifespan": "on", "access_log": False,
         "ssl_certfile": settings.http_cert_file, "ssl_keyfile": settings.http_key_file,
     }
