@@ -10,6 +10,9 @@ product (``python -m bench.peers KIND ...``):
 ``fastapi-docs``  the ``ConnectionManager`` of FastAPI's WebSocket documentation
                   (``for connection in self.active_connections: await connection.send_text(m)``)
                   behind uvicorn with its defaults, fed the same way: what a user writes by hand.
+``sse-starlette`` Server-Sent Events as users write them by hand: FastAPI, sse-starlette's
+                  ``EventSourceResponse`` and an ``asyncio.Queue`` per client, fed the same way
+                  (``/sse/hospital/{hid}``): each reading wrapped once, put into every client's queue.
 ``paho-sub``      a bare paho subscriber that only parses (``json.loads``), QoS 1: the ingest peer.
 ``mosquitto-sub`` ``mosquitto_sub`` itself (C), QoS 1: the broker's own delivery limit.
 
@@ -150,6 +153,49 @@ def fastapi_docs(args: argparse.Namespace) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
+# --- sse-starlette with a queue per client ----------------------------------------------------
+
+
+def sse_starlette_peer(args: argparse.Namespace) -> None:
+    import uvicorn
+    from sse_starlette import EventSourceResponse, ServerSentEvent
+
+    rooms: dict[str, set[asyncio.Queue[str]]] = {}
+
+    def deliver(topic: str, payload: bytes) -> None:
+        hid, _pid, _message = envelope(topic, payload)
+        data = payload.decode()
+        for queue in rooms.get(hid, ()):
+            queue.put_nowait(data)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        loop = asyncio.get_running_loop()
+        feed = mqtt_feed("127.0.0.1", args.mqtt_port, args.topic, f"bench-sse-{args.port}",
+                         lambda t, p: loop.call_soon_threadsafe(deliver, t, p))
+        print("ready", flush=True)
+        yield
+        feed.loop_stop()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/sse/hospital/{hid}")
+    async def stream(hid: str) -> EventSourceResponse:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        rooms.setdefault(hid, set()).add(queue)
+
+        async def events() -> Any:
+            try:
+                while True:
+                    yield ServerSentEvent(data=await queue.get(), event="patient.vitals.update")
+            finally:
+                rooms[hid].discard(queue)
+
+        return EventSourceResponse(events())
+
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
 # --- ingest peers -------------------------------------------------------------------------------
 
 
@@ -258,7 +304,7 @@ def mosquitto_sub(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["ws-broadcast", "fastapi-docs", "paho-sub", "mosquitto-sub"])
+    p.add_argument("kind", choices=["ws-broadcast", "fastapi-docs", "sse-starlette", "paho-sub", "mosquitto-sub"])
     p.add_argument("--port", type=int, default=0, help="HTTP/WebSocket port of a server peer")
     p.add_argument("--mqtt-port", type=int, required=True)
     p.add_argument("--topic", default="fc/v1/+/+/+/vitals")
@@ -284,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(ws_broadcast(args))
     elif args.kind == "fastapi-docs":
         fastapi_docs(args)
+    elif args.kind == "sse-starlette":
+        sse_starlette_peer(args)
     elif args.kind == "paho-sub":
         print(json.dumps(paho_sub(args)), flush=True)
     else:

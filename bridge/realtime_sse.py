@@ -151,6 +151,8 @@ class SseStream(Response):
                             out.sent += 1
             finally:
                 out.release()
+            if not sink.open:
+                session.end("lost")  # went away before the stream was set up: no callback will say so
             if out.overflowed:
                 session.forced("slow_consumer")
             if rt.closing.is_set():
@@ -168,6 +170,9 @@ class SseStream(Response):
         finally:
             if session is not None:
                 rt.wheel.discard(session)
+                # the connection may serve another request (keep-alive): it must not call us
+                session.sink.on_end = session.sink.on_resume = None
+                conn.subscriber.sink = None
             await rt.release(conn)
 
 

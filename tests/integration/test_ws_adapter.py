@@ -1,6 +1,7 @@
-"""The WebSocket write path's adapter (bridge/server.py, ``firstcare.frames``) against a real
-uvicorn and a real ``websockets`` client over TCP: the frame bytes, a paused transport queues
-and its resume drains in order, close codes with and without a full buffer."""
+"""The write path's adapters (bridge/server.py, ``firstcare.frames`` and ``firstcare.stream``)
+against a real uvicorn and real clients over TCP: the frame bytes, a paused transport queues
+and its resume drains in order, close codes with and without a full buffer; a streamed HTTP
+response written in chunks, and told when its client goes away."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 import websockets
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from bridge.hub import Delivery
 from bridge.realtime_outlet import Outlet
-from bridge.realtime_wire import ws_json_frame, ws_text_frame
-from bridge.server import FRAMES_EXTENSION, FrameSink, WebSocketProtocol
+from bridge.realtime_wire import chunk, sse_event, ws_json_frame, ws_text_frame
+from bridge.server import FRAMES_EXTENSION, STREAM_EXTENSION, FrameSink, HttpProtocol, StreamSink, WebSocketProtocol
 
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 70_000)
 FLOOD = 4000
@@ -71,11 +73,36 @@ async def endpoint(ws: WebSocket) -> None:
             sink.close_now(int(command.split()[1]), "as asked")
 
 
+ENDS: list[str] = []
+
+
+async def stream(scope: Any, receive: Any, send: Any) -> None:
+    """``/stream?n=``: n events in chunks, then the end; ``/stream?hold=1``: until the client leaves."""
+    sink: StreamSink = scope["extensions"][STREAM_EXTENSION]
+    assert not sink.open  # nothing may be written before the response starts
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    assert sink.open and sink.chunked
+    query = dict(part.split("=") for part in scope["query_string"].decode().split("&"))
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    sink.on_end = ended.set_result
+    for i in range(int(query.get("n", 1))):
+        sink.write_frame(chunk(sse_event(json.dumps({"i": i}), "x", f"e:{i}")))
+    if query.get("hold"):
+        ENDS.append(await ended)
+        return
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class AsgiApp:  # an instance, so that Starlette calls it as an ASGI app, not as a request handler
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await stream(scope, receive, send)
+
+
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, ws=WebSocketProtocol, ws_per_message_deflate=False,
-                            lifespan="off", log_level="warning")
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint), Route("/stream", AsgiApp())])
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, ws=WebSocketProtocol, http=HttpProtocol,
+                            ws_per_message_deflate=False, lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -149,3 +176,24 @@ def test_close_codes_reach_the_client(url: str, code: int) -> None:
         assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (code, "as asked")
 
     run(main())
+
+
+def test_a_streamed_response_carries_the_chunks_written_to_its_socket_then_ends(url: str) -> None:
+    base = url.replace("ws://", "http://").removesuffix("/ws")
+    with httpx.stream("GET", f"{base}/stream?n=300", timeout=10) as response:
+        assert response.headers["transfer-encoding"] == "chunked"
+        body = b"".join(response.iter_raw())
+    events = [block for block in body.decode().split("\r\n\r\n") if block]
+    assert [json.loads(e.split("data: ")[1])["i"] for e in events] == list(range(300))
+    assert events[7] == 'id: e:7\r\nevent: x\r\ndata: {"i": 7}'
+
+
+def test_a_stream_is_told_when_its_client_goes_away(url: str) -> None:
+    base = url.replace("ws://", "http://").removesuffix("/ws")
+    with httpx.stream("GET", f"{base}/stream?n=1&hold=1", timeout=10) as response:
+        next(response.iter_raw())
+    deadline = time.monotonic() + 10
+    while not ENDS:
+        assert time.monotonic() < deadline, "the stream was not told"
+        time.sleep(0.05)
+    assert ENDS == ["lost"]
