@@ -124,7 +124,7 @@ class Subscriber:
         self._items: deque[_Slot] = deque()
         self._latest: dict[tuple[str, str], _Slot] = {}
         self._coalesce_from = maxsize * COALESCE_FROM
-        self._ready = asyncio.Event()
+        self._ready: asyncio.Event | None = None  # made by the first get(): an outlet never waits
 
     def offer(self, delivery: Delivery) -> str:
         """Queue without ever blocking the publisher. Returns ``queued``, ``coalesced``,
@@ -142,7 +142,8 @@ class Subscriber:
         if len(items) >= self.maxsize:
             if delivery.is_alert:
                 self.overflowed = True
-                self._ready.set()
+                if self._ready is not None:
+                    self._ready.set()
                 return "overflow"
             self.dropped += 1
             return "dropped"
@@ -150,7 +151,8 @@ class Subscriber:
         items.append(slot)
         if key is not None:
             self._latest[key] = slot
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
         return "queued"
 
     def qsize(self) -> int:
@@ -158,7 +160,8 @@ class Subscriber:
 
     def get_nowait(self) -> Delivery | None:
         if not self._items:
-            self._ready.clear()
+            if self._ready is not None:
+                self._ready.clear()
             return None
         slot = self._items.popleft()
         delivery = slot.delivery
@@ -176,6 +179,8 @@ class Subscriber:
             item = self.get_nowait()
             if item is not None:
                 return item
+            if self._ready is None:
+                self._ready = asyncio.Event()
             await self._ready.wait()
 
     def __aiter__(self) -> "Subscriber":

@@ -31,19 +31,26 @@ def _rt(request_or_ws: Request | WebSocket) -> Realtime:
     return request_or_ws.app.state.runtime.realtime
 
 
-@router.websocket("/realtime/ws")
+# Plain Starlette WebSocket routes, not FastAPI's: they need no dependency injection, and
+# FastAPI's per-call exit stacks and solved dependencies stay in memory for the whole life of
+# every connection (about 9 KB each).
+
+
 async def ws_rooms(ws: WebSocket) -> None:
     await serve_websocket(_rt(ws), ws, [])
 
 
-@router.websocket("/realtime/ws/patient/{patient_id}")
-async def ws_patient(ws: WebSocket, patient_id: str) -> None:
-    await serve_websocket(_rt(ws), ws, [patient_room(patient_id)])
+async def ws_patient(ws: WebSocket) -> None:
+    await serve_websocket(_rt(ws), ws, [patient_room(ws.path_params["patient_id"])])
 
 
-@router.websocket("/realtime/ws/hospital/{hospital_id}")
-async def ws_hospital(ws: WebSocket, hospital_id: str) -> None:
-    await serve_websocket(_rt(ws), ws, [hospital_room(hospital_id)])
+async def ws_hospital(ws: WebSocket) -> None:
+    await serve_websocket(_rt(ws), ws, [hospital_room(ws.path_params["hospital_id"])])
+
+
+router.add_websocket_route("/realtime/ws", ws_rooms)
+router.add_websocket_route("/realtime/ws/patient/{patient_id}", ws_patient)
+router.add_websocket_route("/realtime/ws/hospital/{hospital_id}", ws_hospital)
 
 
 def _sub_room(base: str, room: str | None, allowed: tuple[str, ...]) -> str:

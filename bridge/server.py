@@ -120,6 +120,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.on_resume = None
         super().connection_lost(exc)
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if self.handshake_complete and getattr(self, "request", None) is not None:
+            # the handshake's request and response (headers twice over) are no longer needed;
+            # the ASGI scope keeps the headers the application reads
+            self.request = self.response = None  # type: ignore[assignment]
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.response.status_code == 101 and not self.conn.extensions:
