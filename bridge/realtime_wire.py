@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
+from collections.abc import Callable
 
 from bridge.hub import Delivery
 
@@ -79,7 +80,7 @@ class FrameCache:
 
     __slots__ = ("_encode", "_last", "_frame", "made")
 
-    def __init__(self, encode: "type[object] | object") -> None:
+    def __init__(self, encode: Callable[[Delivery], bytes]) -> None:
         self._encode = encode
         self._last: Delivery | None = None
         self._frame = b""
@@ -87,7 +88,7 @@ class FrameCache:
 
     def __call__(self, delivery: Delivery) -> bytes:
         if delivery is not self._last:
-            self._frame = self._encode(delivery)  # type: ignore[operator]
+            self._frame = self._encode(delivery)
             self._last = delivery
             self.made += 1
         return self._frame
