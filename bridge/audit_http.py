@@ -9,7 +9,7 @@ read route ``GET /api/audit``.
   route that looked them up), the outcome, the client address and a request id (the client's
   ``X-Request-ID`` when it is sane, else a new one, echoed in the response).
 * WebSocket connections, subscriptions and replays are recorded by :func:`audit_stream`, called
-  from :mod:`bridge.realtime`.
+  from :mod:`bridge.realtime` and :mod:`bridge.realtime_ws`.
 
 Recording only appends to the audit log's queue (:class:`bridge.audit_log.AuditLog`): no I/O here.
 """
