@@ -159,14 +159,14 @@ class SseStream(Response):
                 session.end("server_shutdown")
             session.schedule()
             why = await session.ended
-            if why not in ("lost", "slow_consumer") and sink.open:
+            if why != "lost" and sink.open:
+                # the end goes behind what is buffered; a client that does not take it in time is
+                # cut off (the browser reconnects with Last-Event-ID and replays)
                 try:
                     await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
                                            rt.settings.ws_send_timeout_seconds)
                 except asyncio.TimeoutError:
                     sink.abort()
-            elif why == "slow_consumer":
-                sink.abort()  # the browser reconnects with Last-Event-ID and replays
         finally:
             if session is not None:
                 rt.wheel.discard(session)

@@ -92,8 +92,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def close_now(self, code: int, reason: str) -> None:
         """Send a close frame behind what is buffered and tell the application, without waiting
-        for a paused transport; a peer that does not answer within ``close_timeout`` (or whose
-        buffer never drains) is cut off."""
+        for a paused transport. As uvicorn does, the socket is closed ``close_timeout`` after
+        (once the buffer has gone out): a slow client that reads again later still gets
+        everything before the close frame, and the code."""
         if not self.handshake_complete or self.close_sent or self.disconnected or self.transport.is_closing():
             return
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
@@ -103,7 +104,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     def pause_writing(self) -> None:
         super().pause_writing()
