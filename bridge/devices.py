@@ -58,8 +58,10 @@ def on_reading(device: DeviceRecord, reading: Reading, verdict: Verdict | None =
         gap = SeqGap(device.device_type, device.device_id, verdict.gap[0], verdict.gap[1], reading.received_ms,
                      verdict.boot)
     stale = device.state == "offline" and device.status_ms is not None and reading.ts_ms < device.status_ms
-    updated = dataclasses.replace(
-        with_seq_state(device, verdict.state),
+    seq = verdict.state
+    updated = dataclasses.replace(  # one replace: the sequence state and the rest together
+        device, boot=seq.boot, boot_ts_ms=seq.boot_ts_ms, prev_boot=seq.prev_boot, last_seq=seq.last_seq,
+        last_ts_ms=seq.last_ts_ms,
         hospital_id=reading.hospital_id,
         state=device.state if stale else "online",
         silent=device.silent if stale else False,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.hub import Delivery, Member, Publication, coalesce_key, resync_publication
-from firstcare.events import Event, encode_envelope, encode_ephemeral, event_id, parse_event_id
+from firstcare.events import Event, encode_ephemeral, envelope_parts, event_id, parse_event_id, splice
 from firstcare.payloads import now_ms
 
 LAST_SEEN_TTL_MS = 86_400_000
@@ -53,6 +53,7 @@ class MemoryBackend:
     async def publish(self, event: Event, rooms: list[str]) -> Publication:
         now = time.monotonic()
         key = coalesce_key(event)
+        parts = envelope_parts(event)  # the event's data encoded once, for all its rooms
         deliveries = []
         for name in rooms:
             room = self._rooms.get(name)
@@ -60,7 +61,7 @@ class MemoryBackend:
                 room = self._rooms[name] = _Room(deque(maxlen=self._history_size))
             room.offset += 1
             id = event_id(room.epoch, room.offset)
-            delivery = Delivery(name, id, encode_envelope(event, name, id), event.is_alert, key)
+            delivery = Delivery(name, id, splice(parts, name, id), event.is_alert, key)
             room.history.append((room.offset, now, delivery))
             deliveries.append(delivery)
         publication = Publication(tuple(deliveries))

@@ -50,7 +50,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bridge.hub import RESYNC, RIGHTS, Delivery, HubError, Member, Publication, coalesce_key, resync_publication
-from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id, transition_key
+from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id, splice, transition_key
 from firstcare.payloads import now_ms
 
 log = logging.getLogger("firstcare.hub")
@@ -264,7 +264,7 @@ class RedisBackend:
             self.counters["alerts_already_published"] += 1
             return Publication(())
         return Publication(tuple(
-            Delivery(room, _s(id), head + room.encode() + mid + _s(id).encode() + tail, event.is_alert, key or None)
+            Delivery(room, _s(id), splice((head, mid, tail), room, _s(id)), event.is_alert, key or None)
             for room, id in zip(rooms, ids)
         ))
 

@@ -23,9 +23,10 @@ Threads: an instance lives inside one transaction on the writer thread.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import msgspec
 
 from bridge.alerts import AlertBook, Transition
 from bridge.store import News2Record, ObservationRecord, PatientInputs
@@ -39,8 +40,12 @@ def news2_event(patient_id: str, hospital_id: str, score_id: int, s: news2.Score
     return make_event("patient.news2.update", data, s.computed_ms)
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def _json(signature: tuple[Any, ...]) -> str:
-    return json.dumps(signature, separators=(",", ":"))
+    """Compact JSON, as ``json.dumps(signature, separators=(",", ":"))`` writes it (stored)."""
+    return _encode(signature).decode()
 
 
 class News2State:

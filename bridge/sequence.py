@@ -85,8 +85,8 @@ def continue_boot(state: SeqState, seq: int, ts_ms: int) -> Verdict:
     if state.last_seq is not None and seq > state.last_seq + 1:
         gap = (state.last_seq + 1, seq - 1)
     last_seq = seq if state.last_seq is None else max(state.last_seq, seq)
-    return Verdict("new", state.boot, dataclasses.replace(state, last_seq=last_seq, last_ts_ms=_after(state, ts_ms)),
-                   gap=gap)
+    after = SeqState(state.boot, state.boot_ts_ms, state.prev_boot, last_seq, _after(state, ts_ms))
+    return Verdict("new", state.boot, after, gap=gap)
 
 
 def _begin(state: SeqState, boot: str, seq: int, ts_ms: int) -> Verdict:

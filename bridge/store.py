@@ -45,6 +45,8 @@ from typing import Any, Protocol
 import dataclasses
 import json
 
+import msgspec
+
 from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import LockKey
 from bridge.sequence import Content
@@ -158,8 +160,42 @@ class News2Record:
     expiry_ms: int | None = None
 
 
+_json_encode = msgspec.json.Encoder().encode
+
+
 def score_body(s: news2.Score) -> str:
-    return json.dumps(news2.score_json(s), separators=(",", ":"))
+    return _json_encode(news2.score_json(s)).decode()
+
+
+def metrics_json(metrics: Mapping[str, float]) -> str:
+    """A reading's metrics as stored (compact JSON)."""
+    return _json_encode(metrics).decode()
+
+
+def reading_side_rows(pending: Sequence[tuple[Reading, str]]) -> tuple[list[tuple[str, str, int]],
+                                                                         list[tuple[str, str, float, int, str, str, int]]]:
+    """What a transaction's buffered readings add beside themselves, pure: the patient claims
+    (the first reading of each patient; the store keeps an existing claim) and the newest value
+    of each (patient, metric), the later reading winning a tie, as (patient, hospital, at) and
+    (patient, metric, value, ts, device type, device id, seq) rows in key order (the order
+    rows are locked in). Applying these rows equals applying every reading's in turn.
+
+    >>> r = Reading("h1", "monitor", "m1", 1, 10, 11, "p1", {"heart_rate": 70.0})
+    >>> reading_side_rows([(r, ""), (dataclasses.replace(r, seq=2, metrics={"heart_rate": 71.0}), "")])
+    ([('p1', 'h1', 11)], [('p1', 'heart_rate', 71.0, 10, 'monitor', 'm1', 2)])
+    """
+    newest: dict[tuple[str, str], tuple[int, float, Reading]] = {}
+    claims: dict[str, tuple[str, int]] = {}
+    for r, _ in pending:
+        if r.patient_id is None:
+            continue
+        claims.setdefault(r.patient_id, (r.hospital_id, r.received_ms))
+        for metric, value in r.metrics.items():
+            key = (r.patient_id, metric)
+            if key not in newest or r.ts_ms >= newest[key][0]:
+                newest[key] = (r.ts_ms, value, r)
+    return ([(p, h, at) for p, (h, at) in sorted(claims.items())],
+            [(p, m, v, ts, r.device_type, r.device_id, r.seq) for (p, m), (ts, v, r) in sorted(newest.items())])
 
 
 @dataclass(frozen=True, slots=True)

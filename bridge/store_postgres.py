@@ -67,7 +67,9 @@ from bridge.store import (
     cursor_parts,
     device_json,
     key_json,
+    metrics_json,
     page_limit,
+    reading_side_rows,
 )
 from bridge.store_postgres_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError, StoreUnavailable
@@ -388,32 +390,21 @@ class PostgresTransaction(ClinicalTransactionMixin):
             with cur.copy(f"COPY readings_in ({_READING_COLUMNS}) FROM STDIN") as copy:
                 for r, boot in pending:
                     copy.write_row((r.device_type, r.device_id, r.seq, boot, r.hospital_id, r.patient_id, r.ts_ms,
-                                    r.received_ms, json.dumps(r.metrics, separators=(",", ":")), r.signed_by))
+                                    r.received_ms, metrics_json(r.metrics), r.signed_by))
             cur.execute(
                 f"WITH moved AS (DELETE FROM readings_in RETURNING *) INSERT INTO readings ({_READING_COLUMNS})"
                 " SELECT device_type, device_id, seq::bigint, boot, hospital_id, patient_id, ts_ms::bigint,"
                 " received_ms::bigint, metrics::jsonb, signed_by FROM moved ON CONFLICT DO NOTHING")
-            newest: dict[tuple[str, str], tuple[int, float, Reading]] = {}
-            claims: dict[str, tuple[str, int]] = {}
-            for r, _ in pending:
-                if r.patient_id is None:
-                    continue
-                claims.setdefault(r.patient_id, (r.hospital_id, r.received_ms))
-                for metric, value in r.metrics.items():
-                    key = (r.patient_id, metric)
-                    if key not in newest or r.ts_ms >= newest[key][0]:
-                        newest[key] = (r.ts_ms, value, r)
+            claims, latest = reading_side_rows(pending)
             if claims:
                 cur.executemany("INSERT INTO patients (patient_id, hospital_id, updated_ms) VALUES (%s, %s, %s)"
-                                " ON CONFLICT (patient_id) DO NOTHING",
-                                [(p, h, at) for p, (h, at) in sorted(claims.items())])
-            if newest:
+                                " ON CONFLICT (patient_id) DO NOTHING", claims)
+            if latest:
                 cur.executemany(
                     "INSERT INTO latest_vitals AS l (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
                     " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (patient_id, metric) DO UPDATE SET"
                     " value=excluded.value, ts_ms=excluded.ts_ms, device_type=excluded.device_type,"
-                    " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= l.ts_ms",
-                    [(p, m, v, ts, r.device_type, r.device_id, r.seq) for (p, m), (ts, v, r) in sorted(newest.items())])
+                    " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= l.ts_ms", latest)
 
     def reading_versions(self, device_type: str, device_id: str, seq: int) -> dict[str, Content]:
         return self.versions_of([(device_type, device_id, seq)]).get((device_type, device_id, seq), {})

@@ -41,7 +41,9 @@ from bridge.store import (
     cursor_parts,
     device_json,
     key_json,
+    metrics_json,
     page_limit,
+    reading_side_rows,
 )
 from bridge.store_sqlite_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError, StoreUnavailable
@@ -305,17 +307,51 @@ def _device_from_row(row: sqlite3.Row) -> DeviceRecord:
 class SQLiteTransaction(ClinicalTransactionMixin):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self._readings: list[tuple[Reading, str]] = []
+
+    # --- readings (buffered: written together before anything reads them, and at commit) ------
+
+    def flush(self) -> None:
+        """Write the buffered readings in one ``executemany``, then their patients' claims and
+        latest vitals (:func:`bridge.store.reading_side_rows`)."""
+        pending, self._readings = self._readings, []
+        if not pending:
+            return
+        conn = self._conn
+        conn.executemany(
+            "INSERT INTO readings (device_type, device_id, seq, boot, hospital_id, patient_id,"
+            " ts_ms, received_ms, metrics, verified, signed_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(r.device_type, r.device_id, r.seq, boot, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
+              metrics_json(r.metrics), int(r.signed_by is not None), r.signed_by) for r, boot in pending])
+        claims, latest = reading_side_rows(pending)
+        conn.executemany("INSERT INTO patients (patient_id, hospital_id, updated_ms) VALUES (?,?,?)"
+                         " ON CONFLICT (patient_id) DO NOTHING", claims)
+        conn.executemany(
+            "INSERT INTO latest_vitals (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
+            " VALUES (?,?,?,?,?,?,?) ON CONFLICT (patient_id, metric) DO UPDATE SET"
+            " value=excluded.value, ts_ms=excluded.ts_ms, device_type=excluded.device_type,"
+            " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= latest_vitals.ts_ms", latest)
 
     def reading_versions(self, device_type: str, device_id: str, seq: int) -> dict[str, Content]:
         """What the device has stored under ``seq``, per boot (the UNIQUE index serves it)."""
-        rows = self._conn.execute(
-            "SELECT boot, ts_ms, metrics FROM readings WHERE device_type=? AND device_id=? AND seq=?",
-            (device_type, device_id, seq)).fetchall()
-        return {row[0]: Content.of(row[1], json.loads(row[2])) for row in rows}
+        return self.versions_of([(device_type, device_id, seq)]).get((device_type, device_id, seq), {})
 
     def versions_of(self, keys: Iterable[ReadingKey]) -> dict[ReadingKey, dict[str, Content]]:
-        """``reading_versions`` of many (device type, device id, seq) at once."""
-        return {key: found for key in keys if (found := self.reading_versions(*key))}
+        """``reading_versions`` of many (device type, device id, seq) at once: one query per
+        device and chunk of seqs."""
+        self.flush()
+        by_device: dict[tuple[str, str], list[int]] = {}
+        for device_type, device_id, seq in keys:
+            by_device.setdefault((device_type, device_id), []).append(seq)
+        found: dict[ReadingKey, dict[str, Content]] = {}
+        for (device_type, device_id), seqs in by_device.items():
+            for chunk in _chunks(sorted(set(seqs))):
+                rows = self._conn.execute(
+                    "SELECT seq, boot, ts_ms, metrics FROM readings WHERE device_type=? AND device_id=?"
+                    f" AND seq IN ({_marks(len(chunk))})", [device_type, device_id, *chunk]).fetchall()
+                for seq, boot, ts_ms, metrics in rows:
+                    found.setdefault((device_type, device_id, seq), {})[boot] = Content.of(ts_ms, json.loads(metrics))
+        return found
 
     def insert_readings(self, readings: Sequence[Reading]) -> list[bool]:
         """Bulk helper for tools and tests, no classification: each reading is inserted under
@@ -330,22 +366,7 @@ class SQLiteTransaction(ClinicalTransactionMixin):
         return new
 
     def insert_reading(self, r: Reading, boot: str) -> None:
-        conn = self._conn
-        conn.execute(
-            "INSERT INTO readings (device_type, device_id, seq, boot, hospital_id, patient_id,"
-            " ts_ms, received_ms, metrics, verified, signed_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (r.device_type, r.device_id, r.seq, boot, r.hospital_id, r.patient_id, r.ts_ms, r.received_ms,
-             json.dumps(r.metrics, separators=(",", ":")), int(r.verified), r.signed_by),
-        )
-        if r.patient_id is not None:
-            self.claim_patient(r.patient_id, r.hospital_id, r.received_ms)
-            conn.executemany(
-                "INSERT INTO latest_vitals (patient_id, metric, value, ts_ms, device_type, device_id, seq)"
-                " VALUES (?,?,?,?,?,?,?) ON CONFLICT (patient_id, metric) DO UPDATE SET"
-                " value=excluded.value, ts_ms=excluded.ts_ms, device_type=excluded.device_type,"
-                " device_id=excluded.device_id, seq=excluded.seq WHERE excluded.ts_ms >= latest_vitals.ts_ms",
-                [(r.patient_id, m, v, r.ts_ms, r.device_type, r.device_id, r.seq) for m, v in r.metrics.items()],
-            )
+        self._readings.append((r, boot))
 
     def claim_patient(self, patient_id: str, hospital_id: str, at_ms: int) -> None:
         """The first hospital to report a patient owns the id (see BridgeCore)."""
@@ -561,7 +582,9 @@ class SQLiteStore(ClinicalStoreMixin):
         except sqlite3.Error as exc:
             raise store_error("cannot begin a transaction", exc) from exc
         try:
-            yield SQLiteTransaction(conn)
+            tx = SQLiteTransaction(conn)
+            yield tx
+            tx.flush()
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()

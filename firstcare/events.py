@@ -117,10 +117,15 @@ def envelope_parts(event: Event) -> tuple[bytes, bytes, bytes]:
     return head, b'","id":"', tail
 
 
-def encode_envelope(event: Event, room: str, id: str) -> bytes:
-    """Encode once per room; every client in the room gets the same bytes."""
-    head, mid, tail = envelope_parts(event)
+def splice(parts: tuple[bytes, bytes, bytes], room: str, id: str) -> bytes:
+    """One room's envelope from :func:`envelope_parts`: an event reaching several rooms is
+    encoded once and spliced per room; every client in a room gets the same bytes."""
+    head, mid, tail = parts
     return head + room.encode() + mid + id.encode() + tail
+
+
+def encode_envelope(event: Event, room: str, id: str) -> bytes:
+    return splice(envelope_parts(event), room, id)
 
 
 def encode_ephemeral(event: Event, room: str) -> bytes:

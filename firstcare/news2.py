@@ -129,6 +129,8 @@ def _half_up(value: float, quantum: str) -> Decimal:
 
 def charted(parameter: str, value: float) -> float:
     """The value as written on the chart: whole numbers, temperature to 0.1 (half up)."""
+    if isinstance(value, float) and value.is_integer():  # most device values: charted as they are
+        return value
     if parameter == "temperature":
         return float(_half_up(value, "0.1"))
     return float(_half_up(value, "1"))

@@ -157,11 +157,24 @@ def parse_ts(value: int | str, received_ms: int) -> int:
     return ts_ms
 
 
+_SECONDS: dict[int, str] = {}  # epoch second -> "YYYY-MM-DDTHH:MM:SS"; any thread (one dict op each)
+
+
 def format_ts(ms: int) -> str:
-    """Epoch milliseconds to ISO-8601 UTC with millisecond precision and a ``Z``."""
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    """Epoch milliseconds to ISO-8601 UTC with millisecond precision and a ``Z``.
+
+    Every event carries two of these, so the second's text is cached (a few thousand at most).
+
+    >>> format_ts(1795689350978)
+    '2026-11-26T10:35:50.978Z'
+    """
+    second, milli = divmod(ms, 1000)
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        text = _SECONDS[second] = (_EPOCH + timedelta(seconds=second)).isoformat(timespec="seconds")[:-6]
+    return f"{text}.{milli:03d}Z"
 
 
 def nesting_depth(payload: bytes, limit: int = MAX_DEPTH) -> int:
