@@ -115,20 +115,28 @@ class LatencyTracker:
         self._current: Marks | None = None
         self._pending: OrderedDict[tuple[str, str], Marks] = OrderedDict()
         self._early: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+        self._children: dict[tuple[str, str], Any] = {}
 
     def committed(self, event: Event) -> Marks | None:
         kind = event_kind(event)
         if kind is None:
             return None
         now_s, mono = self._clock(), self._mono()
-        hist = self.t.histogram(kind)
-        hist.labels("receipt_to_commit").observe(max(0.0, now_s - event.ts_ms / 1000))
+        self._stage(kind, "receipt_to_commit").observe(max(0.0, now_s - event.ts_ms / 1000))
         device_ms = event.device_ms
         if device_ms is not None:
             if device_ms > event.ts_ms:
                 self.t.clock_ahead.labels(kind).inc()
-            hist.labels("device_to_commit").observe(max(0.0, now_s - device_ms / 1000))
+            self._stage(kind, "device_to_commit").observe(max(0.0, now_s - device_ms / 1000))
         return Marks(kind, device_ms, mono)
+
+    def _stage(self, kind: str, stage: str) -> Any:
+        """The histogram child of (kind, stage), looked up once: ``labels()`` takes a lock and
+        validates its arguments on every call, and every committed event observes two."""
+        child = self._children.get((kind, stage))
+        if child is None:
+            child = self._children[(kind, stage)] = self.t.histogram(kind).labels(stage)
+        return child
 
     def publishing(self, marks: Marks | None) -> None:
         self._current = marks
@@ -161,10 +169,9 @@ class LatencyTracker:
             _bounded_put(self._pending, key, marks)
 
     def _observe(self, marks: Marks, now_s: float, mono: float) -> None:
-        hist = self.t.histogram(marks.kind)
-        hist.labels("commit_to_delivery").observe(max(0.0, mono - marks.committed_mono))
+        self._stage(marks.kind, "commit_to_delivery").observe(max(0.0, mono - marks.committed_mono))
         if marks.device_ms is not None:
-            hist.labels("device_to_delivery").observe(max(0.0, now_s - marks.device_ms / 1000))
+            self._stage(marks.kind, "device_to_delivery").observe(max(0.0, now_s - marks.device_ms / 1000))
 
 
 def _key(publication: Any) -> tuple[str, str] | None:

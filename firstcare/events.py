@@ -112,9 +112,13 @@ def envelope_parts(event: Event) -> tuple[bytes, bytes, bytes]:
     A hub that assigns ids where the history lives (inside Redis, atomically) splices the room
     and id in there; room names and ids are plain ASCII that needs no JSON escaping.
     """
-    head = b'{"type":' + _encoder.encode(event.type) + b',"event":' + _encoder.encode(event.name) + b',"room":"'
-    tail = b'","ts":' + _encoder.encode(format_ts(event.ts_ms)) + b',"data":' + _encoder.encode(event.data) + b"}"
+    head = _HEADS[event.name]
+    tail = b'","ts":"' + format_ts(event.ts_ms).encode() + b'","data":' + _encoder.encode(event.data) + b"}"
     return head, b'","id":"', tail
+
+
+_HEADS = {name: b'{"type":' + _encoder.encode(type) + b',"event":' + _encoder.encode(name) + b',"room":"'
+          for name, type in EVENT_TYPES.items()}
 
 
 def splice(parts: tuple[bytes, bytes, bytes], room: str, id: str) -> bytes:

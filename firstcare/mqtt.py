@@ -306,6 +306,7 @@ class AckingConsumer:
         self.topic_filters = (topic_filter,) if isinstance(topic_filter, str) else tuple(topic_filter)
         self.topic_filter = self.topic_filters[0]
         self._match_filters = tuple(f.split("/", 2)[2] if f.startswith("$share/") else f for f in self.topic_filters)
+        self._ours: dict[str, bool] = {}  # topic -> matches a filter (paho's matcher is slow); MQTT thread
         self._batch_max = batch_max
         self._linger_s = linger_ms / 1000
         self._slots = threading.Semaphore(queue_size)
@@ -442,7 +443,7 @@ class AckingConsumer:
         self._stop.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        if not any(mqtt.topic_matches_sub(f, msg.topic) for f in self._match_filters):
+        if not self._is_ours(msg.topic):
             # Not ours: amqtt sends a connecting client the retained messages of every client's
             # subscriptions (e.g. another process's lease topic). Counted, acknowledged, skipped.
             self.counters["foreign"] += 1
@@ -470,6 +471,16 @@ class AckingConsumer:
         if not self._wakeup_pending:
             self._wakeup_pending = True
             self._loop.call_soon_threadsafe(self._wake)
+
+    def _is_ours(self, topic: str) -> bool:
+        """Whether a topic matches one of our filters, remembered per topic (a device's topic
+        recurs with every reading; the table is emptied when it grows past 65,536 topics)."""
+        ours = self._ours.get(topic)
+        if ours is None:
+            if len(self._ours) >= 65_536:
+                self._ours.clear()
+            ours = self._ours[topic] = any(mqtt.topic_matches_sub(f, topic) for f in self._match_filters)
+        return ours
 
     def _send_acks(self, client: mqtt.Client) -> None:
         while True:

@@ -104,11 +104,7 @@ class Score:
     stale: tuple[str, ...]  # recorded, but older than MAX_AGE_MS
     spo2_scale: int
     computed_ms: int
-
-    @property
-    def max_part(self) -> int:
-        """The highest single-parameter score (3 makes a low score low-medium)."""
-        return max((p.score for p in self.parts.values()), default=0)
+    max_part: int  # the highest single-parameter score (3 makes a low score low-medium)
 
     @property
     def band_rank(self) -> int:
@@ -285,7 +281,8 @@ def score(inputs: Mapping[str, Input], now_ms: int, spo2_scale: int = 1,
     total = sum(p.score for p in parts.values())
     max_part = max((p.score for p in parts.values()), default=0)
     return Score(total=total, band=band(total, max_part), complete=not missing and not stale, parts=parts,
-                 missing=tuple(missing), stale=tuple(stale), spo2_scale=spo2_scale, computed_ms=now_ms)
+                 missing=tuple(missing), stale=tuple(stale), spo2_scale=spo2_scale, computed_ms=now_ms,
+                 max_part=max_part)
 
 
 _VITAL_SCORERS = {
