@@ -35,8 +35,9 @@ from firstcare.events import Event, make_event
 from firstcare.payloads import Reading
 
 
-def news2_event(patient_id: str, hospital_id: str, score_id: int, s: news2.Score) -> Event:
-    data = {"patient_id": patient_id, "hospital_id": hospital_id, "id": score_id, **news2.score_json(s)}
+def news2_event(patient_id: str, hospital_id: str, score_id: int, s: news2.Score, wire: dict[str, Any]) -> Event:
+    """``wire`` is ``news2.score_json(s)``, made once for the stored body and the event."""
+    data = {"patient_id": patient_id, "hospital_id": hospital_id, "id": score_id, **wire}
     return make_event("patient.news2.update", data, s.computed_ms)
 
 
@@ -111,8 +112,9 @@ class News2State:
                                             ts_ms, now_ms, lower_bound=not s.complete)
         signature = _json(s.signature())
         if signature != self._stored.get(patient_id):
-            score_id = tx.insert_news2(patient_id, hospital_id, s, signature)
-            events.append(news2_event(patient_id, hospital_id, score_id, s))
+            wire = news2.score_json(s)
+            score_id = tx.insert_news2(patient_id, hospital_id, s, signature, _encode(wire).decode())
+            events.append(news2_event(patient_id, hospital_id, score_id, s, wire))
             self._stored[patient_id] = signature
         self._expiry[patient_id] = news2.next_expiry(inputs, now_ms)
         self._dirty.add(patient_id)

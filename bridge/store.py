@@ -163,10 +163,6 @@ class News2Record:
 _json_encode = msgspec.json.Encoder().encode
 
 
-def score_body(s: news2.Score) -> str:
-    return _json_encode(news2.score_json(s)).decode()
-
-
 def metrics_json(metrics: Mapping[str, float]) -> str:
     """A reading's metrics as stored (compact JSON)."""
     return _json_encode(metrics).decode()
@@ -257,7 +253,8 @@ class ClinicalWrites(Protocol):
     def news2_of(self, patient_ids: Iterable[str]) -> dict[str, News2Record]: ...
     def save_news2_state(self, patient_id: str, signature: str, expiry_ms: int | None) -> None: ...
     def insert_observations(self, records: Iterable[ObservationRecord]) -> list[int]: ...
-    def insert_news2(self, patient_id: str, hospital_id: str, s: news2.Score, signature: str) -> int: ...
+    def insert_news2(self, patient_id: str, hospital_id: str, s: news2.Score, signature: str, body: str) -> int:
+        """Store a score; ``body`` is its wire form (:func:`firstcare.news2.score_json`) as JSON."""
 
 
 class TimerQueries(Protocol):

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from bridge.store import News2Record, ObservationRecord, Page, PatientInputs, cursor_parts, page_limit, score_body
+from bridge.store import News2Record, ObservationRecord, Page, PatientInputs, cursor_parts, page_limit
 from firstcare import news2
 from firstcare.payloads import format_ts
 
@@ -75,12 +75,12 @@ class ClinicalTransactionMixin:
             ids.append(int(row[0]))
         return ids
 
-    def insert_news2(self, patient_id: str, hospital_id: str, s: news2.Score, signature: str) -> int:
+    def insert_news2(self, patient_id: str, hospital_id: str, s: news2.Score, signature: str, body: str) -> int:
         row = self._conn.execute(
             "INSERT INTO news2_scores (patient_id, hospital_id, computed_ms, total, band, complete, max_part,"
             " spo2_scale, signature, body) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (patient_id, hospital_id, s.computed_ms, s.total, s.band, s.complete, s.max_part, s.spo2_scale,
-             signature, score_body(s))).fetchone()
+             signature, body)).fetchone()
         return int(row[0])
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.store import News2Record, ObservationRecord, PatientInputs, score_body
+from bridge.store import News2Record, ObservationRecord, PatientInputs
 from firstcare import news2
 from firstcare.payloads import format_ts
 
@@ -55,12 +55,12 @@ class ClinicalTransactionMixin:
             ids.append(int(cur.lastrowid or 0))
         return ids
 
-    def insert_news2(self, patient_id: str, hospital_id: str, s: news2.Score, signature: str) -> int:
+    def insert_news2(self, patient_id: str, hospital_id: str, s: news2.Score, signature: str, body: str) -> int:
         cur = self._conn.execute(
             "INSERT INTO news2_scores (patient_id, hospital_id, computed_ms, total, band, complete, max_part,"
             " spo2_scale, signature, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (patient_id, hospital_id, s.computed_ms, s.total, s.band, int(s.complete), s.max_part, s.spo2_scale,
-             signature, score_body(s)))
+             signature, body))
         return int(cur.lastrowid or 0)
 
 

@@ -316,7 +316,7 @@ class AckingConsumer:
         self._inbox: deque[_Received] = deque()
         self._ready: asyncio.Event | None = None
         self._wakeup_pending = False
-        self._acks: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[list[tuple[int, int, int]]] = queue.SimpleQueue()  # one list per part
         self._generation = 0
         self._stop = threading.Event()
         self._intake = threading.Lock()  # orders appends to the inbox with close_intake
@@ -485,14 +485,15 @@ class AckingConsumer:
     def _send_acks(self, client: mqtt.Client) -> None:
         while True:
             try:
-                generation, mid, qos = self._acks.get_nowait()
+                acks = self._acks.get_nowait()
             except queue.Empty:
                 return
-            if generation != self._generation:
-                self.counters["stale_acks"] += 1
-                continue
-            client.ack(mid, qos)
-            self.counters["acked"] += 1
+            for generation, mid, qos in acks:
+                if generation != self._generation:
+                    self.counters["stale_acks"] += 1
+                    continue
+                client.ack(mid, qos)
+                self.counters["acked"] += 1
 
     def _network(self) -> None:
         client = self._client = self._make_client()
@@ -574,10 +575,11 @@ class AckingConsumer:
         await self.settler.settle(batch, self._ack)
 
     def _ack(self, part: list[_Received]) -> None:
-        for r in part:
-            if r.qos > 0:
-                self._acks.put((r.generation, r.mid, r.qos))
-            self._slots.release()
+        acks = [(r.generation, r.mid, r.qos) for r in part if r.qos > 0]
+        if acks:
+            self._acks.put(acks)
+        if part:
+            self._slots.release(len(part))
 
     async def stop(self) -> None:
         self._stop.set()

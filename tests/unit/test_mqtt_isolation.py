@@ -52,7 +52,7 @@ def acked_mids(consumer: AckingConsumer) -> list[int]:
     mids = []
     while True:
         try:
-            mids.append(consumer._acks.get_nowait()[1])
+            mids += [mid for _, mid, _ in consumer._acks.get_nowait()]
         except queue.Empty:
             return mids
 

@@ -20,7 +20,7 @@ class FakeTx:
         self.saved: dict[str, tuple[str, int | None]] = {}
         self.ids = itertools.count(1)
 
-    def insert_news2(self, patient_id, hospital_id, s, signature):
+    def insert_news2(self, patient_id, hospital_id, s, signature, body):
         self.scores.append((patient_id, s.total))
         return next(self.ids)
 
