@@ -370,6 +370,10 @@ class PostgresTransaction(ClinicalTransactionMixin):
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self._readings: list[tuple[Reading, str]] = []
+        self._news2_rows = []
+        self._news2_states = {}
+        self._news2_ids = []
+        self._news2_reserved = 0
 
     def _rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
         with self._conn.cursor(row_factory=dict_row) as cur:
@@ -378,8 +382,10 @@ class PostgresTransaction(ClinicalTransactionMixin):
     # --- readings (buffered: one COPY per transaction) -------------------------------------
 
     def flush(self) -> None:
-        """Write the buffered readings: COPY into a temporary table, then one INSERT ... ON
-        CONFLICT DO NOTHING into the partitioned table; latest vitals and patient claims with them."""
+        """Write what is buffered: NEWS2 scores and states, then the readings: COPY into a
+        temporary table, then one INSERT ... ON CONFLICT DO NOTHING into the partitioned table;
+        latest vitals and patient claims with them."""
+        self.flush_news2()
         pending, self._readings = self._readings, []
         if not pending:
             return
@@ -629,6 +635,7 @@ class PostgresTransaction(ClinicalTransactionMixin):
         return [(t, i) for t, i in rows]
 
     def due_news2(self, now_ms: int, limit: int) -> list[str]:
+        self.flush_news2()
         rows = self._conn.execute("SELECT patient_id FROM news2_state WHERE expiry_ms IS NOT NULL AND expiry_ms <= %s"
                                   " LIMIT %s", (now_ms, limit)).fetchall()
         return [r[0] for r in rows]
