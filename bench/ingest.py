@@ -55,7 +55,9 @@ def drain_product(ctx: Ctx, mqtt_url: str, produce: Any, expect: int, name: str)
     t_start = time.time()
     bridge, _, _ = start_bridge(ctx.workdir, mqtt_url, name=name, db_path=db, FC_MQTT_CLIENT_ID=client_id)
     cpu = CpuMeter([bridge.pid]).start()
-    return _follow_store(bridge, db, base, expect, t_start, cpu, idle=10.0)
+    # one transaction holds up to FC_BATCH_MAX messages (25,000 readings in gateway batches of 50):
+    # on a busy machine that is more than 10 s without a visible change
+    return _follow_store(bridge, db, base, expect, t_start, cpu, idle=30.0)
 
 
 def _follow_store(bridge: Proc, db: Path, base: int, expect: int, t_start: float, cpu: CpuMeter,
