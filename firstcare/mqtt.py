@@ -170,6 +170,31 @@ class _Received:
     qos: int
 
 
+BATCH_MAX_BYTES = 256 * 1024
+"""Payload bytes one batch (one transaction) takes at most, beside its message count: 500
+gateway messages of 50 readings would be 25,000 readings in one transaction, their alarms
+and acknowledgements waiting for all of them."""
+
+
+def take_batch(inbox: deque[_Received], most: int, most_bytes: int) -> list[_Received]:
+    """The next batch from the front of ``inbox``: at most ``most`` messages and ``most_bytes``
+    of payload, and at least one message when there is one (a message larger than the budget
+    goes alone).
+
+    >>> q = deque(_Received(Inbound("t", b"x" * n, 0), 1, i, 1) for i, n in enumerate([40, 40, 40, 10]))
+    >>> [len(take_batch(q, 500, 100)), len(take_batch(q, 500, 100)), len(q)]
+    [2, 2, 0]
+    """
+    batch: list[_Received] = []
+    size = 0
+    while inbox and len(batch) < most:
+        size += len(inbox[0].inbound.payload)
+        if batch and size > most_bytes:
+            break
+        batch.append(inbox.popleft())
+    return batch
+
+
 STALL_SECONDS = 10.0
 """A batch still in the handler after this long makes :meth:`AckingConsumer.health` report a
 stall (a handler that hangs raises nothing that could be isolated)."""
@@ -291,6 +316,7 @@ class AckingConsumer:
         on_session_lost: Callable[[], None] | None = None,
         on_session_established: Callable[[], None] | None = None,
         quarantine: Callable[[Inbound, Exception], Awaitable[None]] | None = None,
+        batch_max_bytes: int = BATCH_MAX_BYTES,
     ) -> None:
         if target.tls is not None:
             client_context(target.tls)  # a missing or bad file fails here, at start, not on the network thread
@@ -308,6 +334,7 @@ class AckingConsumer:
         self._match_filters = tuple(f.split("/", 2)[2] if f.startswith("$share/") else f for f in self.topic_filters)
         self._ours: dict[str, bool] = {}  # topic -> matches a filter (paho's matcher is slow); MQTT thread
         self._batch_max = batch_max
+        self._batch_max_bytes = batch_max_bytes
         self._linger_s = linger_ms / 1000
         self._slots = threading.Semaphore(queue_size)
         self._queue_size = queue_size
@@ -554,8 +581,7 @@ class AckingConsumer:
             await self._ready.wait()
         if len(self._inbox) < self._batch_max and self._linger_s > 0:
             await asyncio.sleep(self._linger_s)
-        inbox = self._inbox
-        return [inbox.popleft() for _ in range(min(len(inbox), self._batch_max))]
+        return take_batch(self._inbox, self._batch_max, self._batch_max_bytes)
 
     async def run(self) -> None:
         """Consume until cancelled (or, after :meth:`close_intake`, drained); every batch is

@@ -154,7 +154,7 @@ class Settings(EnvSettings):
     ingest_slots: int | None = field(default=None, metadata={"doc": "ingest slots shared by the bridges of one database (docs/ingest-slots.md): each a persistent MQTT session `{FC_MQTT_CLIENT_ID}-{slot}` on the shared subscription `$share/{FC_INGEST_SHARE_GROUP}/...`, claimed through PostgreSQL; unset: 8 with PostgreSQL and an external broker, none otherwise; `0`: one session with a plain subscription (one bridge per client id). Needs a broker with shared subscriptions (Mosquitto 2), not the embedded one; every bridge of a cluster uses the same number. More slots than bridges lets a cluster grow (a bridge holds at most ceil(slots/bridges))"})
     ingest_share_group: str = field(default="firstcare", metadata={"doc": "the shared-subscription group of the ingest slots (`[A-Za-z0-9_-]`)"})
     ingest_queue_size: int = field(default=10000, metadata={"doc": "bounded queue between the MQTT client and the writer (per ingest slot)"})
-    batch_max: int = field(default=500, metadata={"doc": "most messages committed in one transaction"})
+    batch_max: int = field(default=500, metadata={"doc": "most messages committed in one transaction (and at most 256 KiB of payload)"})
     batch_linger_ms: float = field(default=5.0, metadata={"doc": "how long the writer waits to fill a batch"})
     dead_letter_bytes: int = field(default=4096, metadata={"doc": "raw payload kept per dead letter (truncated beyond)"})
     history_size: int = field(default=1000, metadata={"doc": "events kept per room for replay"})
