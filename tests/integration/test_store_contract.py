@@ -146,6 +146,30 @@ def test_latest_vitals_keeps_the_newest_ts(store: Store) -> None:
     assert store.latest_vitals("nobody") == {}
 
 
+def test_scores_written_in_one_transaction_get_their_own_ids_and_are_read_back(store: Store) -> None:
+    """Stores may buffer score and state writes until the commit (PostgreSQL does): the id a
+    score gets inside the transaction is the one it is stored under, and the next transaction
+    loads the saved state."""
+    from firstcare import news2
+
+    inputs = {"heart_rate": news2.Input(135.0, T0, "monitor/m1"), "spo2": news2.Input(97.0, T0, "monitor/m1")}
+    ids = []
+    with store.transaction() as tx:
+        for k in range(40):  # past one reserved block of ids
+            s = news2.score(inputs, T0 + k * S)
+            ids.append(tx.insert_news2("p1", "h1", s, f"sig{k}", '{"total":%d,"k":%d}' % (s.total, k)))
+        tx.save_news2_state("p1", "sig39", T0 + 99 * S)
+        tx.save_news2_state("p2", "other", None)
+    assert len(set(ids)) == 40 and ids == sorted(ids)
+    for k in (0, 17, 39):
+        assert store.news2_score(ids[k]) == {"id": ids[k], "patient_id": "p1", "hospital_id": "h1", "total": 3, "k": k}
+    with store.transaction() as tx:
+        found = tx.news2_of(["p1", "p2"])
+        assert (found["p1"].signature, found["p1"].expiry_ms) == ("sig39", T0 + 99 * S)
+        assert (found["p2"].signature, found["p2"].expiry_ms) == ("other", None)
+        assert tx.due_news2(T0 + 100 * S, 10) == ["p1"]
+
+
 @pytest.fixture
 def history(store: Store) -> Store:
     """25 readings of p1 one second apart (spo2 on even seq), inserted out of order, plus noise."""
