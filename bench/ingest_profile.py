@@ -27,7 +27,6 @@ from bench.loadgen import Devices
 from bridge.alerts import default_rules
 from bridge.core import BridgeCore, CoreSettings
 from bridge.hub import open_hub
-from bridge.router import rooms_for
 from bridge.store import open_store
 from firstcare.mqtt import Inbound
 from firstcare.payloads import now_ms

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import dataclasses
-import json
 
 import msgspec
 

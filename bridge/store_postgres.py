@@ -37,7 +37,6 @@ the pool serves any thread.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import threading
