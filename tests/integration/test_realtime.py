@@ -16,6 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from bridge.realtime import CLOSE_CODES
+from firstcare.auth import LEEWAY_SECONDS
 from tests.support.bridge import BridgeThread, bridge_settings, token, wait_until
 from tests.support.devices import Device
 
@@ -217,10 +218,28 @@ def test_token_in_subprotocol_and_single_use_ticket(bridge: BridgeThread) -> Non
         CLOSE_CODES["token_invalid"]
 
 
+def nearly_expired() -> str:
+    """A token past its ``exp`` by all but 3 s of the leeway: accepted, and its stream ends
+    3 s later, as any token's does at ``exp`` plus the leeway."""
+    return token(ttl=-(LEEWAY_SECONDS - 3))
+
+
 def test_stream_closes_when_the_token_expires(bridge: BridgeThread) -> None:
-    code, reason = asyncio.run(closed_with(ws_url(bridge, token=token(ttl=2))))
+    async def main() -> tuple[int, str]:
+        async with ws_client(ws_url(bridge, token=nearly_expired())) as ws:  # accepted: a welcome first
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 15)
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd is not None
+                return closed.rcvd.code, closed.rcvd.reason
+        raise AssertionError("not closed")
+
+    code, reason = asyncio.run(main())
     assert (code, "expired" in reason) == (CLOSE_CODES["token_expired"], True)
-    with httpx.stream("GET", f"{bridge.url}/realtime/events", params={"token": token(ttl=2)}, timeout=30) as response:
+    with httpx.stream("GET", f"{bridge.url}/realtime/events", params={"token": nearly_expired()},
+                      timeout=30) as response:
+        assert response.status_code == 200
         assert read_sse(response, 1)[0]["event"] == "reauth"
 
 
@@ -277,13 +296,14 @@ def test_sse_reconnect_with_last_event_id_gets_exactly_what_it_missed(bridge: Br
 
 def test_history_that_no_longer_reaches_back_yields_resync(bridge: BridgeThread) -> None:
     async def main() -> None:
-        async with ws_client(ws_url(bridge, token=token())) as ws:
+        async with ws_client(ws_url(bridge, token=token())) as ws, bridge.async_http() as client:
             await subscribe(ws, "system")
-            first = httpx.post(f"{bridge.url}/realtime/test/publish", headers={"Authorization": f"Bearer {token()}"},
-                               json={"room": "system", "event": "system.maintenance", "data": {"n": 0}}).json()
-            for n in range(1, 450):
-                httpx.post(f"{bridge.url}/realtime/test/publish", headers={"Authorization": f"Bearer {token()}"},
-                           json={"room": "system", "event": "system.maintenance", "data": {"n": n}})
+            first = (await client.post("/realtime/test/publish", json={
+                "room": "system", "event": "system.maintenance", "data": {"n": 0}})).json()
+            for n in range(1, bridge.settings.history_size + 20):  # the first one falls out of the history
+                response = await client.post("/realtime/test/publish", json={
+                    "room": "system", "event": "system.maintenance", "data": {"n": n}})
+                assert response.status_code == 200, response.text
         async with ws_client(ws_url(bridge, token=token())) as ws:
             answer = await subscribe(ws, "system", since=first["id"])
             assert (answer["type"], answer["room"]) == ("resync", "system")
@@ -297,7 +317,6 @@ def test_history_that_no_longer_reaches_back_yields_resync(bridge: BridgeThread)
 # --- limits and backpressure ---------------------------------------------------------------
 
 def test_slow_client_never_delays_a_fast_one_and_an_alert_it_cannot_take_disconnects_it(bridge: BridgeThread) -> None:
-    admin = {"Authorization": f"Bearer {token()}"}
     big = "x" * 60_000
 
     async def main() -> None:
@@ -319,11 +338,11 @@ def test_slow_client_never_delays_a_fast_one_and_an_alert_it_cannot_take_disconn
 
         fast_reader = asyncio.create_task(read_fast())
         published = []
-        for n in range(150):
-            published.append(await asyncio.to_thread(
-                lambda n=n: httpx.post(f"{bridge.url}/realtime/test/publish", headers=admin, json={
+        async with bridge.async_http() as client:
+            for n in range(150):
+                published.append((await client.post("/realtime/test/publish", json={
                     "room": "hospital:h1:alerts", "event": "patient.alert.raised",
-                    "data": {"n": n, "pad": big}}).json()["id"]))
+                    "data": {"n": n, "pad": big}})).json()["id"])
         assert await fast_reader == published, "the fast client lost or reordered events"
         slow.transport.resume_reading()
         code = None

@@ -45,14 +45,16 @@ def bridge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         b.h2.vitals({"spo2": 97}, patient_id="pB1")  # type: ignore[attr-defined]
         wait_until(lambda: b.runtime.store.patient_hospital("pB1") == "h2"
                    and b.runtime.store.patient_hospital("pA1") == "h1", what="seed patients")
-        yield b
+        with b.http() as admin:
+            b.admin = admin  # type: ignore[attr-defined]
+            yield b
         b.h1.close()  # type: ignore[attr-defined]
         b.h2.close()  # type: ignore[attr-defined]
 
 
 def publish(bridge: BridgeThread, room: str, n: int = 0) -> str:
-    response = httpx.post(f"{bridge.url}/realtime/test/publish", headers={"Authorization": f"Bearer {token()}"},
-                          json={"room": room, "event": "system.maintenance", "data": {"n": n}}, timeout=15)
+    response = bridge.admin.post(  # type: ignore[attr-defined]
+        "/realtime/test/publish", json={"room": room, "event": "system.maintenance", "data": {"n": n}})
     assert response.status_code == 200, response.text
     return response.json()["id"]
 
@@ -153,7 +155,7 @@ def test_a_refresh_ends_the_subjects_sse_stream_its_token_no_longer_allows(bridg
 def test_the_expiry_follows_the_refreshed_token(bridge: BridgeThread) -> None:
     async def main() -> int:
         async with ws_client(ws_url(bridge, token=token(**BOTH))) as ws:
-            short = token(**ONLY_H1, ttl=1)
+            short = token(**ONLY_H1, ttl=2 - LEEWAY_SECONDS)  # past its exp: 2 s of the leeway left
             await ws.send(json.dumps({"type": "auth", "token": short}))
             answer = await recv(ws)
             assert answer["type"] == "authenticated" and answer["expires_at"] <= time.time() + 2

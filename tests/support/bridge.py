@@ -138,6 +138,16 @@ class BridgeThread:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token(role, **claims)}"},
                             timeout=15, verify=verify)
 
+    def async_http(self, role: str = "admin", **claims: Any) -> httpx.AsyncClient:
+        """:meth:`http` for a test's own event loop: one connection for many requests."""
+        verify: Any = True
+        if self.settings.http_cert_file:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=self.settings.mqtt_ca_file)
+        return httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {token(role, **claims)}"},
+                                 timeout=15, verify=verify)
+
     def stats(self) -> dict[str, Any]:
         with self.http() as client:
             return client.get("/realtime/stats").json()
