@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 SIMULATE ?= 20
 TLS ?=
+TEST_WORKERS ?= 4
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
@@ -31,9 +32,12 @@ venv: $(DEV)
 up: $(RUNTIME)
 	$(BIN)/firstcare up --simulate $(SIMULATE)$(if $(TLS), --tls)
 
-## The whole test suite (needs the services listed under Prerequisites in the README).
+## The whole test suite (needs the services listed under Prerequisites in the README), on
+## $(TEST_WORKERS) pytest-xdist workers, each test file on one worker (its module fixtures shared as
+## in a serial run); the tests mostly wait on brokers, servers and timers, so more workers than cores
+## pay off. TEST_WORKERS=0: one process. PYTEST_ARGS: anything else for pytest.
 test: $(DEV)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .hypothesis

@@ -13,13 +13,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def dry_run(target: str, venv: Path) -> list[str]:
+def dry_run(target: str, venv: Path, *variables: str) -> list[str]:
     if shutil.which("make") is None:
         pytest.fail("make is not installed")
     # run as a top-level make even when the suite itself runs under `make test` (a nested make
     # would print "Entering/Leaving directory" lines and inherit the outer make's flags)
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    result = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=REPO_ROOT,
+    result = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}", *variables], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=30, check=True, env=env)
     return result.stdout.splitlines()
 
@@ -40,4 +40,9 @@ def test_make_test_adds_the_test_tools(tmp_path: Path, target: str) -> None:
     assert installs(lines) == [f"{tmp_path}/venv/bin/pip install --quiet -e .",
                                f"{tmp_path}/venv/bin/pip install --quiet -e '.[dev]'"], lines
     if target == "test":
-        assert lines[-1].startswith(f"{tmp_path}/venv/bin/pytest")
+        assert lines[-1].startswith(f"{tmp_path}/venv/bin/pytest -n 4 --dist loadfile"), lines[-1]
+
+
+def test_make_test_runs_the_workers_asked_for(tmp_path: Path) -> None:
+    lines = dry_run("test", tmp_path / "venv", "TEST_WORKERS=0", "PYTEST_ARGS=tests/unit")
+    assert lines[-1] == f"{tmp_path}/venv/bin/pytest -n 0 --dist loadfile tests/unit"

@@ -57,14 +57,19 @@ def test_postgres_restart_mid_stream_loses_nothing_and_readiness_follows(
         wait_until(lambda: readiness(bridge)[0] == 200, timeout=30, what="ready on PostgreSQL")
         device = Device(mosquitto.port, "ox-pg-outage")
 
+        stopped = threading.Event()
+
         def publish() -> None:
             for seq in range(1, TOTAL + 1):
+                if seq == TOTAL // 2 + 1:  # however fast the first half was stored, the rest meets the outage
+                    stopped.wait(60)
                 device.vitals({"spo2": 97, "heart_rate": 70 + seq % 20}, seq=seq)
 
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
         wait_until(lambda: len(stored(url, device.device_id)) >= TOTAL // 8, timeout=60, what="an eighth stored")
         private_postgres.stop("fast")
+        stopped.set()
         status, body = wait_until(lambda: (r := readiness(bridge))[0] == 503 and r, timeout=30,
                                   what="readiness 503 while PostgreSQL is down")
         assert body["checks"]["store"].startswith("error"), body

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import quote
 
+from tests.support.ports import free_port  # noqa: F401 - re-exported: tests import it from here
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_CONFIG_DIR = REPO_ROOT / "broker-config"
 PRODUCTION_CONF = BROKER_CONFIG_DIR / "mosquitto.conf"
@@ -79,13 +81,6 @@ def mosquitto_binary() -> str | None:
     if os.access(MOSQUITTO_DEFAULT_BIN, os.X_OK):
         return MOSQUITTO_DEFAULT_BIN
     return shutil.which("mosquitto")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def parse_config(path: Path) -> list[tuple[str, str]]:

@@ -45,8 +45,11 @@ def reachable(url: str) -> str | None:
 
 
 def create_database(prefix: str = "fc_test") -> str:
-    """A new, empty database on the machine's server; its URL."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
+    """A new, empty database on the machine's server; its URL. The name says which pytest-xdist
+    worker made it (``fc_test_gw1_...``; ``main`` outside xdist) and is random beyond that, so
+    workers and suites running side by side never share a database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"{prefix}_{worker}_{secrets.token_hex(4)}"
     with psycopg.connect(admin_url(), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return with_database(admin_url(), name)
