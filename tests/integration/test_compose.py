@@ -8,6 +8,7 @@ profile's front (deploy/nginx.conf) is checked in tests/integration/test_scale_f
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -53,11 +54,18 @@ def compose_config(*args: str, env: dict[str, str] | None = None) -> subprocess.
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@functools.cache
+def resolved_text(env: tuple[tuple[str, str], ...] = ()) -> str:
+    """``docker-compose config`` once per run and environment (it takes seconds to start; the
+    file does not change during a run)."""
+    result = compose_config(env=dict(env))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def resolved(env: dict[str, str] | None = None) -> dict:
     """The file as Compose runs it: variables replaced by their defaults (or ``env``'s values)."""
-    result = compose_config(env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return yaml.safe_load(result.stdout)
+    return yaml.safe_load(resolved_text(tuple(sorted((env or {}).items()))))
 
 
 def test_compose_file_validates():
