@@ -164,7 +164,8 @@ def test_bad_observations_are_refused(bridge: BridgeThread, body: dict) -> None:
     assert response.status_code == 422 and response.json()["error"] == "bad_request"
 
 
-@pytest.mark.parametrize("ts", ["2000-01-01T00:00:00Z", str(int(time.time() * 1000) + 3_600_000), "yesterday"])
+@pytest.mark.parametrize("ts", ["2000-01-01T00:00:00Z", str(int(time.time() * 1000) + 3_600_000), "yesterday"],
+                         ids=["long ago", "an hour ahead", "not a time"])  # the same ids on every xdist worker
 def test_observation_times_must_be_recent(bridge: BridgeThread, ts: str) -> None:
     response = observe(bridge, "p-known", {"consciousness": "A", "ts": ts})
     assert response.status_code == 400
