@@ -9,8 +9,12 @@ from typing import Any
 import pytest
 
 from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mosquitto
+from tests.support.http import share_default_tls_context
 from tests.support.pki import Certs, gateway_acl_lines
 from tests.support.probe import Probe
+
+# httpx clients share one default TLS context instead of loading the CA bundle each (tests/support/http.py)
+share_default_tls_context()
 
 # --------------------------------------------------------------------------
 # Mosquitto (real broker, built from broker-config/; see tests/support/brokers.py)

@@ -10,6 +10,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Generous: a timeout means "never starts", not "slow" (Python imports on a machine whose cores
+# are shared by several test workers and other work).
+START_TIMEOUT = 90.0
 
 
 class ChildProcess:
@@ -32,7 +35,7 @@ class ChildProcess:
             self.process = subprocess.Popen([sys.executable, "-m", "firstcare.cli", *self.command], env=self.env,
                                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         ChildProcess.live.add(self)
-        wait(self._ready_or_raise, timeout=30, what=f"{what} (log: {self.log_path})")
+        wait(self._ready_or_raise, timeout=START_TIMEOUT, what=f"{what} (log: {self.log_path})")
 
     def _ready_or_raise(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
