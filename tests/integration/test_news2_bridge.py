@@ -46,6 +46,16 @@ def news2_of(bridge: BridgeThread, pid: str, **params: object) -> dict:
     return response.json()
 
 
+def scored(bridge: BridgeThread, pid: str, **params: object) -> dict:
+    """:func:`news2_of` for polling: empty until the bridge has stored the patient's first reading
+    (404 until then)."""
+    response = httpx.get(f"{bridge.url}/api/patients/{pid}/news2", headers=clinician(), params=params, timeout=10)
+    if response.status_code == 404:
+        return {"current": {"parameters": {}, "total": None}, "items": []}
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def active_alerts(bridge: BridgeThread, pid: str) -> dict[str, dict]:
     items = httpx.get(f"{bridge.url}/api/alerts", headers=clinician(),
                       params={"patient_id": pid, "state": "active"}, timeout=10).json()["items"]
@@ -81,7 +91,7 @@ def test_a_septic_patient_scores_high_raises_the_alarm_and_publishes_updates(bri
 
 def test_observations_complete_the_score_and_name_who_recorded_them(bridge: BridgeThread, monitor: Device) -> None:
     monitor.vitals(SEPTIC, patient_id="p-obs")
-    wait_until(lambda: news2_of(bridge, "p-obs")["current"]["parameters"], what="the first score")
+    wait_until(lambda: scored(bridge, "p-obs")["current"]["parameters"], what="the first score")
     response = observe(bridge, "p-obs", {"consciousness": "C", "supplemental_oxygen": True, "note": "drowsy"})
     assert response.status_code == 201, response.text
     body = response.json()
@@ -95,7 +105,7 @@ def test_observations_complete_the_score_and_name_who_recorded_them(bridge: Brid
 
 def test_scale_2_with_oxygen_scores_high_saturations(bridge: BridgeThread, monitor: Device) -> None:
     monitor.vitals({**WELL, "spo2": 97}, patient_id="p-copd")
-    wait_until(lambda: news2_of(bridge, "p-copd")["current"]["parameters"], what="the first score")
+    wait_until(lambda: scored(bridge, "p-copd")["current"]["parameters"], what="the first score")
     assert observe(bridge, "p-copd", {"spo2_scale": 2, "supplemental_oxygen": True, "consciousness": "A"}).status_code == 201
     current = news2_of(bridge, "p-copd")["current"]
     assert current["spo2_scale"] == 2 and current["parameters"]["spo2"]["score"] == 3  # 97 % on oxygen, scale 2
@@ -110,7 +120,7 @@ def test_a_complete_normal_score_clears_what_a_partial_one_could_not(bridge: Bri
     wait_until(lambda: {"news2.high", "news2.medium"} <= set(active_alerts(bridge, "p-clear")), what="alarms")
     for i in range(3):
         monitor.vitals(WELL, patient_id="p-clear", ts_ms=start + 30_000 + i * 6000)
-    wait_until(lambda: news2_of(bridge, "p-clear")["current"]["total"] == 0, what="a partial score of 0")
+    wait_until(lambda: scored(bridge, "p-clear")["current"]["total"] == 0, what="a partial score of 0")
     assert "news2.medium" in active_alerts(bridge, "p-clear")  # a partial 0 proves nothing
     assert observe(bridge, "p-clear", {"consciousness": "A", "supplemental_oxygen": False}).status_code == 201
     wait_until(lambda: "news2.medium" not in active_alerts(bridge, "p-clear"), what="medium cleared")
@@ -121,7 +131,7 @@ def test_a_complete_normal_score_clears_what_a_partial_one_could_not(bridge: Bri
 def test_stale_inputs_are_named_and_never_counted(bridge: BridgeThread, monitor: Device) -> None:
     two_hours_ago = int(time.time() * 1000) - 2 * 3600 * 1000
     monitor.vitals(SEPTIC, patient_id="p-stale", ts_ms=two_hours_ago)
-    wait_until(lambda: news2_of(bridge, "p-stale")["items"], what="a score")
+    wait_until(lambda: scored(bridge, "p-stale")["items"], what="a score")
     current = news2_of(bridge, "p-stale")["current"]
     # RR, SpO2 and pulse are fresh for 1 h, SBP and temperature for 4 h
     assert current["stale"] == ["respiratory_rate", "spo2", "heart_rate"]
@@ -132,7 +142,7 @@ def test_stale_inputs_are_named_and_never_counted(bridge: BridgeThread, monitor:
 def test_history_pages_newest_first_without_repeats(bridge: BridgeThread, monitor: Device) -> None:
     for hr in (72, 95, 115, 135, 95):  # each changes the pulse score: five stored scores
         monitor.vitals({**WELL, "heart_rate": hr}, patient_id="p-pages")
-    wait_until(lambda: len(news2_of(bridge, "p-pages", limit=5000)["items"]) == 5, what="five scores")
+    wait_until(lambda: len(scored(bridge, "p-pages", limit=5000)["items"]) == 5, what="five scores")
     seen, cursor = [], None
     while True:
         body = news2_of(bridge, "p-pages", limit=2, **({"cursor": cursor} if cursor else {}))
@@ -184,7 +194,7 @@ def test_scores_survive_a_restart(tmp_path) -> None:
     with BridgeThread(settings) as b:
         device = Device(b.mqtt_port, "mon-restart", device_type="monitor")
         device.vitals(SEPTIC, patient_id="p-restart")
-        wait_until(lambda: news2_of(b, "p-restart")["items"], what="a score")
+        wait_until(lambda: scored(b, "p-restart")["items"], what="a score")
         device.close()
     with BridgeThread(settings) as b:
         body = news2_of(b, "p-restart")
