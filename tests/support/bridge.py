@@ -48,9 +48,6 @@ def bridge_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "mqtt_client_id": f"bridge-{os.getpid()}-{free_port()}",
     }
     values.update(overrides)
-    if str(values["store_url"]).startswith("postgres") and "audit_url" not in overrides:
-        # the audit trail is kept beside the store; with PostgreSQL that is the working directory's data/
-        values["audit_url"] = f"sqlite:///{tmp_path}/bridge-audit.db"
     return Settings.from_env({}, **values)
 
 
