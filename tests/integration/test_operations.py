@@ -110,8 +110,11 @@ def test_metrics_and_stats_hammered_while_500_new_devices_appear(tmp_path: Path)
         publisher.disconnect()
         assert failures == []
         assert scrapes[0] > 4
-        text = httpx.get(bridge.url + "/metrics").text
-        assert sample(text, "firstcare_devices") == 500
+        def metrics_with_every_device() -> str | None:  # the gauges follow the store at the next timer tick
+            text = httpx.get(bridge.url + "/metrics").text
+            return text if sample(text, "firstcare_devices") == 500 else None
+
+        text = wait_until(metrics_with_every_device, what="500 devices in /metrics")
         assert sample(text, "firstcare_devices_online") == 500
         assert "mon-0" not in text and "p-0" not in text, "no device or patient id in /metrics"
 
