@@ -32,11 +32,14 @@ venv: $(DEV)
 up: $(RUNTIME)
 	$(BIN)/firstcare up --simulate $(SIMULATE)$(if $(TLS), --tls)
 
-## The whole test suite (needs the services listed under Prerequisites in the README), on
-## $(TEST_WORKERS) pytest-xdist workers, each test file on one worker (its module fixtures shared as
-## in a serial run); the tests mostly wait on brokers, servers and timers, so more workers than cores
-## pay off. TEST_WORKERS=0: one process. PYTEST_ARGS: anything else for pytest.
+## Lint, type-check, then the whole test suite (needs the services listed under Prerequisites in
+## the README), on $(TEST_WORKERS) pytest-xdist workers, each test file on one worker (its module
+## fixtures shared as in a serial run); the tests mostly wait on brokers, servers and timers, so more
+## workers than cores pay off. TEST_WORKERS=0: one process. PYTEST_ARGS: anything else for pytest.
+## ruff and mypy read their configuration from pyproject.toml.
 test: $(DEV)
+	$(BIN)/ruff check
+	$(BIN)/mypy
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:

@@ -39,7 +39,8 @@ def test_make_test_adds_the_test_tools(tmp_path: Path, target: str) -> None:
     lines = dry_run(target, tmp_path / "venv")
     assert installs(lines) == [f"{tmp_path}/venv/bin/pip install --quiet -e .",
                                f"{tmp_path}/venv/bin/pip install --quiet -e '.[dev]'"], lines
-    if target == "test":
+    if target == "test":  # lint and type-check first, then the suite
+        assert lines[-3:-1] == [f"{tmp_path}/venv/bin/ruff check", f"{tmp_path}/venv/bin/mypy"], lines
         assert lines[-1].startswith(f"{tmp_path}/venv/bin/pytest -n 4 --dist loadfile"), lines[-1]
 
 
