@@ -340,7 +340,7 @@ class Pending:
     first_ms: int
     last_ms: int
 
-    def add(self, ts_ms: int) -> "Pending":
+    def add(self, ts_ms: int) -> Pending:
         return Pending(self.count + 1, min(self.first_ms, ts_ms), max(self.last_ms, ts_ms))
 
 

@@ -35,17 +35,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from bridge.alerts import default_rules, load_rules
-from bridge.apidocs import install_docs
 from bridge.api import install_error_handlers, operator, router
-from bridge.api_security import router as security_router
 from bridge.api_clinical import router as clinical_router
+from bridge.api_security import router as security_router
+from bridge.apidocs import install_docs
 from bridge.audit_http import AuditMiddleware
 from bridge.audit_http import router as audit_router
 from bridge.audit_log import AuditLog, audit_path
-from bridge.fhir_api import router as fhir_router
 from bridge.cluster import Cluster, open_cluster
 from bridge.core import BridgeCore, CoreSettings, Writer
 from bridge.fanout import FanOut
+from bridge.fhir_api import router as fhir_router
 from bridge.hub import Hub, open_hub
 from bridge.realtime import Realtime
 from bridge.realtime_routes import router as realtime_router
@@ -58,8 +58,8 @@ from firstcare.broker import BrokerTls, EmbeddedBroker
 from firstcare.errors import FirstCareError, StoreError
 from firstcare.events import Event
 from firstcare.lease import BrokerUnreachable, LeaseError, LeaseHeld, LeaseKeeper
-from firstcare.permissions import Claims
 from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, backoff_delay
+from firstcare.permissions import Claims
 from firstcare.settings import Settings
 from firstcare.tls import ClientTls, note_plaintext, warn_if_insecure
 from firstcare.topics import is_gateway_topic, subscription_filters

@@ -66,21 +66,21 @@ from bridge.state import WorkingSet, open_working_set
 from bridge.store import DeadLetter, DeviceKey, DeviceRecord, Gauges, ObservationRecord, Store, alert_json, device_json
 from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
+from firstcare.metrics import METRICS
+from firstcare.mqtt import Inbound, describe_error
 from firstcare.payloads import (
     MAX_PAYLOAD_BYTES,
     Reading,
     Rejection,
     StatusReport,
+    decode_gateway_status,
     decode_status,
     decode_vitals,
     encode_vitals,
     format_ts,
     now_ms,
 )
-from firstcare.metrics import METRICS
-from firstcare.mqtt import Inbound, describe_error
 from firstcare.signing import KeyRecord, expired, open_message
-from firstcare.payloads import decode_gateway_status
 from firstcare.topics import Topic, parse_gateway_topic, parse_topic, vitals_topic
 
 log = logging.getLogger("firstcare.bridge")

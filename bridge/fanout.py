@@ -92,7 +92,7 @@ class FanOut:
                 if self.catch_up_pending:  # the hub is still failing
                     try:
                         event, marks = await asyncio.wait_for(self._outbox.get(), RETRY_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
                 else:
                     event, marks = await self._outbox.get()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -87,7 +87,7 @@ def parse_date(value: str) -> tuple[str, int, int]:
     text = value[2:] if value[:2] == prefix else value
     try:
         if len(text) == 10:
-            start = datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+            start = datetime.fromisoformat(text).replace(tzinfo=UTC)
             return prefix, int(start.timestamp() * 1000), int((start + timedelta(days=1)).timestamp() * 1000)
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:

@@ -183,7 +183,7 @@ class Subscriber:
                 self._ready = asyncio.Event()
             await self._ready.wait()
 
-    def __aiter__(self) -> "Subscriber":
+    def __aiter__(self) -> Subscriber:
         return self
 
     async def __anext__(self) -> Delivery:

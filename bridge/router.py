@@ -47,11 +47,7 @@ def rooms_for(event: Event) -> list[str]:
             out.append(rooms.hospital_room(hid))
         if pid:
             out.append(rooms.patient_room(pid))
-    elif name == "patient.news2.update":
-        out.append(rooms.patient_room(pid))
-        if hid:
-            out.append(rooms.hospital_room(hid))
-    elif name == "patient.status.change":
+    elif name == "patient.news2.update" or name == "patient.status.change":
         out.append(rooms.patient_room(pid))
         if hid:
             out.append(rooms.hospital_room(hid))

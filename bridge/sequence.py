@@ -48,7 +48,7 @@ class Content:
     metrics: tuple[tuple[str, float], ...]
 
     @classmethod
-    def of(cls, ts_ms: int, metrics: Mapping[str, float]) -> "Content":
+    def of(cls, ts_ms: int, metrics: Mapping[str, float]) -> Content:
         return cls(ts_ms, tuple(sorted((name, float(value)) for name, value in metrics.items())))
 
 

@@ -719,9 +719,8 @@ class PostgresStore(ClinicalStoreMixin):
         (an idle connection does not know PostgreSQL restarted until it is used)."""
         for attempt in (1, 2):
             try:
-                with self._pool.connection() as conn:
-                    with conn.cursor(row_factory=dict_row) as cur:
-                        return cur.execute(sql, params).fetchall()
+                with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                    return cur.execute(sql, params).fetchall()
             except psycopg.OperationalError as exc:
                 if attempt == 2 or not is_unavailable(exc):
                     raise store_error("query failed", exc) from exc

@@ -28,7 +28,6 @@ from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import LockKey
 from bridge.sequence import Content
 from bridge.store import (
-    MAX_PAGE,
     DeadLetter,
     DeviceKey,
     DeviceRecord,

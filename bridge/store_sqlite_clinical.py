@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from bridge.store import News2Record, ObservationRecord, PatientInputs
 from firstcare import news2
 from firstcare.payloads import format_ts
+
 
 def news2_row_json(row: sqlite3.Row) -> dict[str, Any]:
     body = json.loads(row["body"])

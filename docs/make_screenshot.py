@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from firstcare.auth import mint_token  # noqa: E402
-from tests.support.brokers import free_port  # noqa: E402
 from tests.support.bridge import wait_until  # noqa: E402
+from tests.support.brokers import free_port  # noqa: E402
 
 
 def main() -> int:

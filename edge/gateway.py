@@ -239,7 +239,7 @@ class Gateway:
         if self.intake is not None:
             try:
                 await asyncio.wait_for(self.intake.close(), CLOSE_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("the spool did not take the last batch within %.0fs; its devices send it again",
                             CLOSE_TIMEOUT_S)
         for task in tasks:

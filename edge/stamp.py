@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from firstcare.errors import TopicError
+from firstcare.mqtt import Inbound
 from firstcare.payloads import (
     MAX_PAYLOAD_BYTES,
     Rejection,
@@ -29,7 +30,6 @@ from firstcare.payloads import (
     encode_status,
     vitals_body,
 )
-from firstcare.mqtt import Inbound
 from firstcare.signing import is_signed, unwrap
 from firstcare.topics import Topic, make_topic, parse_topic
 

@@ -214,7 +214,7 @@ class _AdaptedBroker(Broker):
         try:
             handler, session = await asyncio.wait_for(
                 _IntakeHandler.init_from_connect(reader, writer, self.plugins_manager), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             await _close_quietly(writer)
             raise AMQTTError(f"{remote_address}:{remote_port} sent no CONNECT within {CONNECT_TIMEOUT_S:.0f}s") from exc
         except (AMQTTError, NoDataError) as exc:

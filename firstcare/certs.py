@@ -49,7 +49,7 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def make_ca(common_name: str = "FirstCare development CA", days: int = CA_DAYS,

@@ -93,7 +93,7 @@ class Claim:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, payload: bytes) -> "Claim | None":
+    def decode(cls, payload: bytes) -> Claim | None:
         """None for an empty (cleared) or unreadable claim."""
         try:
             raw = json.loads(payload)

@@ -46,12 +46,12 @@ letter) and it is acknowledged like the rest. Parts that succeed are acknowledge
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import logging
 import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -100,7 +100,7 @@ class MqttTarget:
     tls: ClientTls | None = None
 
     @classmethod
-    def parse(cls, url: str, default_port: int | None = None, tls: ClientTls | None = None) -> "MqttTarget":
+    def parse(cls, url: str, default_port: int | None = None, tls: ClientTls | None = None) -> MqttTarget:
         try:
             parts = urlsplit(url)
             port = parts.port

@@ -237,7 +237,7 @@ class Settings(EnvSettings):
         self.check_not_negative("hsts_seconds", "signature_max_age_seconds")
         if not self.signature_max_age_seconds > 0:
             raise self.bad("signature_max_age_seconds", "must be greater than 0")
-        if 0 < self.retention_days and self.signature_max_age_seconds >= self.retention_days * 86400:
+        if self.retention_days > 0 and self.signature_max_age_seconds >= self.retention_days * 86400:
             raise self.bad("signature_max_age_seconds", "must be below FC_RETENTION_DAYS, or a signed reading "
                                                         "deleted by retention could be replayed and stored again")
         for hospital in self.require_signatures:
@@ -310,7 +310,7 @@ class Settings(EnvSettings):
             return
         parts = urlsplit(self.store_url)
         try:
-            port_ok = parts.port is None or 0 < parts.port
+            port_ok = parts.port is None or parts.port > 0
         except ValueError:
             port_ok = False
         if parts.scheme not in ("postgresql", "postgres") or not port_ok or not parts.path.strip("/"):

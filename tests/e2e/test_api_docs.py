@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from tests.support.bridge import wait_until
-from tests.support.browser import chromium_page
 from tests.support.brokers import free_port
+from tests.support.browser import chromium_page
 
 TIMEOUT_MS = 30_000
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

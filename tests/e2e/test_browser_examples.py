@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.bridge import wait_until
-from tests.support.browser import chromium_page
 from tests.support.brokers import free_port
+from tests.support.browser import chromium_page
 
 WEBSOCKET_EXAMPLE = """([token, patientId]) => new Promise((resolve, reject) => {
   const ws = new WebSocket(`ws://${location.host}/realtime/ws?token=${token}`);

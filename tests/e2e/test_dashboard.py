@@ -27,8 +27,8 @@ import pytest
 
 from firstcare.auth import mint_token
 from tests.support.bridge import wait_until
-from tests.support.browser import chromium_page
 from tests.support.brokers import free_port
+from tests.support.browser import chromium_page
 from tests.support.devices import Device
 
 TIMEOUT_MS = 20_000

@@ -24,8 +24,14 @@ from firstcare.certs_cli import gateway_acl
 from firstcare.identity import file_stem, gateway_identity, parse_identity
 from tests.conftest import require_postgres
 from tests.support.bridge import BridgeThread, bridge_settings
-from tests.support.brokers import (PRODUCTION_CONF, REPO_ROOT, free_port, parse_config, require_mosquitto,
-                                   start_mosquitto)
+from tests.support.brokers import (
+    PRODUCTION_CONF,
+    REPO_ROOT,
+    free_port,
+    parse_config,
+    require_mosquitto,
+    start_mosquitto,
+)
 from tests.support.edge import EdgeProcess
 from tests.support.pki import Certs
 

@@ -46,7 +46,7 @@ class BrokerThread:
     def call(self, fn: object) -> None:
         self.loop.call_soon_threadsafe(fn)  # type: ignore[arg-type]
 
-    def __enter__(self) -> "BrokerThread":
+    def __enter__(self) -> BrokerThread:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.broker.start(), self.loop).result(15)
         return self

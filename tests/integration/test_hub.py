@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 

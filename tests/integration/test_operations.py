@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from firstcare.payloads import encode_status
 from firstcare.topics import status_topic
-from tests.support.bridge import BridgeProcess, BridgeThread, bridge_settings, token, wait_until
-from tests.support.brokers import MosquittoInstance, free_port, require_mosquitto, start_mosquitto
-from tests.support.devices import Device
 from tests.integration.test_refusals import env_for
+from tests.support.bridge import BridgeProcess, BridgeThread, bridge_settings, token, wait_until
+from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mosquitto
+from tests.support.devices import Device
 
 
 def families(text: str) -> dict[str, object]:

@@ -384,8 +384,7 @@ def test_require_signatures_setting_applies_without_the_api(tmp_path: Path, cert
 
 def test_unencrypted_paths_log_a_warning_and_insecure_mode_is_loud(tmp_path: Path, certs: Certs,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING"):
-        with BridgeThread(tls_settings(tmp_path, certs, tls_insecure=True)):
-            pass
+    with caplog.at_level("WARNING"), BridgeThread(tls_settings(tmp_path, certs, tls_insecure=True)):
+        pass
     assert any("verification is OFF" in r.getMessage() for r in caplog.records)
 

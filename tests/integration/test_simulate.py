@@ -20,10 +20,10 @@ import pytest
 
 from firstcare.errors import BrokerError, TopicError
 from firstcare.payloads import decode_status, decode_vitals, encode_status
+from firstcare.tls import ClientTls, client_context
 from firstcare.topics import parse_topic
 from simulators.physiology import DEVICE_METRICS
 from simulators.runner import SimulationConfig, SimulationSummary, main, run_simulation
-from firstcare.tls import ClientTls, client_context
 from tests.support.brokers import MosquittoInstance, free_port
 from tests.support.pki import Certs
 

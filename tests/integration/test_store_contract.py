@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.alerts import Alert, RuleOverride, Transition
-from bridge.alerts import Pending
+from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import device_key, patient_key
 from bridge.sequence import Content
 from bridge.store import DeadLetter, DeviceRecord, News2Record, PatientInputs, SeqGap, Store
@@ -502,15 +501,14 @@ def test_purge_removes_old_rows(store: Store) -> None:
 
 
 def test_failing_transaction_rolls_back_everything(store: Store) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with store.transaction() as tx:
-            assert tx.insert_readings([reading(1), reading(2)]) == [True, True]
-            tx.insert_dead_letters([DeadLetter(T0, "t", "schema_invalid", "", b"{}", 2)])
-            tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online")])
-            tx.save_transitions([Transition("raised", alert("a1"), T0)])
-            tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, T0)])
-            tx.set_overrides("p1", {"spo2.low": RuleOverride(enabled=False)})
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), store.transaction() as tx:
+        assert tx.insert_readings([reading(1), reading(2)]) == [True, True]
+        tx.insert_dead_letters([DeadLetter(T0, "t", "schema_invalid", "", b"{}", 2)])
+        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online")])
+        tx.save_transitions([Transition("raised", alert("a1"), T0)])
+        tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, T0)])
+        tx.set_overrides("p1", {"spo2.low": RuleOverride(enabled=False)})
+        raise RuntimeError("boom")
     assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
     assert store.latest_vitals("p1") == {}
     assert store.patient_hospital("p1") is None
@@ -524,10 +522,9 @@ def test_failing_transaction_rolls_back_everything(store: Store) -> None:
 
 def test_database_error_becomes_store_error_and_rolls_back(store: Store) -> None:
     bad = alert("a2", hospital_id=None)  # type: ignore[arg-type]  # violates alerts.hospital_id NOT NULL
-    with pytest.raises(StoreError):
-        with store.transaction() as tx:
-            tx.insert_readings([reading(1)])
-            tx.save_transitions([Transition("raised", alert("a1"), T0), Transition("raised", bad, T0)])
+    with pytest.raises(StoreError), store.transaction() as tx:
+        tx.insert_readings([reading(1)])
+        tx.save_transitions([Transition("raised", alert("a1"), T0), Transition("raised", bad, T0)])
     assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
     assert store.alert_history("a1") == []
 

@@ -117,23 +117,20 @@ def test_a_lock_held_elsewhere_is_unavailable_a_rejected_row_is_not(store: Postg
 
     with psycopg.connect(pg_url) as other:  # another bridge in the middle of this device's batch
         other.execute("SELECT pg_advisory_xact_lock(%s, %s)", device_key("monitor", "m1").ids)
-        with pytest.raises(StoreUnavailable, match="lock"):
-            with store.transaction() as tx:
-                tx.lock([device_key("monitor", "m1")])
+        with pytest.raises(StoreUnavailable, match="lock"), store.transaction() as tx:
+            tx.lock([device_key("monitor", "m1")])
     with store.transaction() as tx:  # released with the other transaction
         tx.lock([device_key("monitor", "m1")])
     bad = Alert("a1", "r", "clinical", "high", "raised", "patient:p1", "p1", None, None, None,  # type: ignore[arg-type]
                 None, None, None, "m", True, True, NOW, NOW)  # hospital_id NOT NULL
-    with pytest.raises(StoreError) as caught:
-        with store.transaction() as tx:
-            tx.save_transitions([Transition("raised", bad, NOW)])
+    with pytest.raises(StoreError) as caught, store.transaction() as tx:
+        tx.save_transitions([Transition("raised", bad, NOW)])
     assert not isinstance(caught.value, StoreUnavailable)
 
 
 def test_a_statement_past_its_timeout_is_unavailable(store: PostgresStore) -> None:
-    with pytest.raises(StoreUnavailable, match="timeout"):
-        with store.transaction() as tx:
-            tx._conn.execute("SELECT pg_sleep(5)")
+    with pytest.raises(StoreUnavailable, match="timeout"), store.transaction() as tx:
+        tx._conn.execute("SELECT pg_sleep(5)")
 
 
 def test_a_lost_connection_is_unavailable_and_the_next_transaction_reconnects(store: PostgresStore,
@@ -142,9 +139,8 @@ def test_a_lost_connection_is_unavailable_and_the_next_transaction_reconnects(st
         pid = tx._conn.info.backend_pid
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    with pytest.raises(StoreUnavailable):
-        with store.transaction() as tx:
-            tx.insert_readings([reading(1, NOW)])
+    with pytest.raises(StoreUnavailable), store.transaction() as tx:
+        tx.insert_readings([reading(1, NOW)])
     with store.transaction() as tx:
         assert tx.insert_readings([reading(1, NOW)]) == [True]
     assert store.counts()["readings"] == 1

@@ -128,9 +128,8 @@ def test_a_database_from_before_boots_keeps_its_readings_and_their_identity(tmp_
             assert tx.reading_versions("monitor", "m1", 2) == {"": Content.of(T0 + 2 * S, {"heart_rate": 70.0})}
             tx.insert_reading(reading(2), "b2")  # the same seq in another boot is another reading
         assert store.counts()["readings"] == 4
-        with pytest.raises(StoreError):
-            with store.transaction() as tx:
-                tx.insert_reading(reading(2), "b2")  # but never twice under one identity
+        with pytest.raises(StoreError), store.transaction() as tx:
+            tx.insert_reading(reading(2), "b2")  # but never twice under one identity
     finally:
         store.close()
 
@@ -145,15 +144,13 @@ def test_a_locked_database_is_unavailable_a_rejected_row_is_not(store, db_path: 
     blocker = sqlite3.connect(db_path)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        with pytest.raises(StoreUnavailable, match="locked"):
-            with store.transaction() as tx:
-                tx.insert_readings([reading(1)])
+        with pytest.raises(StoreUnavailable, match="locked"), store.transaction() as tx:
+            tx.insert_readings([reading(1)])
     finally:
         blocker.rollback()
         blocker.close()
     with store.transaction() as tx:
         tx.insert_readings([reading(1)])
-    with pytest.raises(StoreError) as caught:
-        with store.transaction() as tx:
-            tx.insert_reading(reading(1), "")
+    with pytest.raises(StoreError) as caught, store.transaction() as tx:
+        tx.insert_reading(reading(1), "")
     assert not isinstance(caught.value, StoreUnavailable)

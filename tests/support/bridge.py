@@ -72,7 +72,7 @@ class BridgeThread:
         self._loop.run_until_complete(self._server.serve())
         self._loop.close()
 
-    def start(self) -> "BridgeThread":
+    def start(self) -> BridgeThread:
         self._thread.start()
         wait_until(lambda: self._server.started or not self._thread.is_alive(), what="bridge start")
         if not self._server.started:
@@ -152,7 +152,7 @@ class BridgeThread:
         with self.http() as client:
             return client.get("/realtime/stats").json()
 
-    def __enter__(self) -> "BridgeThread":
+    def __enter__(self) -> BridgeThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -169,7 +169,7 @@ class BridgeProcess(ChildProcess):
         self.port = int(env["FC_HTTP_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "BridgeProcess":
+    def start(self) -> BridgeProcess:
         self._spawn(wait_until, "bridge process ready")
         return self
 

@@ -126,7 +126,7 @@ class CountingDevice:
             if delay > 0:
                 time.sleep(delay)
 
-    def start(self) -> "CountingDevice":
+    def start(self) -> CountingDevice:
         self._thread.start()
         return self
 

@@ -31,7 +31,7 @@ class EdgeProcess(ChildProcess):
         token = settings.get("http_token")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def start(self) -> "EdgeProcess":
+    def start(self) -> EdgeProcess:
         self._spawn(wait_until, "edge gateway up")
         return self
 

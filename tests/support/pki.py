@@ -55,7 +55,7 @@ class Certs:
 
     def expired(self, identity: str) -> ClientTls:
         ca_cert, ca_key = self.pki.load_ca()
-        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+        start = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
         cert, key = issue(ca_cert, ca_key, identity, client=True, days=29, not_before=start)
         return self._write(self.root / "expired", identity, cert_pem(cert), key_pem(key))
 

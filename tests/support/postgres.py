@@ -100,7 +100,7 @@ class PrivatePostgres:
             command = ["runuser", "-u", self._user, "--", *command]
         return subprocess.run(command, check=check, capture_output=True, text=True, timeout=timeout)
 
-    def init(self) -> "PrivatePostgres":
+    def init(self) -> PrivatePostgres:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._user is not None:
             info = pwd.getpwnam(self._user)
@@ -116,7 +116,7 @@ class PrivatePostgres:
                        "fsync = off\nmax_connections = 40\nshared_buffers = 32MB\n")
         return self
 
-    def start(self) -> "PrivatePostgres":
+    def start(self) -> PrivatePostgres:
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "postgres.log"), "-w", "-t", "60",
                   "start")
         deadline = time.monotonic() + 30

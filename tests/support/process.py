@@ -20,7 +20,7 @@ class ChildProcess:
     failed test left running."""
 
     command: tuple[str, ...] = ()
-    live: set["ChildProcess"] = set()
+    live: set[ChildProcess] = set()
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
         self.env = {**os.environ, **env}

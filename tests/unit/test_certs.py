@@ -45,7 +45,7 @@ def test_a_device_certificate_carries_its_identity_and_is_for_clients_only() -> 
 
 
 def test_validity_and_an_expired_certificate_for_tests() -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     fresh, _ = issue(CA, CA_KEY, "bridge", client=True)
     assert fresh.not_valid_before_utc <= now < fresh.not_valid_after_utc
     assert (fresh.not_valid_after_utc - now).days >= 824

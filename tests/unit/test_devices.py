@@ -6,7 +6,16 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.devices import SPOT_CHECK_OFFLINE_MS, is_continuous, new_device, offline_after_ms, on_binding, on_reading, on_status, sweep
+from bridge.devices import (
+    SPOT_CHECK_OFFLINE_MS,
+    is_continuous,
+    new_device,
+    offline_after_ms,
+    on_binding,
+    on_reading,
+    on_status,
+    sweep,
+)
 from bridge.store import DeviceRecord, SeqGap
 from firstcare.payloads import Reading, StatusReport
 

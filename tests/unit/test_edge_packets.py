@@ -7,7 +7,7 @@ import json
 import msgspec
 import pytest
 
-from edge.packets import Refusal, fit, publish_packet_size, puback_refusal
+from edge.packets import Refusal, fit, puback_refusal, publish_packet_size
 from firstcare.signing import new_signing_key, sign
 
 TOPIC = "fc/v1/h1/oximeter/ox-1/vitals"

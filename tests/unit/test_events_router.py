@@ -185,7 +185,7 @@ def test_rooms_for_table(name: str, data: dict, expected: list[str]) -> None:
 def test_presence_is_ephemeral_and_never_an_alert() -> None:
     from firstcare.events import EPHEMERAL_EVENTS, encode_ephemeral
 
-    assert EPHEMERAL_EVENTS == set(PRESENCE_NAMES)
+    assert set(PRESENCE_NAMES) == EPHEMERAL_EVENTS
     event = make_event("presence.join", {"room": "system", "user": "u"}, T0)
     assert not event.is_alert
     body = json.loads(encode_ephemeral(event, "system"))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from firstcare.errors import ConfigError
-from firstcare.identity import Identity, device_identity, file_stem, gateway_identity, may_publish, may_read, parse_identity
+from firstcare.identity import (
+    Identity,
+    device_identity,
+    file_stem,
+    gateway_identity,
+    may_publish,
+    may_read,
+    parse_identity,
+)
 
 M7 = parse_identity("h1/monitor/monitor-7")
 GW = parse_identity("gateway/h1/ward-3")

@@ -6,7 +6,7 @@ Every decode gets an explicit ``received_ms`` so the time checks never depend on
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -29,7 +29,7 @@ from firstcare.topics import parse_topic
 TOPIC = parse_topic("fc/v1/h1/monitor/m-1/vitals")
 STATUS_TOPIC = parse_topic("fc/v1/h1/monitor/m-1/status")
 # 2026-11-26T10:15:30.120Z, the DESIGN.md example, is "now" for these tests.
-NOW_MS = int(datetime(2026, 11, 26, 10, 15, 30, 120_000, tzinfo=timezone.utc).timestamp() * 1000)
+NOW_MS = int(datetime(2026, 11, 26, 10, 15, 30, 120_000, tzinfo=UTC).timestamp() * 1000)
 DAY_MS = 24 * 3600 * 1000
 DESIGN_EXAMPLE = (
     b'{"seq": 1042, "ts": "2026-11-26T10:15:30.120Z", "patient_id": "p-001",\n'
@@ -521,7 +521,7 @@ def test_a_reading_without_boot_has_none_and_encoding_round_trips_it() -> None:
                                  "2026-11-26T10:15:30.999999Z"])
 def test_iso_times_convert_to_exact_milliseconds(iso: str) -> None:
     parsed = datetime.fromisoformat(iso)
-    expected = (parsed - datetime(1970, 1, 1, tzinfo=timezone.utc)) // __import__("datetime").timedelta(milliseconds=1)
+    expected = (parsed - datetime(1970, 1, 1, tzinfo=UTC)) // __import__("datetime").timedelta(milliseconds=1)
     (r,) = decode(body(ts=iso)).readings
     assert r.ts_ms == expected
     assert decode(body(ts=format_ts(r.ts_ms))).readings[0].ts_ms == r.ts_ms, "format and parse round-trip exactly"

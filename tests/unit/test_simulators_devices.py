@@ -6,8 +6,8 @@ import pytest
 
 from firstcare.errors import ConfigError, TopicError
 from firstcare.payloads import MAX_PAYLOAD_BYTES, decode_vitals
-from firstcare.topics import parse_topic, vitals_topic
 from firstcare.tls import ClientTls
+from firstcare.topics import parse_topic, vitals_topic
 from simulators.devices import MALFORMED_KINDS, OVERSIZE_LIMIT_BYTES, MqttEndpoint, malformed_message, parse_endpoint
 from simulators.physiology import DEVICE_METRICS, Patient, measure
 

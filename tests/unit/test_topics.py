@@ -28,7 +28,7 @@ def test_every_device_type_and_kind_parses(device_type: str, kind: str) -> None:
 
 
 def test_documented_device_types_are_the_set() -> None:
-    assert DEVICE_TYPES == {"monitor", "oximeter", "bp", "thermometer", "glucometer", "scale"}
+    assert {"monitor", "oximeter", "bp", "thermometer", "glucometer", "scale"} == DEVICE_TYPES
 
 
 @pytest.mark.parametrize(
