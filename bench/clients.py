@@ -270,10 +270,12 @@ async def connect_all(spec: dict[str, Any], stats: Stats) -> tuple[list[Any], Co
                 done: asyncio.Future = loop.create_future()
                 try:
                     if kind == "ws":
-                        factory = lambda done=done: WsClient(host, port, entry["path"], entry.get("send", []),
-                                                             ready_on_b, stats, done)
+                        def factory(done=done):
+                            return WsClient(host, port, entry["path"], entry.get("send", []), ready_on_b, stats,
+                                            done)
                     else:
-                        factory = lambda done=done: SseClient(host, port, entry["path"], stats, done)
+                        def factory(done=done):
+                            return SseClient(host, port, entry["path"], stats, done)
                     transport, _ = await asyncio.wait_for(loop.create_connection(factory, host, port), 30)
                     await asyncio.wait_for(done, 60)
                     clients.append(transport)

@@ -46,8 +46,8 @@ def hospital_of(patient_index: int, per_hospital: int) -> str:
 
 def reading(seq: int, ts: str, pid: str) -> str:
     hr = 60 + seq % 30
-    return ('{"seq":%d,"ts":"%s","patient_id":"%s","metrics":{"heart_rate":%d,"spo2":%d,"respiratory_rate":%d}}'
-            % (seq, ts, pid, hr, 95 + seq % 4, 12 + seq % 6))
+    return (f'{{"seq":{seq},"ts":"{ts}","patient_id":"{pid}","metrics":{{"heart_rate":{hr},"spo2":{95 + seq % 4},'
+            f'"respiratory_rate":{12 + seq % 6}}}}}')
 
 
 class Devices:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -75,10 +76,8 @@ class ClientPool:
             except (BrokenPipeError, OSError):
                 pass
         for p in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
             p.stop(timeout=5)
 
 

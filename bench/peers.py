@@ -45,8 +45,8 @@ def envelope(topic: str, payload: bytes) -> tuple[str, str, str]:
     hid = topic.split("/", 3)[2]
     pid = reading.get("patient_id", "")
     ms = int(time.time() * 1000)
-    message = ('{"type":"vitals_update","event":"patient.vitals.update","room":"hospital:%s","ts":%d,"data":%s}'
-               % (hid, ms, payload.decode()))
+    message = (f'{{"type":"vitals_update","event":"patient.vitals.update","room":"hospital:{hid}","ts":{ms},'
+               f'"data":{payload.decode()}}}')
     return hid, pid, message
 
 
@@ -123,10 +123,8 @@ def fastapi_docs(args: argparse.Namespace) -> None:
     async def pump() -> None:
         while True:
             message = await queue.get()
-            try:
+            with contextlib.suppress(Exception):  # a closed client must not stop the feed
                 await manager.broadcast(message)
-            except Exception:  # noqa: BLE001 - a closed client must not stop the feed
-                pass
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:

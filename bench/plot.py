@@ -43,7 +43,7 @@ def draw(results: Path, out: Path) -> Path:
     for k, (who, label, color) in enumerate(subs):
         values = [(ing.get(g) or {}).get(who, {}).get("rate") or 0 for g, _ in groups]
         bars = ax.bar([i + (k - 1) * width for i in range(len(groups))], values, width, label=label, color=color)
-        for b, v in zip(bars, values):
+        for b, v in zip(bars, values, strict=True):
             if v:
                 ax.annotate(f"{v / 1000:.0f}k" if v >= 1000 else f"{v:.0f}", (b.get_x() + b.get_width() / 2, v),
                             ha="center", va="bottom", fontsize=7)

@@ -91,7 +91,7 @@ class Proc:
         self.argv = list(argv)
         log_dir = log_dir or Path(tempfile.gettempdir())
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the process's life, closed in stop()
         self.popen = subprocess.Popen(self.argv, env={**os.environ, **(env or {})}, cwd=cwd, stdin=stdin,
                                       stdout=stdout if stdout is not None else self._log, stderr=self._log,
                                       start_new_session=True)

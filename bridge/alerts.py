@@ -277,10 +277,7 @@ def apply_overrides(rules: Iterable[Rule], overrides: Mapping[str, RuleOverride]
         if not override.enabled:
             continue
         threshold = rule.threshold if override.threshold is None else float(override.threshold)
-        if override.clear is not None:
-            clear = float(override.clear)
-        else:
-            clear = rule.clear + (threshold - rule.threshold)
+        clear = float(override.clear) if override.clear is not None else rule.clear + (threshold - rule.threshold)
         result.append(validate_rule(replace(rule, threshold=threshold, clear=clear)))
     return result
 

@@ -87,7 +87,7 @@ async def post_observations(request: Request, c: Auth, patient_id: ID, body: Obs
         "patient_id": patient_id,
         "observations": [{"id": i, "kind": o.kind, "value": o.value, "ts": format_ts(o.ts_ms),
                           "recorded_at": format_ts(o.recorded_ms), "recorded_by": o.recorded_by, "note": o.note}
-                         for i, o in zip(ids, records)],
+                         for i, o in zip(ids, records, strict=True)],
         "news2": current_score(rt.store, patient_id, now_ms()),
     }, 201)
 

@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from bridge.alerts import Alert, Pending, RuleOverride, Transition
@@ -595,10 +595,8 @@ class SQLiteStore(ClinicalStoreMixin):
     def _rollback(self) -> None:
         """Roll back whatever is open; a failed COMMIT may already have ended the transaction."""
         if self._writer.in_transaction:
-            try:
+            with suppress(sqlite3.Error):
                 self._writer.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
 
     def close(self) -> None:
         with self._readers_lock:

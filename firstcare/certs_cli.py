@@ -19,18 +19,18 @@ from firstcare.identity import Identity, device_identity, gateway_identity, pars
 from firstcare.signing import b64url, load_private, new_signing_key, private_pem, public_raw
 from firstcare.topics import DEVICE_TYPES
 
-EPILOG = """\
+EPILOG = f"""\
 step by step (development CA; for production use your own CA and keep its key offline):
   firstcare certs init --host broker.example --host bridge.example
   firstcare certs device --hospital h1 --type monitor --id monitor-7
       -> clients/h1.monitor.monitor-7.pem, -key.pem (TLS), .sign-key.pem (Ed25519), .sign.pub
   firstcare certs gateway --hospital h1 --id ward-3 --acl broker-config/acl
   firstcare certs register --bridge-url https://bridge.example:8000 --token $ADMIN_TOKEN
-      -> PUT /api/devices/{type}/{id}/key for every signing key in the directory
+      -> PUT /api/devices/{{type}}/{{id}}/key for every signing key in the directory
 
-The directory (default %s) is 0700; private keys are 0600 and never leave it (copy a device's
+The directory (default {DEFAULT_DIR}) is 0700; private keys are 0600 and never leave it (copy a device's
 files onto that device only).
-""" % DEFAULT_DIR
+"""
 
 
 def gateway_acl(identity: Identity, root: str = "fc") -> str:
@@ -171,7 +171,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     try:
         results = register_keys(pki, args.bridge_url, args.token, args.cacert or str(pki.ca_file))
     except (urllib.error.URLError, OSError) as exc:
-        raise FirstCareError(f"cannot reach {args.bridge_url}: {getattr(exc, 'reason', exc)}", "bridge_unreachable")
+        raise FirstCareError(f"cannot reach {args.bridge_url}: {getattr(exc, 'reason', exc)}", "bridge_unreachable") from exc
     failed = 0
     for identity, status, body in results:
         print(f"{status}  {identity}" + ("" if status == 200 else f"  {body}"))

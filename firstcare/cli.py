@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -325,10 +326,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_bridge(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run_loop(_serve(settings))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -376,8 +375,10 @@ def cmd_edge(args: argparse.Namespace) -> int:
     if settings.local_url == "embedded":
         check_port_free(settings.local_host, settings.local_port, "ward MQTT", "--local-port", "FC_EDGE_LOCAL_PORT")
     check_port_free(settings.http_host, settings.http_port, "HTTP", "--http-port", "FC_EDGE_HTTP_PORT")
-    print(f"edge gateway {settings.gateway_id} for hospital {settings.hospital_id}: ward broker "
-          f"{'%s://%s:%s (embedded)' % ('mqtts' if settings.ward_tls else 'mqtt', settings.local_host, settings.local_port) if settings.local_url == 'embedded' else settings.local_url}, "
+    scheme = "mqtts" if settings.ward_tls else "mqtt"
+    ward = (f"{scheme}://{settings.local_host}:{settings.local_port} (embedded)" if settings.local_url == "embedded"
+            else settings.local_url)
+    print(f"edge gateway {settings.gateway_id} for hospital {settings.hospital_id}: ward broker {ward}, "
           f"upstream {settings.upstream_url}, stats http://{settings.http_host}:{settings.http_port}/stats", flush=True)
     config = uvicorn.Config(create_app(settings), host=settings.http_host, port=settings.http_port,
                             log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)

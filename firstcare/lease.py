@@ -32,6 +32,7 @@ worker thread) and reads what the callbacks recorded under ``_lock``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -301,10 +302,8 @@ class LeaseKeeper:
             self._beat_thread.join(5)
         if self.state == "held" and self._client.is_connected():
             info = self._client.publish(self.topic, b"", qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2)
-            except (RuntimeError, ValueError):
-                pass
         if self.state in ("held", "yielded"):
             self._client.loop_stop()
             self._client.disconnect()

@@ -87,7 +87,7 @@ def test_two_bridges_ingesting_one_patient_alternately_raise_what_one_would(tmp_
         for i, (seq, metrics) in enumerate(readings):
             monitors[i % 2].vitals(metrics, seq=seq, patient_id="p-rr", ts_ms=t0 + seq * 5 * SECOND)
             # one at a time, as a device at one reading per few seconds is dealt: in device order
-            wait_until(lambda: len(client.get("/api/patients/p-rr/readings", params={"limit": 1000}).json()["items"])
+            wait_until(lambda i=i: len(client.get("/api/patients/p-rr/readings", params={"limit": 1000}).json()["items"])
                        == i + 1, what=f"reading {i + 1} stored")
         expected = reference(tmp_path, t0)
         assert Counter(r for r, *_ in expected) == Counter({  # what one bridge raises: each episode once

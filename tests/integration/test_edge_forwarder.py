@@ -68,7 +68,7 @@ def test_quota_exceeded_is_tried_again_then_quarantined_while_the_rest_goes_on(s
     fw._flush()
     assert spool.depth == 1 and fw.counters["acked"] == 4, "the queue behind it moved on"
     (entry,) = spool.next(5, set())
-    for attempt in (2, 3):
+    for _attempt in (2, 3):
         fw._deferred = {entry.id: 0.0}  # its backoff is over
         client.published.clear()
         fw._send(client)

@@ -109,24 +109,28 @@ def test_wss_through_the_proxy_and_the_origin_check_still_applies(proxied: tuple
         assert json.loads(ws.recv(10))["type"] == "welcome"
         ws.send(json.dumps({"type": "ping"}))
         assert json.loads(ws.recv(10))["type"] == "pong"
-    with ws_connect(url, ssl=proxy.context, origin="https://evil.example", open_timeout=10) as ws:  # type: ignore[arg-type]
-        with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                ws.recv(10)
+    with (
+        ws_connect(url, ssl=proxy.context, origin="https://evil.example", open_timeout=10) as ws,  # type: ignore[arg-type]
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        while True:
+            ws.recv(10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4405
 
 
 def test_sse_streams_through_the_proxy_unbuffered(proxied: tuple[BridgeThread, Proxy]) -> None:
     bridge, proxy = proxied
     headers = {"Authorization": f"Bearer {token('admin')}", "Origin": proxy.url}
-    with httpx.Client(base_url=proxy.url, verify=proxy.context, timeout=15) as client:
-        with client.stream("GET", "/realtime/events", headers=headers) as stream:
-            assert stream.status_code == 200
-            with httpx.Client(base_url=proxy.url, verify=proxy.context, timeout=10) as poster:
-                poster.post("/realtime/test/publish", headers={"Authorization": f"Bearer {token('admin')}"},
-                            json={"room": "system", "event": "system.maintenance", "data": {"note": "proxied"}})
-            for line in stream.iter_lines():
-                if "proxied" in line:
-                    break
+    with (
+        httpx.Client(base_url=proxy.url, verify=proxy.context, timeout=15) as client,
+        client.stream("GET", "/realtime/events", headers=headers) as stream,
+    ):
+        assert stream.status_code == 200
+        with httpx.Client(base_url=proxy.url, verify=proxy.context, timeout=10) as poster:
+            poster.post("/realtime/test/publish", headers={"Authorization": f"Bearer {token('admin')}"},
+                        json={"room": "system", "event": "system.maintenance", "data": {"note": "proxied"}})
+        for line in stream.iter_lines():
+            if "proxied" in line:
+                break
     # the stream is closed; the server notices before the bridge stops
     wait_until(lambda: bridge.runtime.realtime.stats()["connections"] == 0, what="the SSE stream closed")

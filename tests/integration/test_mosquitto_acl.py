@@ -96,9 +96,11 @@ def test_a_client_refuses_a_broker_whose_name_is_not_in_its_certificate(mosquitt
     """The server certificate names localhost and 127.0.0.1; a client that meant another host
     refuses it (the context every product client uses checks the name)."""
     context = client_context(certs.client(M7))
-    with socket.create_connection((mosquitto_secure.host, mosquitto_secure.port), timeout=WAIT) as raw:
-        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
-            context.wrap_socket(raw, server_hostname="broker.example")
+    with (
+        socket.create_connection((mosquitto_secure.host, mosquitto_secure.port), timeout=WAIT) as raw,
+        pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"),
+    ):
+        context.wrap_socket(raw, server_hostname="broker.example")
 
 
 def _pair(certs: Certs, identity: str) -> tuple[str, str]:
@@ -412,9 +414,10 @@ def test_dev_config_differs_from_production_only_in_listener_and_auth():
 def test_handshake_alone_refuses_a_client_without_certificate_before_any_mqtt(mosquitto_secure, certs):
     """The refusal is TLS's, not MQTT's: a bare TLS client without a certificate gets no byte of MQTT."""
     context = ssl.create_default_context(cafile=certs.ca_file)
-    with socket.create_connection((mosquitto_secure.host, mosquitto_secure.port), timeout=WAIT) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            with pytest.raises((ssl.SSLError, ConnectionResetError)):
-                tls.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))  # CONNECT, empty id
-                if not tls.recv(4):
-                    raise ConnectionResetError("closed without CONNACK")
+    with (
+        socket.create_connection((mosquitto_secure.host, mosquitto_secure.port), timeout=WAIT) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,pytest.raises((ssl.SSLError, ConnectionResetError))
+    ):
+        tls.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))  # CONNECT, empty id
+        if not tls.recv(4):
+            raise ConnectionResetError("closed without CONNACK")

@@ -219,18 +219,20 @@ def test_a_broker_restart_without_persistence_raises_session_lost(
 
 def test_a_persistent_broker_restart_raises_nothing(tmp_path: Path) -> None:
     require_mosquitto()
-    with start_mosquitto(tmp_path / "broker", dev=True) as broker:
-        with BridgeThread(bridge_settings(tmp_path, mqtt_url=broker.url("bridge"))) as bridge:
-            device = Device(broker.port, "ox-keep")
-            device.status("online")
-            device.close()
-            wait_until(lambda: bridge.runtime.core.snapshot.devices == 1, what="device known")
-            connects = bridge.runtime.ingest.counters["connects"]
-            broker.restart()
-            wait_until(lambda: bridge.runtime.ingest.counters["connects"] > connects and bridge.runtime.ingest.connected,
-                       timeout=60, what="reconnected")
-            assert bridge.runtime.ingest.counters["sessions_lost"] == 0
-            assert session_lost_alerts(bridge) == []
+    with (
+        start_mosquitto(tmp_path / "broker", dev=True) as broker,
+        BridgeThread(bridge_settings(tmp_path, mqtt_url=broker.url("bridge"))) as bridge,
+    ):
+        device = Device(broker.port, "ox-keep")
+        device.status("online")
+        device.close()
+        wait_until(lambda: bridge.runtime.core.snapshot.devices == 1, what="device known")
+        connects = bridge.runtime.ingest.counters["connects"]
+        broker.restart()
+        wait_until(lambda: bridge.runtime.ingest.counters["connects"] > connects and bridge.runtime.ingest.connected,
+                   timeout=60, what="reconnected")
+        assert bridge.runtime.ingest.counters["sessions_lost"] == 0
+        assert session_lost_alerts(bridge) == []
 
 
 def test_session_lost_is_noticed_across_a_bridge_restart(forgetful_broker: MosquittoInstance, tmp_path: Path) -> None:

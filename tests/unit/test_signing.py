@@ -63,7 +63,7 @@ def test_any_json_spelling_of_the_same_string_verifies() -> None:
     """No canonicalisation: the signed bytes are the string's value, however it is escaped."""
     escaped = "".join(f"\\u{ord(c):04x}" for c in BODY.decode())
     sig = json.loads(sign(KEY, "m7", T7, BODY))["sig"]
-    payload = ('{"kid": "m7", "sig": "%s", "signed": "%s"}' % (sig, escaped)).encode()
+    payload = f'{{"kid": "m7", "sig": "{sig}", "signed": "{escaped}"}}'.encode()
     assert opened(T7, payload) == Opened(BODY, "m7")
 
 
