@@ -416,7 +416,8 @@ def test_handshake_alone_refuses_a_client_without_certificate_before_any_mqtt(mo
     context = ssl.create_default_context(cafile=certs.ca_file)
     with (
         socket.create_connection((mosquitto_secure.host, mosquitto_secure.port), timeout=WAIT) as raw,
-        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,pytest.raises((ssl.SSLError, ConnectionResetError))
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        pytest.raises((ssl.SSLError, ConnectionResetError)),
     ):
         tls.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))  # CONNECT, empty id
         if not tls.recv(4):
