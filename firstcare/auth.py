@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import jwt
 
@@ -80,7 +81,7 @@ def _str_set(value: object, name: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def claims_from_payload(payload: dict) -> Claims:
+def claims_from_payload(payload: dict[str, Any]) -> Claims:
     role = payload.get("role", "clinician")
     if not isinstance(role, str) or role not in ROLES:
         raise AuthError(f"unknown role {role!r} (one of {', '.join(sorted(ROLES))})", "token_invalid")

@@ -202,7 +202,7 @@ class _AdaptedBroker(Broker):
         for writer in list(self._streams):
             writer.close()
 
-    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:  # type: ignore[override]
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:
         assert self.tls is not None
         return server_context(self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file,
                               require_client_cert=True)

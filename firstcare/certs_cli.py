@@ -11,7 +11,7 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from firstcare.certs import DEFAULT_DIR, LEAF_DAYS, Pki, write_private, write_public
 from firstcare.errors import ConfigError, FirstCareError
@@ -254,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        command: Callable[[argparse.Namespace], int] = args.func
+        return command(args)
     except FirstCareError as exc:
         print(f"firstcare certs {args.command}: {exc}", file=sys.stderr)
         return 2

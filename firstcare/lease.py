@@ -157,7 +157,7 @@ class LeaseKeeper:
             self._client.username_pw_set(username, password)
         if tls is not None:  # the same TLS identity as the bridge's session (firstcare.tls)
             self._client.tls_set_context(client_context(tls))
-        self._client.reconnect_delay_set(0.5, 10)
+        self._client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # seconds; paho hints int, takes float
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -184,7 +184,7 @@ class LeaseKeeper:
         if msg.topic == self._sync_topic:
             self._synced.set()
             return
-        claim = Claim.decode(msg.payload)
+        claim = Claim.decode(bytes(msg.payload))
         if claim is None:
             return
         if claim.nonce == self.nonce:

@@ -271,7 +271,7 @@ def score(inputs: Mapping[str, Input], now_ms: int, spo2_scale: int = 1,
             points = score_consciousness(str(value))
             shown = str(value)
         else:
-            number = float(value)  # type: ignore[arg-type]
+            number = float(value)
             shown = charted(name, number)
             if name == "spo2":
                 points = score_spo2_scale1(number) if spo2_scale == 1 else score_spo2_scale2(number, on_oxygen)

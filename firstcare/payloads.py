@@ -24,9 +24,10 @@ payload can make a decoder recurse without bound.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Literal
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal
 
 import msgspec
 
@@ -290,7 +291,7 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
             return DecodedVitals([], [Rejection("batch_empty", "'readings' is empty")])
         if len(message.readings) > MAX_BATCH:
             return DecodedVitals([], [Rejection("batch_too_large", f"{len(message.readings)} readings > {MAX_BATCH}")])
-        items = []
+        items: list[tuple[int | None, VitalsIn]] = []
         early: list[Rejection] = []
         for i, raw in enumerate(message.readings):
             try:
@@ -301,16 +302,18 @@ def decode_vitals(topic: Topic, payload: bytes, received_ms: int | None = None) 
                 early.append(Rejection("payload_not_json", f"$.readings[{i}]: {_schema_detail(exc)}", i))
     else:
         early = []
-        missing = [f for f in ("seq", "ts", "metrics") if getattr(message, f) is None]
-        if missing:
+        if message.seq is None or message.ts is None or message.metrics is None:
+            missing = [f for f in ("seq", "ts", "metrics") if getattr(message, f) is None]
             return DecodedVitals([], [Rejection("schema_invalid", f"missing required field(s): {', '.join(missing)}")])
-        items = [(None, VitalsIn(message.seq, message.ts, message.metrics, message.patient_id,  # type: ignore[arg-type]
-                                 message.boot))]
+        items = [(None, VitalsIn(message.seq, message.ts, message.metrics, message.patient_id, message.boot))]
     readings: list[Reading] = []
     rejections: list[Rejection] = list(early)
     for index, item in items:
         result = _reading(topic, item, received_ms, index)
-        (readings if isinstance(result, Reading) else rejections).append(result)  # type: ignore[arg-type]
+        if isinstance(result, Reading):
+            readings.append(result)
+        else:
+            rejections.append(result)
     rejections.sort(key=lambda r: -1 if r.index is None else r.index)
     return DecodedVitals(readings, rejections)
 
@@ -345,10 +348,10 @@ def decode_status(topic: Topic, payload: bytes, received_ms: int | None = None) 
     )
 
 
-def vitals_body(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None,
-                boot: str | None = None) -> dict:
+def vitals_body(seq: int, ts_ms: int, metrics: Mapping[str, float | Mapping[str, Any]], patient_id: str | None = None,
+                boot: str | None = None) -> dict[str, Any]:
     """One reading as the contract spells it (a message of its own, or an item of a batch)."""
-    body: dict = {"seq": seq, "ts": format_ts(ts_ms), "metrics": metrics}
+    body: dict[str, Any] = {"seq": seq, "ts": format_ts(ts_ms), "metrics": metrics}
     if patient_id is not None:
         body["patient_id"] = patient_id
     if boot is not None:
@@ -356,16 +359,16 @@ def vitals_body(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_
     return body
 
 
-def encode_vitals(seq: int, ts_ms: int, metrics: dict[str, float | dict], patient_id: str | None = None,
+def encode_vitals(seq: int, ts_ms: int, metrics: Mapping[str, float | Mapping[str, Any]], patient_id: str | None = None,
                   boot: str | None = None) -> bytes:
     return msgspec.json.encode(vitals_body(seq, ts_ms, metrics, patient_id, boot))
 
 
-def encode_batch(readings: list[dict]) -> bytes:
+def encode_batch(readings: list[dict[str, Any]]) -> bytes:
     return msgspec.json.encode({"readings": readings})
 
 
-def encode_readings(bodies: list[dict], limit: int = MAX_PAYLOAD_BYTES) -> list[bytes]:
+def encode_readings(bodies: list[dict[str, Any]], limit: int = MAX_PAYLOAD_BYTES) -> list[bytes]:
     """Readings (``vitals_body`` dicts) as few messages as fit ``limit`` each: one reading is a
     plain vitals message, several a batch. Used where re-encoding can grow a payload (the edge
     gateway stamps ``patient_id`` and ISO times) so nothing is forwarded that the bridge refuses."""
@@ -386,7 +389,7 @@ def encode_readings(bodies: list[dict], limit: int = MAX_PAYLOAD_BYTES) -> list[
 
 def encode_status(state: str, battery: int | None = None, firmware: str | None = None, ts_ms: int | None = None,
                   boot: str | None = None) -> bytes:
-    body: dict = {"state": state}
+    body: dict[str, Any] = {"state": state}
     if boot is not None:
         body["boot"] = boot
     if battery is not None:

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from firstcare.errors import ConfigError
@@ -33,7 +33,7 @@ class EnvSettings:
     PREFIX = PREFIX
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
@@ -48,7 +48,7 @@ class EnvSettings:
         settings.validate()
         return settings
 
-    def replace(self, **changes: Any) -> Any:
+    def replace(self, **changes: Any) -> Self:
         updated = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
         updated.validate()
         return updated

@@ -14,6 +14,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from firstcare.errors import ConfigError
 
@@ -104,7 +105,9 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | Non
     cert = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
+    # ((("commonName", name),), ...): one tuple of pairs per RDN, deeper than typeshed's type says
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
