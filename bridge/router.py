@@ -16,22 +16,35 @@ once, under the first of them it has joined.
 
 from __future__ import annotations
 
+from typing import Any
+
 from firstcare import rooms
 from firstcare.events import Event
+
+
+def _id(value: Any) -> str | None:
+    """An id the event carries, or None when it is absent or empty: a room is never built
+    from a missing id (no ``patient:None``)."""
+    return value if isinstance(value, str) and value else None
 
 
 def rooms_for(event: Event) -> list[str]:
     d = event.data
     name = event.name
-    pid, hid = d.get("patient_id"), d.get("hospital_id")
-    device = (d.get("device_type"), d.get("device_id"))
+    pid, hid = _id(d.get("patient_id")), _id(d.get("hospital_id"))
+    device_type, device_id = _id(d.get("device_type")), _id(d.get("device_id"))
+    device = rooms.device_room(device_type, device_id) if device_type and device_id else None
     out: list[str] = []
     if name == "patient.vitals.update":
-        out += [rooms.patient_vitals_room(pid), rooms.patient_room(pid), rooms.hospital_room(hid)]
-        if device[0] and device[1]:
-            out.append(rooms.device_room(*device))
+        if pid:
+            out += [rooms.patient_vitals_room(pid), rooms.patient_room(pid)]
+        if hid:
+            out.append(rooms.hospital_room(hid))
+        if device:
+            out.append(device)
     elif name == "device.data.update":
-        out.append(rooms.device_room(*device))
+        if device:
+            out.append(device)
     elif name.startswith("patient.alert."):
         if pid:
             out += [rooms.patient_alerts_room(pid), rooms.patient_room(pid)]
@@ -39,22 +52,25 @@ def rooms_for(event: Event) -> list[str]:
             out.append(rooms.hospital_alerts_room(hid))
             if name == "patient.alert.escalated":
                 out.append(rooms.hospital_room(hid))
-        if d.get("kind") == "technical" and device[0] and device[1]:
-            out.append(rooms.device_room(*device))
+        if d.get("kind") == "technical" and device:
+            out.append(device)
     elif name == "device.status.change":
-        out.append(rooms.device_room(*device))
+        if device:
+            out.append(device)
         if hid:
             out.append(rooms.hospital_room(hid))
         if pid:
             out.append(rooms.patient_room(pid))
     elif name == "patient.news2.update" or name == "patient.status.change":
-        out.append(rooms.patient_room(pid))
+        if pid:
+            out.append(rooms.patient_room(pid))
         if hid:
             out.append(rooms.hospital_room(hid))
     elif name.startswith("hospital."):
-        out.append(rooms.hospital_room(hid))
+        if hid:
+            out.append(rooms.hospital_room(hid))
     elif name.startswith("system."):
         out.append(rooms.SYSTEM)
-    elif name.startswith("presence.") and d.get("room"):
-        out.append(d["room"])
+    elif name.startswith("presence.") and (room := _id(d.get("room"))):
+        out.append(room)
     return out

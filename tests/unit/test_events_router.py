@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 
@@ -180,6 +181,27 @@ def test_rooms_for_table(name: str, data: dict, expected: list[str]) -> None:
     assert len(set(got)) == len(got)
     for room in got:
         parse_room(room)  # every routed room is a valid room name
+
+
+@pytest.mark.parametrize("name", [n for n in EVENT_TYPES if not n.startswith("system.")])
+@pytest.mark.parametrize("missing", [None, ""])
+def test_rooms_for_never_builds_a_room_from_a_missing_id(name: str, missing: str | None) -> None:
+    """An event without a patient, hospital or device goes to the rooms it has ids for, never
+    to ``patient:None`` or ``hospital:``; the other rooms are unaffected."""
+    for key in ("patient_id", "hospital_id", "device_type", "device_id", "room"):
+        data: dict[str, Any] = {**VITALS, "kind": "technical", "room": "hospital:h", key: missing}
+        got = rooms_for(make_event(name, data, T0))
+        for room in got:
+            parse_room(room)
+            assert "None" not in room and not room.endswith(":"), (key, got)
+        with_all = rooms_for(make_event(name, {**VITALS, "kind": "technical", "room": "hospital:h"}, T0))
+        assert set(got) <= set(with_all), (key, got)
+
+
+def test_rooms_for_an_event_with_no_ids_is_empty() -> None:
+    assert rooms_for(make_event("patient.news2.update", {"total": 7}, T0)) == []
+    assert rooms_for(make_event("hospital.alert", {}, T0)) == []
+    assert rooms_for(make_event("device.status.change", {"device_type": "monitor"}, T0)) == []
 
 
 def test_presence_is_ephemeral_and_never_an_alert() -> None:
