@@ -270,10 +270,11 @@ def apply_overrides(rules: Iterable[Rule], overrides: Mapping[str, RuleOverride]
             raise _fail(rid, "enabled", f"{override.enabled!r} must be true or false")
     result: list[Rule] = []
     for rule in rules:
-        override = overrides.get(rule.id)
-        if override is None:
+        found = overrides.get(rule.id)
+        if found is None:
             result.append(rule)
             continue
+        override = found
         if not override.enabled:
             continue
         threshold = rule.threshold if override.threshold is None else float(override.threshold)
@@ -730,7 +731,7 @@ class AlertBook:
             if c.active and alert is None:
                 rule = replace(_technical_rule(c.rule_id), message=message)
                 transitions.append(self._raise(rule, ctx, c.value, now_ms, condition_active=True, count=1))
-            elif c.active and (alert.value != c.value or not alert.condition_active):
+            elif c.active and alert is not None and (alert.value != c.value or not alert.condition_active):
                 transitions.append(self._put("updated", replace(alert, value=c.value, message=message,
                                                                 condition_active=True, updated_ms=now_ms), now_ms))
             elif not c.active and alert is not None:

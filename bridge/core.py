@@ -140,7 +140,7 @@ def in_device_order(items: Sequence[Reading | StatusReport]) -> list[Reading | S
     out = list(items)
     for indexes in places.values():
         if len(indexes) > 1:
-            ordered = sorted((items[i] for i in indexes), key=lambda r: r.ts_ms)  # type: ignore[union-attr]
+            ordered = sorted((items[i] for i in indexes), key=lambda r: r.ts_ms)
             for i, r in zip(indexes, ordered, strict=True):
                 out[i] = r
     return out

@@ -127,7 +127,7 @@ def wanted(codes: list[str], categories: list[str]) -> tuple[list[fhir.Kind], bo
             asked.add(f"{system}|{code}" if sep and system else code)
 
         def hit(system: str, code: str) -> bool:
-            return code in asked or f"{system}|{code}" in asked  # type: ignore[operator]
+            return code in asked or f"{system}|{code}" in asked
 
         kinds = [k for k in kinds if any(hit(fhir.LOINC, c) for c, _ in k.codings)
                  or (k.slug == "glucose" and hit(fhir.LOINC, fhir.GLUCOMETER_GLUCOSE[0]))]

@@ -126,7 +126,7 @@ class _Seen:
 
 class LeaseKeeper:
     def __init__(self, host: str, port: int, username: str | None, password: str | None, client_id: str,
-                 on_yield: Callable[[str], None] | None = None, heartbeat_s: float = HEARTBEAT_S,
+                 on_yield: Callable[[str], object] | None = None, heartbeat_s: float = HEARTBEAT_S,
                  lease_s: float = LEASE_S, clock: Callable[[], int] | None = None,
                  tls: ClientTls | None = None) -> None:
         self.host, self.port = host, port

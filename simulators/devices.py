@@ -329,7 +329,7 @@ class SimulatedDevice:
         device that lost power or signal, so it publishes the will. ``shutdown`` (not ``close``)
         leaves paho to notice the end of stream and close its own socket."""
         sock = self._client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):  # TCP or TLS (paho's WebSocket wrapper has no shutdown)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 

@@ -386,7 +386,7 @@ def _scenario(text: str) -> str | dict[str, str]:
     if "=" not in text:
         return text
     try:
-        return dict(item.split("=", 1) for item in text.split(","))  # type: ignore[misc]
+        return dict(item.split("=", 1) for item in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME or PATIENT=NAME,...") from None
 
