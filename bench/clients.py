@@ -319,7 +319,7 @@ async def main_async(spec: dict[str, Any]) -> None:
     if spec["kind"] == "mqtt":
         client, subscribed = mqtt_subscriber(spec, stats, loop)
         await asyncio.wait_for(subscribed.wait(), 30)
-        clients, errors = [client], Counter()
+        clients, errors = [client], Counter[str]()
     else:
         clients, errors = await connect_all(spec, stats)
     out = sys.stdout

@@ -81,7 +81,7 @@ def run_path(ctx: Ctx, target: str, mport: int, p: dict[str, Any]) -> dict[str, 
         port = free_port()
         proc = Proc("e2e-websockets", [PY, "-m", "bench.peers", "ws-broadcast", "--port", str(port), "--mqtt-port",
                                        str(mport)], log_dir=ctx.workdir)
-        wait_for(lambda: (proc.check(), accepts(port) and "ready" in proc.log_tail())[1], 30, "websockets peer")
+        wait_for(lambda: proc.check() and accepts(port) and "ready" in proc.log_tail(), 30, "websockets peer")
         time.sleep(0.5)
         procs.append(proc)
     else:

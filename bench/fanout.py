@@ -72,7 +72,7 @@ class Server:
             peer = {"websockets": "ws-broadcast", "fastapi": "fastapi-docs", "sse-starlette": "sse-starlette"}[kind]
             proc = Proc(f"fanout-{kind}", [PY, "-m", "bench.peers", peer, "--port", str(self.port),
                                            "--mqtt-port", str(mqtt_port)], log_dir=ctx.workdir)
-            wait_for(lambda: (proc.check(), accepts(self.port) and "ready" in proc.log_tail())[1], 30,
+            wait_for(lambda: proc.check() and accepts(self.port) and "ready" in proc.log_tail(), 30,
                      f"{kind} peer")
             time.sleep(0.5)  # SUBACK
             self.procs = [proc]

@@ -79,10 +79,10 @@ def draw(results: Path, out: Path) -> Path:
         p99.append(floor["p99"] or 0)
     for p in paths:
         name = {"product": "FirstCare", "websockets": "bare websockets", "node-red": "Node-RED"}[p["target"]]
-        for k, short in (("dashboards", "dashboards"), ("patients", "patients")):
+        for audience, short in (("dashboards", "dashboards"), ("patients", "patients")):
             labels.append(f"{name}\n{short}")
-            p50.append(p[k]["p50"] or 0)
-            p99.append(p[k]["p99"] or 0)
+            p50.append(p[audience]["p50"] or 0)
+            p99.append(p[audience]["p99"] or 0)
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], p50, 0.4, label="p50", color="#79a8f0")
     ax.bar([x + 0.2 for x in xs], p99, 0.4, label="p99", color=PRODUCT)

@@ -104,9 +104,11 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def check(self) -> None:
+    def check(self) -> bool:
+        """True while the process runs; raises with its log's tail once it has exited."""
         if not self.alive():
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log:\n{self.log_tail()}")
+        return True
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -172,7 +174,7 @@ def start_mosquitto(workdir: Path, name: str = "mosquitto") -> tuple[Proc, int]:
     conf = workdir / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     proc = Proc(name, [binary, "-c", str(conf)], log_dir=workdir)
-    wait_for(lambda: (proc.check(), accepts(port))[1], 10, "mosquitto to accept")
+    wait_for(lambda: proc.check() and accepts(port), 10, "mosquitto to accept")
     return proc, port
 
 
@@ -222,7 +224,7 @@ def start_amqtt(workdir: Path, name: str = "amqtt") -> tuple[Proc, int]:
     port = free_port()
     proc = Proc(name, [PY, "-m", "firstcare.cli", "broker", "--mqtt-port", str(port), "--log-level", "WARNING"],
                 log_dir=Path(workdir))
-    wait_for(lambda: (proc.check(), accepts(port))[1], 30, "amqtt broker to accept")
+    wait_for(lambda: proc.check() and accepts(port), 30, "amqtt broker to accept")
     return proc, port
 
 
@@ -307,6 +309,6 @@ def start_node_red(workdir: Path, mqtt_port: int, routes: Sequence[tuple[str, st
     proc = Proc(name, ["node", "--max-old-space-size=4096", str(NODE_RED_JS), "-u", str(user_dir),
                        "-s", str(user_dir / "settings.js"), "-p", str(port), str(flow_path)],
                 log_dir=Path(workdir))
-    wait_for(lambda: (proc.check(), accepts(port) and "Connected to broker" in proc.log_tail(100000))[1], 60,
+    wait_for(lambda: proc.check() and accepts(port) and "Connected to broker" in proc.log_tail(100000), 60,
              f"Node-RED to listen and reach the broker (log {proc.log_path})", interval=0.1)
     return proc, port

@@ -116,10 +116,10 @@ def targets(results: dict[str, ScenarioResult], quick: bool = False) -> Table:
         add("10,000 connected clients held on one process", held, f"{held or 0:,} WebSocket clients at N = {largest:,}",
             held is not None and held >= 10_000)
     e2e = results.get("e2e")
-    peer = results.get("peer")
+    peer_result = results.get("peer")
     product = next((p for p in (e2e.data.get("paths", []) if e2e else []) if p.get("target") == "product"
                     and "error" not in p), None)
-    nr = next((p for p in (peer.data.get("paths", []) if peer else []) if p.get("target") == "node-red"
+    nr = next((p for p in (peer_result.data.get("paths", []) if peer_result else []) if p.get("target") == "node-red"
                and "error" not in p), None)
     if product:
         p99 = max(product["dashboards"]["p99"] or 0, product["patients"]["p99"] or 0)
@@ -128,7 +128,7 @@ def targets(results: dict[str, ScenarioResult], quick: bool = False) -> Table:
         if nr:
             nr99 = max(nr["dashboards"]["p99"] or 0, nr["patients"]["p99"] or 0)
             add("End to end p99 no worse than Node-RED's", p99, f"{p99:.1f} ms vs {nr99:.1f} ms", p99 <= nr99)
-        elif peer is not None or e2e is not None:
+        elif peer_result is not None or e2e is not None:
             add("End to end p99 no worse than Node-RED's", None, "", None)
     return t
 
