@@ -64,7 +64,7 @@ class ClosedNetwork:
                 r.abort("internetdisconnected")
 
         page.route("**/*", route)
-        page.on("console", lambda m: "Content Security Policy" in m.text and self.csp.append(m.text))
+        page.on("console", lambda m: self.csp.append(m.text) if "Content Security Policy" in m.text else None)
 
 
 def test_swagger_ui_renders_the_operations_with_no_internet(base: str) -> None:

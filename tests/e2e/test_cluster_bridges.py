@@ -5,6 +5,7 @@ raises nothing, and only one of the two runs the timers."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -74,6 +75,10 @@ def reference(tmp_path: Path, t0: int) -> list[tuple[Any, ...]]:
         store.close()
 
 
+def stored_readings_are(client: httpx.Client, count: int) -> bool:
+    return len(client.get("/api/patients/p-rr/readings", params={"limit": 1000}).json()["items"]) == count
+
+
 def test_two_bridges_ingesting_one_patient_alternately_raise_what_one_would(tmp_path: Path, pg_url: str) -> None:
     a, a_port = start(tmp_path, "a", pg_url)
     b, b_port = start(tmp_path, "b", pg_url)
@@ -87,8 +92,7 @@ def test_two_bridges_ingesting_one_patient_alternately_raise_what_one_would(tmp_
         for i, (seq, metrics) in enumerate(readings):
             monitors[i % 2].vitals(metrics, seq=seq, patient_id="p-rr", ts_ms=t0 + seq * 5 * SECOND)
             # one at a time, as a device at one reading per few seconds is dealt: in device order
-            wait_until(lambda i=i: len(client.get("/api/patients/p-rr/readings", params={"limit": 1000}).json()["items"])
-                       == i + 1, what=f"reading {i + 1} stored")
+            wait_until(functools.partial(stored_readings_are, client, i + 1), what=f"reading {i + 1} stored")
         expected = reference(tmp_path, t0)
         assert Counter(r for r, *_ in expected) == Counter({  # what one bridge raises: each episode once
             "heart_rate.high": 2, "heart_rate.high.critical": 1, "news2.low_medium": 1, "device.seq_gap": 1}), expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -30,17 +31,18 @@ def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeThread]:
         wait_until(lambda: (active(b, "heart_rate.high.critical") or {}).get("state") == "escalated",
                    what="an escalated alarm")
         alarm = active(b, "heart_rate.high.critical")
+        assert alarm is not None
         assert httpx.post(f"{b.url}/api/alerts/{alarm['id']}/ack", headers=NURSE).status_code == 200
         for i in range(3):  # SpO2 88-91 over 12 s: medium spo2.low, then back to normal at once
             device.vitals({"spo2": 90}, patient_id="p-rep", ts_ms=now - 50_000 + i * 6000)
         wait_until(lambda: active(b, "spo2.low"), what="spo2.low raised")
         device.vitals({"spo2": 97, "heart_rate": 70}, patient_id="p-rep", ts_ms=now - 30_000)
-        wait_until(lambda: active(b, "spo2.low")["state"] == "resolved", what="spo2.low cleared by itself")
+        wait_until(lambda: (active(b, "spo2.low") or {}).get("state") == "resolved", what="spo2.low cleared by itself")
         device.close()
         yield b
 
 
-def report(bridge: BridgeThread, headers: dict[str, str] = NURSE, **params: object) -> httpx.Response:
+def report(bridge: BridgeThread, headers: dict[str, str] = NURSE, **params: Any) -> httpx.Response:
     return httpx.get(f"{bridge.url}/api/reports/alarms", headers=headers, params=params, timeout=10)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import jwt
@@ -29,7 +30,7 @@ def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeThread]:
         h2.close()
 
 
-def get(bridge: BridgeThread, path: str, auth: str | None, **params: object) -> httpx.Response:
+def get(bridge: BridgeThread, path: str, auth: str | None, **params: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {auth}"} if auth else {}
     return httpx.get(bridge.url + path, headers=headers, params=params, timeout=10)
 

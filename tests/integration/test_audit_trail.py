@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from tests.support.brokers import free_port
 from tests.support.devices import Device
 from tests.support.process import REPO_ROOT
 
-NURSE = {"role": "clinician", "sub": "nurse-audit", "hospitals": ("h1",)}
+NURSE: dict[str, Any] = {"role": "clinician", "sub": "nurse-audit", "hospitals": ("h1",)}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeThread]:
 
 
 def audit_path(bridge: BridgeThread) -> str:
+    assert bridge.runtime.audit is not None
     return bridge.runtime.audit.path
 
 
@@ -158,13 +160,13 @@ def test_websocket_subscriptions_replays_and_refusals_are_recorded(bridge: Bridg
         async with websockets.connect(ws_url(bridge, "/realtime/ws", token="garbage"), open_timeout=10) as ws:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
-            assert closed.value.rcvd.code == 4401
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
         async with websockets.connect(ws_url(bridge, "/realtime/ws/hospital/h2", token=token(**NURSE)),
                                       open_timeout=10) as ws:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 while True:
                     await ws.recv()
-            assert closed.value.rcvd.code == 4403
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
 
     asyncio.run(session())
     ok = find(bridge, action="realtime.subscribe", resource="patient:p-a")
@@ -196,7 +198,7 @@ def test_admins_read_the_trail_filtered_and_paged(bridge: BridgeThread) -> None:
     admin = headers({"role": "admin", "sub": "officer"})
     seen, cursor = [], None
     while True:
-        params = {"subject": "nurse-pager", "patient_id": "p-a", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, Any] = {"subject": "nurse-pager", "patient_id": "p-a", "limit": 2, **({"cursor": cursor} if cursor else {})}
         body = httpx.get(f"{bridge.url}/api/audit", headers=admin, params=params).json()
         seen += body["items"]
         cursor = body["next"]

@@ -102,7 +102,7 @@ def scenario() -> list[tuple[int, list[Inbound]]]:
     ts = itertools.count(T0, 5 * S)
     batches: list[list[Inbound]] = [[status("online", T0 - S)]]
 
-    def run(n: int, **metrics: float) -> list[Inbound]:
+    def run(n: int, **metrics: Any) -> list[Inbound]:
         return [vitals(next(seq), next(ts), **metrics) for _ in range(n)]
 
     batches += [run(1) for _ in range(4)]
@@ -276,7 +276,8 @@ def test_concurrent_bridges_on_one_patient_never_double_an_alarm(pg_stores: Call
     for p in patients:
         assert raised[("heart_rate.high.critical", p)] == 1, raised
         assert raised[("heart_rate.high", p)] == 1, raised
-        assert store.device("monitor", f"m-{p}").last_seq == 40
+        device = store.device("monitor", f"m-{p}")
+        assert device is not None and device.last_seq == 40
     assert not [s for s in story(store) if s[0] == "device.seq_gap"]
 
 

@@ -108,7 +108,7 @@ def test_a_devices_will_reaches_the_intake(broker: BrokerThread) -> None:
     device = client(broker.port, "m-1", will=True)
     device.loop_stop()
     sock = device.socket()
-    assert sock is not None
+    assert isinstance(sock, socket.socket)
     sock.shutdown(socket.SHUT_RDWR)  # gone without DISCONNECT: the broker publishes the will
     sock.close()
     wait_until(lambda: any(m.topic.endswith("/status") for m in broker.intake.kept), what="the will kept")

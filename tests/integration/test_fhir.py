@@ -12,13 +12,14 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.device import Device as FhirDevice
+from fhir.resources.R4B.fhirresourcemodel import FHIRResourceModel
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from tests.support.bridge import BridgeThread, bridge_settings, token, wait_until
 from tests.support.devices import Device
 
-MODELS = {"Bundle": Bundle, "CapabilityStatement": CapabilityStatement, "Device": FhirDevice,
+MODELS: dict[str, type[FHIRResourceModel]] = {"Bundle": Bundle, "CapabilityStatement": CapabilityStatement, "Device": FhirDevice,
           "Observation": Observation, "OperationOutcome": OperationOutcome}
 NURSE = {"Authorization": f"Bearer {token('clinician', sub='nurse-fhir', hospitals=('h1',))}"}
 T0 = int(time.time() * 1000) - 600_000
@@ -83,7 +84,7 @@ def test_metadata_is_a_capability_statement(bridge: BridgeThread) -> None:
 
 def test_every_reading_maps_to_coded_observations_with_units_and_profiles(bridge: BridgeThread) -> None:
     resources = search_all(bridge, category="vital-signs,laboratory")
-    table = {}
+    table: dict[str, Any] = {}
     for r in resources:
         code = r["code"]["coding"][0]["code"]
         unit = r.get("valueQuantity", {}).get("code") or r["component"][0]["valueQuantity"]["code"]

@@ -76,6 +76,7 @@ def test_history_gives_exactly_what_was_missed_in_order(hub_url: str, missed: in
         for n in range(1, missed + 1):
             await hub.publish(vitals(n))
         got = await hub.history("patient:p:vitals", last_seen)
+        assert got is not None
         assert [json.loads(d.data)["data"]["seq"] for d in got] == list(range(1, missed + 1))
         epoch, offset = parse_event_id(last_seen)
         assert [d.id for d in got] == [f"{epoch}:{offset + i}" for i in range(1, missed + 1)]
@@ -111,6 +112,7 @@ def test_two_hubs_on_one_redis_share_rooms_and_history(redis_url: str) -> None:
             assert got.id == first.deliveries[0].id
             await a.publish(vitals(2))
             replay = await b.history("patient:p:vitals", got.id)
+            assert replay is not None
             assert [json.loads(d.data)["data"]["seq"] for d in replay] == [2]
         finally:
             await a.stop()
@@ -204,7 +206,8 @@ def test_replay_is_exact_or_a_resync_never_partial(hub_url: str, published: int)
                 assert got is None, f"since {since}: {len(missed)} missed > history {HISTORY}: resync, " \
                                     f"not {len(got or [])} of them"
         if hub.backend.name == "redis" and published >= 150:
-            held = await hub.backend._redis.xlen(hub.backend._room_keys("patient:p:vitals")[2])
+            redis_backend: Any = hub.backend  # its Redis client and key names, beyond the interface
+            held = await redis_backend._redis.xlen(redis_backend._room_keys("patient:p:vitals")[2])
             assert held > HISTORY, "approximate trimming kept more than the history size"
 
     run(hub_url, body, history_size=HISTORY)

@@ -53,7 +53,7 @@ def drop(probe: Probe) -> None:
     """Lose the connection without DISCONNECT (a dead battery): the broker publishes the will."""
     probe.client.loop_stop()
     sock = probe.client.socket()
-    if sock is not None:
+    if isinstance(sock, socket.socket):
         sock.shutdown(socket.SHUT_RDWR)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -40,7 +41,7 @@ def clinician(hospital: str = "h1", sub: str = "nurse-ann") -> dict[str, str]:
     return {"Authorization": f"Bearer {token('clinician', sub=sub, hospitals=(hospital,))}"}
 
 
-def news2_of(bridge: BridgeThread, pid: str, **params: object) -> dict:
+def news2_of(bridge: BridgeThread, pid: str, **params: Any) -> dict[str, Any]:
     response = httpx.get(f"{bridge.url}/api/patients/{pid}/news2", headers=clinician(), params=params, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()

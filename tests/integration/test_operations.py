@@ -11,10 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from firstcare.payloads import encode_status
@@ -25,7 +27,7 @@ from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mo
 from tests.support.devices import Device
 
 
-def families(text: str) -> dict[str, object]:
+def families(text: str) -> dict[str, Metric]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
@@ -196,10 +198,15 @@ def test_a_broker_restart_without_persistence_raises_session_lost(
         wait_until(lambda: bridge.runtime.core.snapshot.devices == 2, what="two hospitals known")
         assert session_lost_alerts(bridge) == [], "the first session of a fresh client id is no loss"
         sub = bridge.subscribe("system", "hospital:h1:alerts", "hospital:h2:alerts")
-        seen: list[dict] = []
+        seen: list[dict[str, Any]] = []
+
+        def system_event(event: dict[str, Any]) -> bool:
+            seen.append(event)
+            return bool(event["room"] == "system")
+
         with caplog.at_level(logging.WARNING, logger="firstcare.mqtt"):
             forgetful_broker.restart()
-            system = bridge.receive_until(sub, lambda e: seen.append(e) or e["room"] == "system", timeout=60)
+            system = bridge.receive_until(sub, system_event, timeout=60)
         raised = [e for e in seen if e["event"] == "patient.alert.raised"]
         assert sorted(e["room"] for e in raised) == ["hospital:h1:alerts", "hospital:h2:alerts"]
         assert {e["data"]["rule_id"] for e in raised} == {"ingest.session_lost"}

@@ -20,7 +20,7 @@ from firstcare.auth import LEEWAY_SECONDS
 from tests.support.bridge import BridgeThread, bridge_settings, token, wait_until
 from tests.support.devices import Device
 
-CLINICIAN_H1 = {"role": "clinician", "sub": "dr-h1", "hospitals": ("h1",)}
+CLINICIAN_H1: dict[str, Any] = {"role": "clinician", "sub": "dr-h1", "hospitals": ("h1",)}
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
@@ -337,7 +337,7 @@ def test_slow_client_never_delays_a_fast_one_and_an_alert_it_cannot_take_disconn
             return ids
 
         fast_reader = asyncio.create_task(read_fast())
-        published = []
+        published: list[str] = []
         async with bridge.async_http() as client:
             for n in range(150):
                 published.append((await client.post("/realtime/test/publish", json={

@@ -27,8 +27,8 @@ from tests.support.brokers import free_port
 from tests.support.devices import Device
 
 HISTORY = 20
-BOTH = {"role": "clinician", "sub": "dr-ab", "hospitals": ("h1", "h2")}
-ONLY_H1 = {"role": "clinician", "sub": "dr-ab", "hospitals": ("h1",)}
+BOTH: dict[str, Any] = {"role": "clinician", "sub": "dr-ab", "hospitals": ("h1", "h2")}
+ONLY_H1: dict[str, Any] = {"role": "clinician", "sub": "dr-ab", "hospitals": ("h1",)}
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
@@ -62,7 +62,7 @@ def publish(bridge: BridgeThread, room: str, n: int = 0) -> str:
 async def until_pong(ws: Any) -> list[dict[str, Any]]:
     """Everything (but keepalives) the server sends before the answer to a ping of ours."""
     await ws.send(json.dumps({"type": "ping"}))
-    seen = []
+    seen: list[dict[str, Any]] = []
     while True:
         message = await recv(ws)
         if message["type"] == "pong":
@@ -269,7 +269,7 @@ def test_a_dns_rebinding_page_is_refused(bridge: BridgeThread) -> None:
 
     async def rebound() -> int:
         async with websockets.connect(f"ws://{evil}/realtime/ws?token={token()}", host="127.0.0.1", port=port,
-                                      origin=f"http://{evil}", open_timeout=10) as ws:
+                                      origin=websockets.Origin(f"http://{evil}"), open_timeout=10) as ws:
             try:
                 while True:
                     await asyncio.wait_for(ws.recv(), 15)

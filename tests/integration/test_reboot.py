@@ -50,7 +50,9 @@ def test_a_device_that_restarts_seq_at_1_without_a_boot_loses_nothing(bridge: Br
         for seq in range(1, 6):
             device.publish(device.vitals_topic, body(seq, t0 + seq * 1000))
         processed(bridge, 5)
-        first_data = bridge.runtime.store.device("monitor", "mon-reboot").last_data_ms
+        before = bridge.runtime.store.device("monitor", "mon-reboot")
+        assert before is not None and before.last_data_ms is not None
+        first_data = before.last_data_ms
         for seq in range(1, 6):  # power cycled: the counter is back at 1, the clock went on
             device.publish(device.vitals_topic, body(seq, t0 + 60_000 + seq * 1000))
         processed(bridge, 10)
@@ -60,6 +62,7 @@ def test_a_device_that_restarts_seq_at_1_without_a_boot_loses_nothing(bridge: Br
         core = bridge.runtime.core
         assert (core.counters["duplicates"], core.counters["reboots"], core.counters["seq_gaps"]) == (0, 1, 0)
         device_row = core.store.device("monitor", "mon-reboot")
+        assert device_row is not None and device_row.last_data_ms is not None
         assert device_row.last_data_ms >= first_data and (device_row.last_seq, device_row.silent) == (5, False)
         assert technical_alarms(bridge) == [], "no false gap or silent alarm"
         import httpx

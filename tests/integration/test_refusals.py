@@ -105,6 +105,7 @@ def test_a_second_bridge_on_one_database_is_refused(mosquitto: MosquittoInstance
     first = BridgeProcess(env_for(tmp_path, mosquitto.url("bridge"), client_id="bridge-db-a"),
                           tmp_path / "first.log").start()
     message = refused(env_for(tmp_path, mosquitto.url("bridge"), client_id="bridge-db-b"))
+    assert first.process is not None
     assert "in use" in message and "bridge.db" in message and f"pid {first.process.pid}" in message
     assert "FC_STORE_URL" in message
     device = Device(mosquitto.port, "ox-db")
@@ -129,7 +130,7 @@ def test_a_second_bridge_with_the_same_client_id_is_refused_and_the_first_keeps_
                           tmp_path / "first.log").start()
     message = refused(env_for(tmp_path, mosquitto.url("bridge"), db="b.db", client_id=client_id))
     assert client_id in message and "in use" in message and "FC_MQTT_CLIENT_ID" in message
-    assert f"process {first.process.pid}" in message
+    assert first.process is not None and f"process {first.process.pid}" in message
     device = Device(mosquitto.port, "ox-id")
     device.vitals({"spo2": 97}, seq=1)
     wait_until(lambda: stored(tmp_path, "a.db") == 1, what="the first bridge stores")

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from firstcare.signing import b64url, new_signing_key, public_raw, sign
@@ -189,10 +190,10 @@ def test_wss_with_the_ca_streams_events_and_the_origin_check_stays(bridge: Bridg
             dev.close()
         assert (event["event"], event["data"]["verified"]) == ("device.data.update", False)
     with ws_connect(url, ssl=context, origin="https://evil.example", open_timeout=10) as ws:  # type: ignore[arg-type]
-        with pytest.raises(Exception) as closed:
+        with pytest.raises(ConnectionClosed) as closed:
             while True:
                 ws.recv(10)
-        assert getattr(closed.value, "rcvd", None) is not None and closed.value.rcvd.code == 4405
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4405
 
 
 def test_wss_without_the_ca_is_refused(bridge: BridgeThread) -> None:

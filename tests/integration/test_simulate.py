@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from firstcare.errors import BrokerError, TopicError
-from firstcare.payloads import decode_status, decode_vitals, encode_status
+from firstcare.payloads import StatusReport, decode_status, decode_vitals, encode_status
 from firstcare.tls import ClientTls, client_context
 from firstcare.topics import parse_topic
 from simulators.physiology import DEVICE_METRICS
@@ -41,7 +42,7 @@ class Recorder:
     """A subscriber that keeps every message under one hospital's topics."""
 
     def __init__(
-        self, broker: MosquittoInstance, hospital_id: str, name: str = "recorder",
+        self, broker: MosquittoInstance | ServiceListener, hospital_id: str, name: str = "recorder",
         credentials: tuple[str, str] | None = None, tls: ClientTls | None = None,
     ) -> None:
         self.messages: list[Received] = []
@@ -61,7 +62,7 @@ class Recorder:
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append(Received(message.topic, message.payload, bool(message.retain)))
+            self.messages.append(Received(message.topic, bytes(message.payload), bool(message.retain)))
 
     def snapshot(self) -> list[Received]:
         with self._lock:
@@ -94,9 +95,9 @@ def recorder(mosquitto: MosquittoInstance) -> Iterator[Callable[[str], Recorder]
         r.close()
 
 
-def vitals(messages: list[Received]) -> list[tuple[str, list, list]]:
+def vitals(messages: list[Received]) -> list[tuple[str, list[Any], list[Any]]]:
     """(device_id, readings, rejections) per vitals message; bad topics become rejections."""
-    out = []
+    out: list[tuple[str, list[Any], list[Any]]] = []
     for m in messages:
         try:
             topic = parse_topic(m.topic)
@@ -186,6 +187,7 @@ def test_status_is_retained_online_then_offline_on_a_clean_stop(mosquitto: Mosqu
     for device_id in devices:
         (status,) = [m for m in statuses(retained, device_id) if m.retain]
         report = decode_status(parse_topic(status.topic), status.payload)
+        assert isinstance(report, StatusReport) and report.battery is not None, report
         assert (report.state, report.firmware) == ("online", "sim-1.0.0") and 0 < report.battery <= 100
 
     after = recorder("h-status")
@@ -193,6 +195,7 @@ def test_status_is_retained_online_then_offline_on_a_clean_stop(mosquitto: Mosqu
     for device_id in devices:
         (status,) = statuses(final, device_id)
         report = decode_status(parse_topic(status.topic), status.payload)
+        assert isinstance(report, StatusReport), report
         assert status.retain and report.state == "offline" and report.battery is not None
 
 

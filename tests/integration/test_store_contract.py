@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,7 +175,7 @@ def history(store: Store) -> Store:
     """25 readings of p1 one second apart (spo2 on even seq), inserted out of order, plus noise."""
     rows = []
     for i in range(25):
-        metrics = {"heart_rate": 60.0 + i}
+        metrics: dict[str, Any] = {"heart_rate": 60.0 + i}
         if i % 2 == 0:
             metrics["spo2"] = 90.0 + i % 10
         rows.append(reading(i, T0 + i * S, **metrics))

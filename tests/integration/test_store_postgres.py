@@ -100,10 +100,10 @@ def test_migrations_run_once_on_an_existing_database(monkeypatch: pytest.MonkeyP
             t.join(60)
         assert not errors, errors
         with psycopg.connect(url) as conn:
-            versions = conn.execute("SELECT array_agg(version ORDER BY version) FROM schema_version").fetchone()[0]
-            assert versions == list(range(1, len(MIGRATIONS) + 2))
+            versions = conn.execute("SELECT array_agg(version ORDER BY version) FROM schema_version").fetchone()
+            assert versions is not None and versions[0] == list(range(1, len(MIGRATIONS) + 2))
             assert conn.execute("SELECT count(*) FROM information_schema.columns"
-                                " WHERE table_name = 'devices' AND column_name = 'note'").fetchone()[0] == 1
+                                " WHERE table_name = 'devices' AND column_name = 'note'").fetchone() == (1,)
         assert opened[0].counts()["readings"] == 1
         for s in opened:
             s.close()

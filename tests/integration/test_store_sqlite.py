@@ -91,7 +91,8 @@ def test_an_existing_first_version_database_is_migrated_in_place(tmp_path) -> No
     try:
         (device,) = store.devices(None, None, 10, None).items
         assert (device["device_id"], device["state"]) == ("m1", "online")
-        assert store.device("monitor", "m1").status_ms is None
+        record = store.device("monitor", "m1")
+        assert record is not None and record.status_ms is None
         assert store._writer.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         store.close()
@@ -121,6 +122,7 @@ def test_a_database_from_before_boots_keeps_its_readings_and_their_identity(tmp_
     store = SQLiteStore(str(path))
     try:
         device = store.device("monitor", "m1")
+        assert device is not None
         assert (device.boot, device.last_seq, device.last_ts_ms, device.boot_ts_ms) == ("", 3, T0 + 3 * S, None)
         assert [(i["seq"], i["boot"]) for i in store.readings("p1", None, None, None, 10, None).items] == [
             (1, ""), (2, ""), (3, "")]

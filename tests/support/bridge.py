@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import uvicorn
@@ -26,8 +26,10 @@ T = TypeVar("T")
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> T:
-    """Poll until ``predicate()`` is truthy; generous timeouts, never a timing assertion."""
+def wait_until(predicate: Callable[[], T | Literal[False] | None], timeout: float = 15.0, interval: float = 0.05,
+               what: str = "condition") -> T:
+    """Poll until ``predicate()`` is truthy, and return that value (so ``False`` and ``None``
+    are not part of what it returns); generous timeouts, never a timing assertion."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

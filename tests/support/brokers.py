@@ -205,7 +205,7 @@ class MosquittoInstance:
 
     def save(self) -> None:
         """Ask mosquitto to write its persistence file now (SIGUSR1)."""
-        if self.is_running():
+        if self.process is not None and self.is_running():
             self.process.send_signal(signal.SIGUSR1)
 
     def log_text(self) -> str:

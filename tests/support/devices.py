@@ -68,7 +68,7 @@ class Device:
         broker then publishes the will."""
         self.client.loop_stop()
         sock = self.client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
@@ -90,7 +90,7 @@ class CountingDevice:
         self.device_id, self.count, self.rate = device_id, count, rate
         self.topic = vitals_topic(hospital_id, device_type, device_id)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
-        self.client.reconnect_delay_set(0.1, 1)
+        self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # seconds; paho hints int, takes float
         self.client.max_inflight_messages_set(20)
         self._lock = threading.Lock()
         self._mids: dict[int, int] = {}

@@ -33,9 +33,9 @@ class Probe:
                  protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311, clean_session: bool = True,
                  live_only: bool = False, will: tuple[str, bytes] | None = None) -> None:
         self.host, self.port = host, port
-        session = {} if protocol == mqtt.MQTTv5 else {"clean_session": clean_session}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                                  reconnect_on_failure=False, **session)
+                                  reconnect_on_failure=False,
+                                  clean_session=None if protocol == mqtt.MQTTv5 else clean_session)
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls is not None:
@@ -145,12 +145,12 @@ def unique(prefix: str) -> str:
 
 def received(probe: Probe, until_payload: bytes) -> list[bytes]:
     """Payloads received up to and including ``until_payload`` (the marker)."""
-    seen = []
+    seen: list[bytes] = []
     while True:
         try:
             msg = probe.next_message()
         except queue.Empty:
             pytest.fail(f"marker {until_payload!r} never arrived; got {seen}")
-        seen.append(msg.payload)
+        seen.append(bytes(msg.payload))
         if msg.payload == until_payload:
             return seen

@@ -22,7 +22,7 @@ def help_text(argv: list[str]) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         try:
-            status = main([*argv, "--help"])
+            status: int | str | None = main([*argv, "--help"])
         except SystemExit as exc:
             status = exc.code
     assert status == 0

@@ -111,14 +111,15 @@ def test_an_edge_gateways_alarms_are_loaded_under_its_hospitals_ingest_lock() ->
 
 def test_each_device_is_evaluated_in_device_time_whatever_the_arrival_order() -> None:
     s = StatusReport("h1", "monitor", "m1", "online", None, None, T0, T0)
-    items = [r(5, T0 + 5 * S), r(1, T0 + S, device="m2"), s, r(3, T0 + 3 * S), r(4, T0 + 4 * S), r(0, T0, device="m2")]
+    items: list[Reading | StatusReport] = [r(5, T0 + 5 * S), r(1, T0 + S, device="m2"), s, r(3, T0 + 3 * S),
+                                           r(4, T0 + 4 * S), r(0, T0, device="m2")]
     assert [(i.device_id, getattr(i, "seq", "status")) for i in in_device_order(items)] == [
         ("m1", 3), ("m2", 0), ("m1", "status"), ("m1", 4), ("m1", 5), ("m2", 1)]
 
 
 def test_equal_times_keep_their_arrival_order() -> None:
-    items = [r(2, T0), r(1, T0)]
-    assert [i.seq for i in in_device_order(items)] == [2, 1]
+    items: list[Reading | StatusReport] = [r(2, T0), r(1, T0)]
+    assert [i.seq for i in in_device_order(items) if isinstance(i, Reading)] == [2, 1]
 
 
 # ----------------------------------------------------------------------- provisional gaps

@@ -152,13 +152,12 @@ def test_sweep_continuous_device(device_type: str, elapsed: int, expected) -> No
 
 
 def test_sweep_continuous_silent_then_offline_sequence() -> None:
-    device = online("oximeter")
-    device = sweep(device, T0 + SILENT_MS, SILENT_MS, OFFLINE_MS)
-    assert device is not None and (device.state, device.silent) == ("online", True)
-    assert sweep(device, T0 + SILENT_MS + 1000, SILENT_MS, OFFLINE_MS) is None  # already silent
-    device = sweep(device, T0 + OFFLINE_MS, SILENT_MS, OFFLINE_MS)
-    assert device is not None and (device.state, device.silent) == ("offline", False)
-    assert sweep(device, T0 + 10 * OFFLINE_MS, SILENT_MS, OFFLINE_MS) is None  # already offline
+    silent = sweep(online("oximeter"), T0 + SILENT_MS, SILENT_MS, OFFLINE_MS)
+    assert silent is not None and (silent.state, silent.silent) == ("online", True)
+    assert sweep(silent, T0 + SILENT_MS + 1000, SILENT_MS, OFFLINE_MS) is None  # already silent
+    offline = sweep(silent, T0 + OFFLINE_MS, SILENT_MS, OFFLINE_MS)
+    assert offline is not None and (offline.state, offline.silent) == ("offline", False)
+    assert sweep(offline, T0 + 10 * OFFLINE_MS, SILENT_MS, OFFLINE_MS) is None  # already offline
 
 
 @pytest.mark.parametrize("device_type", ["bp", "thermometer", "glucometer", "scale"])

@@ -10,7 +10,7 @@ from edge.bedmap import parse_bed_map
 from edge.stamp import PRIORITY_STATUS, PRIORITY_VITALS, sign_within, stamp
 from firstcare.mqtt import Inbound
 from firstcare.payloads import MAX_PAYLOAD_BYTES, vitals_body
-from firstcare.signing import KeyRecord, new_signing_key, open_message, public_raw, sign
+from firstcare.signing import KeyRecord, Opened, new_signing_key, open_message, public_raw, sign
 from firstcare.topics import parse_topic
 
 T = 1_790_000_000_000
@@ -134,12 +134,18 @@ def gateway_signer(topic: str, payload: bytes) -> bytes:
     return sign(GATEWAY_KEY, "gateway/h1/gw", topic, payload)
 
 
+def verified(topic: str, payload: bytes, keys: dict[str, KeyRecord]) -> Opened:
+    opened = open_message(parse_topic(topic), topic, payload, keys, True)
+    assert isinstance(opened, Opened), opened
+    return opened
+
+
 def test_a_device_signed_reading_is_forwarded_byte_for_byte_without_stamping() -> None:
     signed = sign(DEVICE_KEY, "h1/monitor/m1", M1, json.dumps({"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}).encode())
     (out,), refused = stamp(Inbound(M1, signed, T + 500), "h1", beds, signer=gateway_signer)
     assert refused == [] and (out.topic, out.payload, out.priority) == (M1, signed, PRIORITY_VITALS)
     key = {"h1/monitor/m1": KeyRecord("h1/monitor/m1", public_raw(DEVICE_KEY), "device", "h1", "monitor", "m1")}
-    assert open_message(parse_topic(M1), M1, out.payload, key, True).signed_by == "h1/monitor/m1"
+    assert verified(M1, out.payload, key).signed_by == "h1/monitor/m1"
 
 
 @pytest.mark.parametrize(("topic", "inner", "reason"), [
@@ -161,7 +167,7 @@ def test_the_gateway_signs_what_it_stamps_for_the_topic_it_forwards_to() -> None
     body = {"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}
     (out,), _ = stamp(message("fc/v1/elsewhere/monitor/m1/vitals", body), "h1", beds, signer=gateway_signer)
     key = {"gateway/h1/gw": KeyRecord("gateway/h1/gw", public_raw(GATEWAY_KEY), "gateway", "h1", gateway_id="gw")}
-    opened = open_message(parse_topic(out.topic), out.topic, out.payload, key, True)
+    opened = verified(out.topic, out.payload, key)
     assert opened.signed_by == "gateway/h1/gw"
     assert json.loads(opened.payload)["patient_id"] == "p-bed"  # stamped, then signed
 
@@ -171,5 +177,5 @@ def test_signed_batches_are_split_to_fit_once_escaped() -> None:
     messages = sign_within(bodies, M1, gateway_signer)
     assert all(len(m) <= MAX_PAYLOAD_BYTES for m in messages) and len(messages) > 2
     key = {"gateway/h1/gw": KeyRecord("gateway/h1/gw", public_raw(GATEWAY_KEY), "gateway", "h1", gateway_id="gw")}
-    seqs = [r["seq"] for m in messages for r in json.loads(open_message(parse_topic(M1), M1, m, key, True).payload)["readings"]]
+    seqs = [r["seq"] for m in messages for r in json.loads(verified(M1, m, key).payload)["readings"]]
     assert seqs == list(range(3000))

@@ -1,6 +1,7 @@
 """The README is the user-facing reference: it must keep up with the code."""
 
 from pathlib import Path
+from typing import Any
 
 from bridge.store_sqlite import MIGRATIONS  # noqa: F401 - the README names the schema mechanism
 from firstcare.metrics import METRICS
@@ -38,7 +39,9 @@ def test_the_stated_outage_fits_the_mosquitto_queue() -> None:
 
     conf = (Path(__file__).resolve().parents[2] / "broker-config" / "mosquitto.conf").read_text()
     values = dict(line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#"))
-    minutes, rate = re.search(r"outage of \*\*(\d+) minutes at ([\d,]+) readings/s\*\*", README).groups()
+    stated = re.search(r"outage of \*\*(\d+) minutes at ([\d,]+) readings/s\*\*", README)
+    assert stated is not None, "the README states the outage the broker's queue covers"
+    minutes, rate = stated.groups()
     needed = int(minutes) * 60 * int(rate.replace(",", ""))
     assert needed <= int(values["max_queued_messages"]) < 2**31
     assert int(values["max_queued_bytes"]) < 2**31
@@ -48,7 +51,7 @@ def test_the_stated_outage_fits_the_mosquitto_queue() -> None:
 def test_every_metric_family_is_in_the_metrics_table() -> None:
     from bridge.telemetry import StatsCollector, Telemetry
 
-    figures = {"ingest": {}, "hub": {}, "realtime": {}, "readiness": {}}
+    figures: dict[str, Any] = {"ingest": {}, "hub": {}, "realtime": {}, "readiness": {}}
     names = {m.name for m in StatsCollector(lambda: figures).collect()}
     names |= {m.name for m in Telemetry().registry.collect()}
     table = README[README.index("### Metrics"):]

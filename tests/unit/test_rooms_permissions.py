@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from firstcare import rooms
@@ -78,9 +80,9 @@ def test_parse_room_rejects(name: str) -> None:
 
 
 @pytest.mark.parametrize("value", [None, 42, b"system", ["system"]])
-def test_parse_room_rejects_non_strings(value) -> None:
+def test_parse_room_rejects_non_strings(value: Any) -> None:
     with pytest.raises(RoomError):
-        parse_room(value)  # type: ignore[arg-type]
+        parse_room(value)
 
 
 @pytest.mark.parametrize(

@@ -113,9 +113,10 @@ def test_a_wrapper_that_is_not_json_is_not_a_signature() -> None:
 
 def test_unsigned_passes_unless_required() -> None:
     assert opened(T7, BODY) == Opened(BODY, None)
-    assert not opened(T7, BODY).verified
+    unsigned, signed = opened(T7, BODY), opened(T7, GOOD, required=True)
+    assert isinstance(unsigned, Opened) and not unsigned.verified
     assert reason(opened(T7, BODY, required=True)) == "signature_required"
-    assert opened(T7, GOOD, required=True).verified
+    assert isinstance(signed, Opened) and signed.verified
 
 
 def test_oversized_messages_are_left_to_the_size_check() -> None:
