@@ -58,7 +58,8 @@ from firstcare.broker import BrokerTls, EmbeddedBroker
 from firstcare.errors import FirstCareError, StoreError
 from firstcare.events import Event
 from firstcare.lease import BrokerUnreachable, LeaseError, LeaseHeld, LeaseKeeper
-from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, backoff_delay
+from firstcare.mqtt import AckingConsumer, MqttTarget, backoff_delay
+from firstcare.payloads import Inbound
 from firstcare.permissions import Claims
 from firstcare.settings import Settings
 from firstcare.tls import ClientTls, note_plaintext, warn_if_insecure

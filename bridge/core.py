@@ -67,9 +67,10 @@ from bridge.store import DeadLetter, DeviceKey, DeviceRecord, Gauges, Observatio
 from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
 from firstcare.metrics import METRICS
-from firstcare.mqtt import Inbound, describe_error
+from firstcare.mqtt import describe_error
 from firstcare.payloads import (
     MAX_PAYLOAD_BYTES,
+    Inbound,
     Reading,
     Rejection,
     StatusReport,

@@ -50,8 +50,8 @@ from edge.spool import Spool, age_s
 from edge.stamp import Outbound, Refused, stamp
 from edge.telemetry import registry_for
 from firstcare.broker import BrokerTls, EmbeddedBroker
-from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, describe_error
-from firstcare.payloads import Rejection, now_ms
+from firstcare.mqtt import AckingConsumer, MqttTarget, describe_error
+from firstcare.payloads import Inbound, Rejection, now_ms
 from firstcare.signing import load_private, sign
 from firstcare.tls import ClientTls, is_loopback, note_plaintext, warn_if_insecure
 from firstcare.topics import gateway_status_topic, subscription_filter

@@ -29,7 +29,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from firstcare.mqtt import Inbound, Settler
+from firstcare.mqtt import Settler
+from firstcare.payloads import Inbound
 
 log = logging.getLogger("firstcare.edge")
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from firstcare.errors import TopicError
-from firstcare.mqtt import Inbound
 from firstcare.payloads import (
     MAX_PAYLOAD_BYTES,
+    Inbound,
     Rejection,
     decode_status,
     decode_vitals,

@@ -48,8 +48,7 @@ from amqtt.utils import gen_client_id
 
 from firstcare.errors import BrokerError, ConfigError
 from firstcare.identity import Identity, may_publish, may_read, parse_identity
-from firstcare.mqtt import Inbound
-from firstcare.payloads import now_ms
+from firstcare.payloads import Inbound, now_ms
 from firstcare.tls import peer_identity, server_context
 
 log = logging.getLogger("firstcare.broker")

@@ -60,7 +60,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as mqtt
 
 from firstcare.errors import StoreUnavailable
-from firstcare.payloads import now_ms
+from firstcare.payloads import Inbound, now_ms
 from firstcare.tls import ClientTls, client_context, describe_tls_error
 
 log = logging.getLogger("firstcare.mqtt")
@@ -70,16 +70,6 @@ BACKOFF_MAX_S = 30.0
 SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 TAKEOVER_LIMIT = 3
 TAKEOVER_WINDOW_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A message as received from MQTT, before any validation."""
-
-    topic: str
-    payload: bytes
-    received_ms: int
-    retained: bool = False
 
 
 PLAIN_SCHEMES = ("mqtt", "tcp")

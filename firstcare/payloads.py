@@ -48,6 +48,18 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message as received from MQTT, before any validation: what the bridge's consumer and
+    the edge's intake hand to the pure decoders (``firstcare.mqtt`` makes them, but importing
+    this record needs no MQTT client)."""
+
+    topic: str
+    payload: bytes
+    received_ms: int
+    retained: bool = False
+
+
 class Quantity(msgspec.Struct, forbid_unknown_fields=True):
     value: float
     unit: str

@@ -17,7 +17,7 @@ import httpx
 from bridge.alerts import default_rules
 from bridge.core import BridgeCore, CoreSettings
 from bridge.store_sqlite import SQLiteStore
-from firstcare.mqtt import Inbound
+from firstcare.payloads import Inbound
 from tests.support.bridge import SECRET, BridgeProcess, token, wait_until
 from tests.support.brokers import free_port
 from tests.support.devices import Device

@@ -24,8 +24,7 @@ from bridge.core import BridgeCore, CoreSettings
 from bridge.store import Store
 from bridge.store_postgres import PostgresStore
 from bridge.store_sqlite import SQLiteStore
-from firstcare.mqtt import Inbound
-from firstcare.payloads import encode_vitals
+from firstcare.payloads import Inbound, encode_vitals
 from tests.support.bridge import wait_until
 from tests.support.postgres import empty_tables
 

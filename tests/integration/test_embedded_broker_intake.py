@@ -15,7 +15,7 @@ import pytest
 
 import firstcare.broker as broker_module
 from firstcare.broker import EmbeddedBroker
-from firstcare.mqtt import Inbound
+from firstcare.payloads import Inbound
 from tests.support.bridge import wait_until
 from tests.support.brokers import free_port
 

@@ -14,8 +14,7 @@ from bridge.alerts import default_rules
 from bridge.core import BridgeCore, CoreSettings
 from bridge.store_sqlite import SQLiteStore
 from firstcare.errors import TopicError
-from firstcare.mqtt import Inbound
-from firstcare.payloads import Rejection, decode_status, decode_vitals
+from firstcare.payloads import Inbound, Rejection, decode_status, decode_vitals
 from firstcare.topics import parse_topic
 from tests.support.fuzz import KNOWN_REASONS, NOW_MS, batches, fuzz_settings
 

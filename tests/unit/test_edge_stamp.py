@@ -8,8 +8,7 @@ import pytest
 
 from edge.bedmap import parse_bed_map
 from edge.stamp import PRIORITY_STATUS, PRIORITY_VITALS, sign_within, stamp
-from firstcare.mqtt import Inbound
-from firstcare.payloads import MAX_PAYLOAD_BYTES, vitals_body
+from firstcare.payloads import MAX_PAYLOAD_BYTES, Inbound, vitals_body
 from firstcare.signing import KeyRecord, Opened, new_signing_key, open_message, public_raw, sign
 from firstcare.topics import parse_topic
 

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from edge.stamp import stamp
 from firstcare.metrics import METRICS
-from firstcare.mqtt import Inbound
 from firstcare.payloads import (
     EARLIEST_TS_MS,
     MAX_DEPTH,
     MAX_FUTURE_MS,
     MAX_SEQ,
+    Inbound,
     Reading,
     Rejection,
     StatusReport,

@@ -12,7 +12,8 @@ import pytest
 
 import firstcare.mqtt as mqtt_module
 from firstcare.errors import StoreError, StoreUnavailable
-from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, _Received, describe_error
+from firstcare.mqtt import AckingConsumer, MqttTarget, _Received, describe_error
+from firstcare.payloads import Inbound
 
 
 @pytest.fixture(autouse=True)
