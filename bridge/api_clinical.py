@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge import reports
 from bridge.api import ID, ApiError, Auth, _check_cursor, not_found, page, time_param
-from bridge.store import ObservationRecord
+from bridge.records import ObservationRecord
 from firstcare import news2
 from firstcare.payloads import format_ts, now_ms
 from firstcare.permissions import can_view_hospital, can_view_patient, visible_hospitals

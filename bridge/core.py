@@ -62,8 +62,9 @@ from bridge.alerts import (
     apply_overrides,
     gateway_conditions,
 )
+from bridge.records import DeadLetter, DeviceKey, DeviceRecord, ObservationRecord
 from bridge.state import WorkingSet, open_working_set
-from bridge.store import DeadLetter, DeviceKey, DeviceRecord, Gauges, ObservationRecord, Store, alert_json, device_json
+from bridge.store import Gauges, Store, alert_json, device_json
 from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
 from firstcare.metrics import METRICS

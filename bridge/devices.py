@@ -13,8 +13,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from bridge import sequence
+from bridge.records import DeviceRecord, SeqGap
 from bridge.sequence import SeqState, Verdict
-from bridge.store import DeviceRecord, SeqGap
 from firstcare.payloads import Reading, StatusReport
 
 CONTINUOUS_TYPES = frozenset({"monitor", "oximeter"})

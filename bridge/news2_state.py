@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from bridge.alerts import AlertBook, Transition
-from bridge.store import News2Record, ObservationRecord, PatientInputs
+from bridge.records import News2Record, ObservationRecord, PatientInputs
 from firstcare import news2
 from firstcare.events import Event, make_event
 from firstcare.payloads import Reading

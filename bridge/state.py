@@ -41,7 +41,8 @@ from bridge.alerts import (
 )
 from bridge.cluster import LockKey, device_key, ingest_key, patient_key
 from bridge.news2_state import News2State
-from bridge.store import DeviceKey, DeviceRecord, SeqGap, Transaction
+from bridge.records import DeviceKey, DeviceRecord, SeqGap
+from bridge.store import Transaction
 
 
 class LockOrderError(RuntimeError):

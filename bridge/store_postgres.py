@@ -52,15 +52,12 @@ from psycopg.rows import dict_row
 from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import MIGRATIONS as MIGRATIONS_LOCK
 from bridge.cluster import LockKey, lock_order
+from bridge.records import DeadLetter, DeviceKey, DeviceRecord, SeqGap
 from bridge.sequence import Content
 from bridge.store import (
-    DeadLetter,
-    DeviceKey,
-    DeviceRecord,
     Gauges,
     Page,
     ReadingKey,
-    SeqGap,
     alert_as_of,
     alert_json,
     cursor_parts,

@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from bridge.store import News2Record, ObservationRecord, Page, PatientInputs, cursor_parts, page_limit
+from bridge.records import News2Record, ObservationRecord, PatientInputs
+from bridge.store import Page, cursor_parts, page_limit
 from firstcare import news2
 from firstcare.payloads import format_ts
 

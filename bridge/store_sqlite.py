@@ -26,15 +26,12 @@ from typing import Any
 
 from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import LockKey
+from bridge.records import DeadLetter, DeviceKey, DeviceRecord, SeqGap
 from bridge.sequence import Content
 from bridge.store import (
-    DeadLetter,
-    DeviceKey,
-    DeviceRecord,
     Gauges,
     Page,
     ReadingKey,
-    SeqGap,
     alert_as_of,
     alert_json,
     cursor_parts,

@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bridge.store import News2Record, ObservationRecord, PatientInputs
+from bridge.records import News2Record, ObservationRecord, PatientInputs
 from firstcare import news2
 from firstcare.payloads import format_ts
 

@@ -13,8 +13,9 @@ import pytest
 
 from bridge.alerts import Alert, Pending, RuleOverride, Transition
 from bridge.cluster import device_key, patient_key
+from bridge.records import DeadLetter, DeviceRecord, News2Record, PatientInputs, SeqGap
 from bridge.sequence import Content
-from bridge.store import DeadLetter, DeviceRecord, News2Record, PatientInputs, SeqGap, Store
+from bridge.store import Store
 from bridge.store_sqlite import SQLiteStore
 from firstcare.errors import StoreError
 from firstcare.payloads import Reading, format_ts

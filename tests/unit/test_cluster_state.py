@@ -13,8 +13,8 @@ from bridge.alerts import AlertBook, Pending, load_rules
 from bridge.cluster import DEVICE, INGEST, PATIENT, LockKey, device_key, lock_order, name_hash, patient_key, subject_key
 from bridge.core import in_device_order, subject_keys
 from bridge.devices import fill_gaps
+from bridge.records import SeqGap
 from bridge.state import LockOrderError, WorkingSet
-from bridge.store import SeqGap
 from firstcare.payloads import Reading, StatusReport
 
 T0 = 1_800_000_000_000

@@ -16,7 +16,7 @@ from bridge.devices import (
     on_status,
     sweep,
 )
-from bridge.store import DeviceRecord, SeqGap
+from bridge.records import DeviceRecord, SeqGap
 from firstcare.payloads import Reading, StatusReport
 
 T0 = 1_795_688_130_120

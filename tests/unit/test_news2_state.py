@@ -7,7 +7,7 @@ import itertools
 
 from bridge.alerts import AlertBook, default_rules
 from bridge.news2_state import News2State
-from bridge.store import News2Record, ObservationRecord, PatientInputs
+from bridge.records import News2Record, ObservationRecord, PatientInputs
 from firstcare.payloads import Reading
 
 T0 = 1_800_000_000_000
