@@ -41,6 +41,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
+from enum import StrEnum
 from pathlib import Path
 
 import yaml
@@ -50,11 +51,34 @@ from firstcare.metrics import DERIVED, METRICS, rule_metric
 from firstcare.payloads import GatewayStatus, Reading
 
 PRIORITIES = ("high", "medium", "low")  # IEC 60601-1-8
-STATES = ("raised", "acknowledged", "escalated", "resolved")
-ACTIONS = ("raised", "updated", "acknowledged", "escalated", "resolved")
 OPS = ("above", "below")
 KINDS = ("clinical", "technical")
-ACTIVE_STATES = ("raised", "acknowledged", "escalated")
+
+
+class AlertState(StrEnum):
+    """Where an alarm is in its lifecycle; the value is what the database, the API and the
+    events spell."""
+
+    RAISED = "raised"
+    ACKNOWLEDGED = "acknowledged"
+    ESCALATED = "escalated"
+    RESOLVED = "resolved"
+
+
+class AlertAction(StrEnum):
+    """What one transition did to an alarm (``patient.alert.<action>`` events; stored in its
+    history). ``updated`` (a re-trigger, a new value) is stored but not published."""
+
+    RAISED = "raised"
+    UPDATED = "updated"
+    ACKNOWLEDGED = "acknowledged"
+    ESCALATED = "escalated"
+    RESOLVED = "resolved"
+
+
+STATES = tuple(AlertState)
+ACTIONS = tuple(AlertAction)
+ACTIVE_STATES = (AlertState.RAISED, AlertState.ACKNOWLEDGED, AlertState.ESCALATED)
 
 RULES_FILE = Path(__file__).with_name("alert_rules.yaml")
 RULE_ID_PATTERN = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
@@ -292,7 +316,7 @@ class Alert:
     rule_id: str
     kind: str  # "clinical" | "technical"
     priority: str
-    state: str
+    state: AlertState
     subject: str  # "patient:{pid}" for clinical, "device:{type}:{id}" for technical
     patient_id: str | None
     hospital_id: str
@@ -318,12 +342,12 @@ class Alert:
 
     @property
     def active(self) -> bool:
-        return self.state != "resolved"
+        return self.state != AlertState.RESOLVED
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    action: str  # "raised" | "updated" | "acknowledged" | "escalated" | "resolved"
+    action: AlertAction
     alert: Alert  # the alert AFTER the transition
     at_ms: int
     device_ms: int | None = None  # the device's own time of the reading behind it (latency metrics)
@@ -601,11 +625,11 @@ class AlertBook:
                 count=alert.count + 1, hospital_id=ctx.hospital_id, device_type=ctx.device_type,
                 device_id=ctx.device_id,
             )
-            return [self._put("updated", updated, now_ms)]
+            return [self._put(AlertAction.UPDATED, updated, now_ms)]
         if verdict == "clear" and alert.condition_active:
-            if not alert.latching or alert.state == "acknowledged":
+            if not alert.latching or alert.state == AlertState.ACKNOWLEDGED:
                 return [self._resolve(alert, now_ms)]
-            return [self._put("updated", replace(alert, condition_active=False, updated_ms=now_ms), now_ms)]
+            return [self._put(AlertAction.UPDATED, replace(alert, condition_active=False, updated_ms=now_ms), now_ms)]
         return []  # in the hysteresis band, or already cleared and waiting for acknowledgement
 
     # -------------------------------------------------------------------------- operator
@@ -624,12 +648,12 @@ class AlertBook:
                 raise AlertError(f"alert {alert_id!r} is already resolved", "alert_not_active")
             raise AlertError(f"no alert {alert_id!r}", "alert_not_found")
         alert = self._active[key]
-        if alert.state == "acknowledged":
+        if alert.state == AlertState.ACKNOWLEDGED:
             raise AlertError(
                 f"alert {alert_id!r} was already acknowledged by {alert.acknowledged_by}", "alert_already_acknowledged"
             )
-        acked = replace(alert, state="acknowledged", acknowledged_by=by, acknowledged_ms=now_ms, updated_ms=now_ms)
-        transitions = [self._put("acknowledged", acked, now_ms)]
+        acked = replace(alert, state=AlertState.ACKNOWLEDGED, acknowledged_by=by, acknowledged_ms=now_ms, updated_ms=now_ms)
+        transitions = [self._put(AlertAction.ACKNOWLEDGED, acked, now_ms)]
         if not acked.condition_active or self._orphaned(acked):
             transitions.append(self._resolve(acked, now_ms))
         return transitions
@@ -642,13 +666,13 @@ class AlertBook:
         """
         transitions: list[Transition] = []
         for alert in list(self._active.values()):
-            if alert.state != "raised":
+            if alert.state != AlertState.RAISED:
                 continue
             timeout = timeout_ms.get(alert.priority) if isinstance(timeout_ms, Mapping) else timeout_ms
             if timeout is None or alert.raised_ms + timeout > now_ms:
                 continue
-            escalated = replace(alert, state="escalated", escalated_ms=now_ms, updated_ms=now_ms)
-            transitions.append(self._put("escalated", escalated, now_ms))
+            escalated = replace(alert, state=AlertState.ESCALATED, escalated_ms=now_ms, updated_ms=now_ms)
+            transitions.append(self._put(AlertAction.ESCALATED, escalated, now_ms))
         return transitions
 
     # ------------------------------------------------------------------------- technical
@@ -706,7 +730,7 @@ class AlertBook:
             return [self._raise(_technical_rule(DEVICE_SEQ_GAP, latching=True), ctx, float(missing), now_ms,
                                 condition_active=False, count=missing)]
         updated = replace(alert, value=float(missing), count=alert.count + missing, updated_ms=now_ms)
-        return [self._put("updated", updated, now_ms)]
+        return [self._put(AlertAction.UPDATED, updated, now_ms)]
 
     def session_lost(self, hospital_id: str, detail: str, now_ms: int) -> list[Transition]:
         """The broker lost the bridge's session: an event like a sequence gap, latched until
@@ -716,7 +740,7 @@ class AlertBook:
         if alert is None:
             rule = replace(_technical_rule(INGEST_SESSION_LOST, latching=True), message=f"{TECHNICAL_MESSAGES[INGEST_SESSION_LOST]}: {detail}")
             return [self._raise(rule, ctx, None, now_ms, condition_active=False, count=1)]
-        return [self._put("updated", replace(alert, count=alert.count + 1, updated_ms=now_ms), now_ms)]
+        return [self._put(AlertAction.UPDATED, replace(alert, count=alert.count + 1, updated_ms=now_ms), now_ms)]
 
     def gateway_status(self, hospital_id: str, gateway_id: str, conditions: Iterable[GatewayCondition],
                        now_ms: int) -> list[Transition]:
@@ -732,7 +756,7 @@ class AlertBook:
                 rule = replace(_technical_rule(c.rule_id), message=message)
                 transitions.append(self._raise(rule, ctx, c.value, now_ms, condition_active=True, count=1))
             elif c.active and alert is not None and (alert.value != c.value or not alert.condition_active):
-                transitions.append(self._put("updated", replace(alert, value=c.value, message=message,
+                transitions.append(self._put(AlertAction.UPDATED, replace(alert, value=c.value, message=message,
                                                                 condition_active=True, updated_ms=now_ms), now_ms))
             elif not c.active and alert is not None:
                 transitions.append(self._resolve(alert, now_ms))
@@ -749,7 +773,7 @@ class AlertBook:
         self, rule: Rule, ctx: _Context, value: float | None, now_ms: int, *, condition_active: bool, count: int
     ) -> Transition:
         alert = Alert(
-            id=self._new_id(), rule_id=rule.id, kind=ctx.kind, priority=rule.priority, state="raised",
+            id=self._new_id(), rule_id=rule.id, kind=ctx.kind, priority=rule.priority, state=AlertState.RAISED,
             subject=ctx.subject, patient_id=ctx.patient_id, hospital_id=ctx.hospital_id,
             device_type=ctx.device_type, device_id=ctx.device_id,
             metric=rule.metric if rule.metric else None, value=value,
@@ -758,16 +782,16 @@ class AlertBook:
             latching=bool(rule.latching), condition_active=condition_active, raised_ms=now_ms,
             updated_ms=now_ms, count=count,
         )
-        return self._put("raised", alert, now_ms)
+        return self._put(AlertAction.RAISED, alert, now_ms)
 
     def _resolve(self, alert: Alert, now_ms: int) -> Transition:
-        resolved = replace(alert, state="resolved", condition_active=False, resolved_ms=now_ms, updated_ms=now_ms)
-        return self._put("resolved", resolved, now_ms)
+        resolved = replace(alert, state=AlertState.RESOLVED, condition_active=False, resolved_ms=now_ms, updated_ms=now_ms)
+        return self._put(AlertAction.RESOLVED, resolved, now_ms)
 
     def _resolve_keys(self, keys: Iterable[tuple[str, str]], now_ms: int) -> list[Transition]:
         return [self._resolve(self._active[key], now_ms) for key in keys if key in self._active]
 
-    def _put(self, action: str, alert: Alert, now_ms: int) -> Transition:
+    def _put(self, action: AlertAction, alert: Alert, now_ms: int) -> Transition:
         """Record the alert's new version in the book and describe the change."""
         if alert.active:
             self._store(alert)

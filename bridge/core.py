@@ -54,6 +54,7 @@ from bridge.alerts import (
     INGEST_SESSION_LOST,
     TECHNICAL_MESSAGES,
     TECHNICAL_PRIORITY,
+    AlertAction,
     AlertBook,
     AlertError,
     Rule,
@@ -96,7 +97,7 @@ class KeyConflict(FirstCareError):
     reason = "key_conflict"
 
 
-PUBLISHED_ALERT_ACTIONS = frozenset({"raised", "acknowledged", "escalated", "resolved"})
+PUBLISHED_ALERT_ACTIONS = frozenset(AlertAction) - {AlertAction.UPDATED}
 
 
 @dataclass(frozen=True, slots=True)

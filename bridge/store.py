@@ -49,7 +49,7 @@ import dataclasses
 
 import msgspec
 
-from bridge.alerts import Alert, Pending, RuleOverride, Transition
+from bridge.alerts import Alert, AlertState, Pending, RuleOverride, Transition
 from bridge.cluster import LockKey
 from bridge.records import DeadLetter, DeviceKey, DeviceRecord, News2Record, ObservationRecord, PatientInputs, SeqGap
 from bridge.sequence import Content
@@ -296,7 +296,7 @@ def alert_as_of(a: Alert, action: str, at_ms: int, state: str, value: float | No
 
     acknowledged_ms = before(a.acknowledged_ms)
     return dataclasses.replace(
-        a, state=state, value=a.value if value is None else value, updated_ms=at_ms,
+        a, state=AlertState(state), value=a.value if value is None else value, updated_ms=at_ms,
         acknowledged_ms=acknowledged_ms,
         acknowledged_by=(by or a.acknowledged_by) if action == "acknowledged" or acknowledged_ms is not None else None,
         escalated_ms=before(a.escalated_ms), resolved_ms=before(a.resolved_ms))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bridge.alerts import Alert, Transition
+from bridge.alerts import Alert, AlertAction, AlertState, Transition
 from bridge.core import alert_event
 from bridge.fanout import FanOut
 from bridge.hub import HubError
@@ -42,7 +42,7 @@ class FlakyHub:
 
 
 def alarm(id: str, state: str = "raised", at: int = T0, **changes: Any) -> Alert:
-    return Alert(id=id, rule_id="spo2.low.critical", kind="clinical", priority="high", state=state,
+    return Alert(id=id, rule_id="spo2.low.critical", kind="clinical", priority="high", state=AlertState(state),
                  subject="patient:p1", patient_id="p1", hospital_id="h1", device_type="oximeter", device_id="ox1",
                  metric="spo2", value=80.0, threshold=88.0, message="Severe desaturation", latching=True,
                  condition_active=True, raised_ms=T0, updated_ms=at, **changes)
@@ -82,7 +82,7 @@ def test_alarms_lost_while_the_hub_is_down_are_republished_in_order_once(store: 
     async def main() -> None:
         hub = FlakyHub()
         fanout = FanOut(hub, store)  # type: ignore[arg-type]
-        raised = commit(store, Transition("raised", alarm("a1"), T0))
+        raised = commit(store, Transition(AlertAction.RAISED, alarm("a1"), T0))
         hub.down = True
         fanout.offer([vitals(1), *raised])
         task = asyncio.create_task(fanout.run())
@@ -93,7 +93,7 @@ def test_alarms_lost_while_the_hub_is_down_are_republished_in_order_once(store: 
         task.cancel()
         assert hub.published == [] and fanout.catch_up_pending
         hub.down = False
-        acked = commit(store, Transition("acknowledged", alarm("a1", "acknowledged", T0 + 5, acknowledged_by="dr",
+        acked = commit(store, Transition(AlertAction.ACKNOWLEDGED, alarm("a1", "acknowledged", T0 + 5, acknowledged_by="dr",
                                                                 acknowledged_ms=T0 + 5), T0 + 5))
         fanout.offer([vitals(2), *acked])
         await drain(fanout, hub, 3)
@@ -109,8 +109,8 @@ def test_an_alarm_dropped_from_a_full_outbox_comes_after_what_was_queued(store: 
     async def main() -> None:
         hub = FlakyHub()
         fanout = FanOut(hub, store, size=2)  # type: ignore[arg-type]
-        first = commit(store, Transition("raised", alarm("a1"), T0))
-        second = commit(store, Transition("raised", alarm("a2"), T0 + 1))
+        first = commit(store, Transition(AlertAction.RAISED, alarm("a1"), T0))
+        second = commit(store, Transition(AlertAction.RAISED, alarm("a2"), T0 + 1))
         fanout.offer([*first, vitals(1), *second])  # a2 does not fit
         assert fanout.stats()["outbox_dropped"] == 1 and hub.lost
         await drain(fanout, hub, 3)
@@ -122,10 +122,10 @@ def test_an_alarm_dropped_from_a_full_outbox_comes_after_what_was_queued(store: 
 
 def test_the_stored_alarm_is_rebuilt_as_it_was_at_its_transition(store: SQLiteStore) -> None:
     raised = alarm("a1")
-    acked = replace(raised, state="acknowledged", acknowledged_by="dr", acknowledged_ms=T0 + 5, updated_ms=T0 + 5)
-    resolved = replace(acked, state="resolved", condition_active=False, resolved_ms=T0 + 9, updated_ms=T0 + 9)
-    commit(store, Transition("raised", raised, T0), Transition("acknowledged", acked, T0 + 5),
-           Transition("resolved", resolved, T0 + 9))
+    acked = replace(raised, state=AlertState.ACKNOWLEDGED, acknowledged_by="dr", acknowledged_ms=T0 + 5, updated_ms=T0 + 5)
+    resolved = replace(acked, state=AlertState.RESOLVED, condition_active=False, resolved_ms=T0 + 9, updated_ms=T0 + 9)
+    commit(store, Transition(AlertAction.RAISED, raised, T0), Transition(AlertAction.ACKNOWLEDGED, acked, T0 + 5),
+           Transition(AlertAction.RESOLVED, resolved, T0 + 9))
     got = store.alert_transitions_after(0, 10)
     assert [(t.action, t.alert.state, t.alert.acknowledged_by, t.alert.resolved_ms) for _, t in got] == [
         ("raised", "raised", None, None), ("acknowledged", "acknowledged", "dr", None),

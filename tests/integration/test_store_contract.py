@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bridge.alerts import Alert, Pending, RuleOverride, Transition
+from bridge.alerts import Alert, AlertAction, AlertState, Pending, RuleOverride, Transition
 from bridge.cluster import device_key, patient_key
 from bridge.records import DeadLetter, DeviceRecord, News2Record, PatientInputs, SeqGap
 from bridge.sequence import Content
@@ -33,7 +33,7 @@ def reading(seq: int, ts_ms: int = T0, patient_id: str | None = "p1", hospital_i
 def alert(id: str, patient_id: str | None = "p1", hospital_id: str = "h1", state: str = "raised",
           raised_ms: int = T0, **changes) -> Alert:
     base = Alert(
-        id=id, rule_id="spo2.low", kind="clinical", priority="medium", state=state,
+        id=id, rule_id="spo2.low", kind="clinical", priority="medium", state=AlertState(state),
         subject=f"patient:{patient_id}", patient_id=patient_id, hospital_id=hospital_id,
         device_type="oximeter", device_id="ox1", metric="spo2", value=88.0, threshold=92.0,
         message="SpO2 low", latching=False, condition_active=True, raised_ms=raised_ms, updated_ms=raised_ms,
@@ -85,7 +85,7 @@ def test_reopening_keeps_data_and_does_not_migrate_again(open_store: Callable[[]
     with first.transaction() as tx:
         assert tx.insert_readings([reading(1)]) == [True]
         tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online", last_seen_ms=T0, last_seq=1)])
-        tx.save_transitions([Transition("raised", alert("a1"), T0)])
+        tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0)])
         tx.set_overrides("p1", {"spo2.low": RuleOverride(threshold=90.0, clear=93.0)})
     first.close()
 
@@ -281,18 +281,18 @@ def alerts(store: Store) -> Store:
     a4 = alert("a4", None, "h2", raised_ms=T0 + 3 * S, kind="technical", rule_id="device.offline",
                subject="device:monitor:m9", metric=None, value=None, threshold=None)
     with store.transaction() as tx:
-        tx.save_transitions([Transition("raised", a, a.raised_ms) for a in (a1, a2, a3, a4)])
+        tx.save_transitions([Transition(AlertAction.RAISED, a, a.raised_ms) for a in (a1, a2, a3, a4)])
     with store.transaction() as tx:
         updated = replace(a1, value=85.0, count=2, updated_ms=T0 + 5 * S)
-        acked = replace(updated, state="acknowledged", acknowledged_by="dr-who", acknowledged_ms=T0 + 10 * S,
+        acked = replace(updated, state=AlertState.ACKNOWLEDGED, acknowledged_by="dr-who", acknowledged_ms=T0 + 10 * S,
                         updated_ms=T0 + 10 * S)
         tx.save_transitions([
-            Transition("updated", updated, T0 + 5 * S),
-            Transition("acknowledged", acked, T0 + 10 * S),
-            Transition("resolved", replace(acked, state="resolved", condition_active=False, resolved_ms=T0 + 20 * S,
+            Transition(AlertAction.UPDATED, updated, T0 + 5 * S),
+            Transition(AlertAction.ACKNOWLEDGED, acked, T0 + 10 * S),
+            Transition(AlertAction.RESOLVED, replace(acked, state=AlertState.RESOLVED, condition_active=False, resolved_ms=T0 + 20 * S,
                                            updated_ms=T0 + 20 * S), T0 + 20 * S),
         ])
-        tx.save_transitions([Transition("escalated", replace(a3, state="escalated", escalated_ms=T0 + 9 * S),
+        tx.save_transitions([Transition(AlertAction.ESCALATED, replace(a3, state=AlertState.ESCALATED, escalated_ms=T0 + 9 * S),
                                         T0 + 9 * S)])
     return store
 
@@ -507,7 +507,7 @@ def test_failing_transaction_rolls_back_everything(store: Store) -> None:
         assert tx.insert_readings([reading(1), reading(2)]) == [True, True]
         tx.insert_dead_letters([DeadLetter(T0, "t", "schema_invalid", "", b"{}", 2)])
         tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online")])
-        tx.save_transitions([Transition("raised", alert("a1"), T0)])
+        tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0)])
         tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, T0)])
         tx.set_overrides("p1", {"spo2.low": RuleOverride(enabled=False)})
         raise RuntimeError("boom")
@@ -526,7 +526,7 @@ def test_database_error_becomes_store_error_and_rolls_back(store: Store) -> None
     bad = alert("a2", hospital_id=None)  # type: ignore[arg-type]  # violates alerts.hospital_id NOT NULL
     with pytest.raises(StoreError), store.transaction() as tx:
         tx.insert_readings([reading(1)])
-        tx.save_transitions([Transition("raised", alert("a1"), T0), Transition("raised", bad, T0)])
+        tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0), Transition(AlertAction.RAISED, bad, T0)])
     assert store.counts() == {"readings": 0, "dead_letters": 0, "devices": 0, "alerts": 0, "seq_gaps": 0}
     assert store.alert_history("a1") == []
 
@@ -571,7 +571,7 @@ def test_locked_keys_state_round_trips(store: Store) -> None:
         tx.claim_patient("p1", "h1", T0)
         tx.claim_patient("p1", "h2", T0 + S)  # the first hospital keeps it
         tx.upsert_devices([DeviceRecord("monitor", "m1", "h3", "p1", "online", last_seen_ms=T0)])
-        tx.save_transitions([Transition("raised", alert("a1"), T0)])
+        tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0)])
         tx.save_pending(["patient:p1", "patient:p2"], pending)
         tx.save_open_gaps([("monitor", "m1")], gaps)
         tx.save_news2_state("p1", "sig-1", T0 + 3600 * S)
@@ -612,10 +612,10 @@ def test_what_the_timers_find_due(store: Store) -> None:
         tx.save_news2_state("p-due", "s", now - S)
         tx.save_news2_state("p-later", "s", now + S)
         tx.save_news2_state("p-never", "s", None)
-        tx.save_transitions([Transition("raised", alert("old", "p1", raised_ms=now - 200 * S), now),
-                             Transition("raised", alert("new", "p2", raised_ms=now - 10 * S), now),
-                             Transition("raised", alert("low", "p3", raised_ms=now - 200 * S, priority="low"), now),
-                             Transition("raised", alert("acked", "p4", raised_ms=now - 200 * S, state="acknowledged"),
+        tx.save_transitions([Transition(AlertAction.RAISED, alert("old", "p1", raised_ms=now - 200 * S), now),
+                             Transition(AlertAction.RAISED, alert("new", "p2", raised_ms=now - 10 * S), now),
+                             Transition(AlertAction.RAISED, alert("low", "p3", raised_ms=now - 200 * S, priority="low"), now),
+                             Transition(AlertAction.RAISED, alert("acked", "p4", raised_ms=now - 200 * S, state=AlertState.ACKNOWLEDGED),
                                         now)])
     with store.transaction() as tx:
         due = tx.due_devices(now, 60 * S, 180 * S, 25 * 3600 * S, continuous, 100)

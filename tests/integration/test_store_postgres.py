@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from bridge.alerts import AlertAction
 from bridge.cluster import device_key
 from bridge.store_postgres import DAY_MS, MIGRATIONS, PostgresStore, is_unavailable, partition_name, partitions
 from firstcare.errors import StoreError, StoreUnavailable
@@ -124,7 +125,7 @@ def test_a_lock_held_elsewhere_is_unavailable_a_rejected_row_is_not(store: Postg
     bad = Alert("a1", "r", "clinical", "high", "raised", "patient:p1", "p1", None, None, None,  # type: ignore[arg-type]
                 None, None, None, "m", True, True, NOW, NOW)  # hospital_id NOT NULL
     with pytest.raises(StoreError) as caught, store.transaction() as tx:
-        tx.save_transitions([Transition("raised", bad, NOW)])
+        tx.save_transitions([Transition(AlertAction.RAISED, bad, NOW)])
     assert not isinstance(caught.value, StoreUnavailable)
 
 

@@ -14,8 +14,10 @@ from bridge.alerts import (
     PRIORITIES,
     STATES,
     Alert,
+    AlertAction,
     AlertBook,
     AlertError,
+    AlertState,
     RuleOverride,
     Transition,
     apply_overrides,
@@ -125,7 +127,7 @@ def test_raised_alert_carries_the_reading_context():
     book = make_book("heart_rate.high.critical")
     alert = only(book.evaluate(reading("heart_rate", 160, device_id="m7"), T0 + 5))
     assert alert == Alert(
-        id="a1", rule_id="heart_rate.high.critical", kind="clinical", priority="high", state="raised",
+        id="a1", rule_id="heart_rate.high.critical", kind="clinical", priority="high", state=AlertState.RAISED,
         subject="patient:p1", patient_id="p1", hospital_id="h1", device_type="monitor", device_id="m7",
         metric="heart_rate", value=160.0, threshold=150.0, message="HR critical", latching=True,
         condition_active=True, raised_ms=T0 + 5, updated_ms=T0 + 5,
@@ -248,8 +250,8 @@ def test_acknowledge_records_who_and_when():
     book = make_book("glucose.low")
     alert = _raise(book, "glucose.low")
     (t,) = book.acknowledge(alert.id, "dr-house", T0 + 99)
-    assert t == Transition("acknowledged", replace(
-        alert, state="acknowledged", acknowledged_by="dr-house", acknowledged_ms=T0 + 99, updated_ms=T0 + 99,
+    assert t == Transition(AlertAction.ACKNOWLEDGED, replace(
+        alert, state=AlertState.ACKNOWLEDGED, acknowledged_by="dr-house", acknowledged_ms=T0 + 99, updated_ms=T0 + 99,
     ), T0 + 99)
 
 
@@ -590,7 +592,7 @@ def test_technical_and_clinical_alerts_do_not_collide():
 def test_load_active_restores_so_a_retrigger_updates_it():
     before = make_book("heart_rate.high.critical")
     alert = only(before.evaluate(reading("heart_rate", 160), T0))
-    stored = [alert, replace(alert, id="old", state="resolved", resolved_ms=T0 - 1)]
+    stored = [alert, replace(alert, id="old", state=AlertState.RESOLVED, resolved_ms=T0 - 1)]
 
     after = AlertBook(RULES, new_ids())
     assert after.load_active(stored) == [stored[1]]
