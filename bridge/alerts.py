@@ -336,6 +336,10 @@ class Alert:
     resolved_ms: int | None = None
     count: int = 1  # re-triggers / occurrences (for a seq gap: readings missing in total)
 
+    def __post_init__(self) -> None:
+        if type(self.state) is not AlertState:  # a row read back from a store holds the plain string
+            object.__setattr__(self, "state", AlertState(self.state))
+
     @property
     def key(self) -> tuple[str, str]:
         return (self.subject, self.rule_id)

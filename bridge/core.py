@@ -63,7 +63,7 @@ from bridge.alerts import (
     apply_overrides,
     gateway_conditions,
 )
-from bridge.records import DeadLetter, DeviceKey, DeviceRecord, ObservationRecord
+from bridge.records import DeadLetter, DeviceKey, DeviceRecord, DeviceState, ObservationRecord
 from bridge.state import WorkingSet, open_working_set
 from bridge.store import Gauges, Store, alert_json, device_json
 from firstcare.errors import FirstCareError, TopicError
@@ -460,13 +460,13 @@ class BridgeCore:
             return []
         args = (after.hospital_id or "", after.device_type, after.device_id, after.patient_id)
         out: list[Transition] = []
-        if after.state == "offline" and before.state != "offline":
+        if after.state == DeviceState.OFFLINE and before.state != DeviceState.OFFLINE:
             out += book.device_offline(*args, at_ms)
-        elif after.state == "online" and before.state != "online":
+        elif after.state == DeviceState.ONLINE and before.state != DeviceState.ONLINE:
             out += book.device_online(*args, at_ms)
         if after.silent and not before.silent:
             out += book.device_silent(*args, at_ms)
-        elif before.silent and not after.silent and after.state == "online":
+        elif before.silent and not after.silent and after.state == DeviceState.ONLINE:
             out += book.device_data(*args, at_ms)
         return out
 

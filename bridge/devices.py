@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from bridge import sequence
-from bridge.records import DeviceRecord, SeqGap
+from bridge.records import DeviceRecord, DeviceState, SeqGap
 from bridge.sequence import SeqState, Verdict
 from firstcare.payloads import Reading, StatusReport
 
@@ -57,13 +57,13 @@ def on_reading(device: DeviceRecord, reading: Reading, verdict: Verdict | None =
     if verdict.gap is not None:
         gap = SeqGap(device.device_type, device.device_id, verdict.gap[0], verdict.gap[1], reading.received_ms,
                      verdict.boot)
-    stale = device.state == "offline" and device.status_ms is not None and reading.ts_ms < device.status_ms
+    stale = device.state == DeviceState.OFFLINE and device.status_ms is not None and reading.ts_ms < device.status_ms
     seq = verdict.state
     updated = dataclasses.replace(  # one replace: the sequence state and the rest together
         device, boot=seq.boot, boot_ts_ms=seq.boot_ts_ms, prev_boot=seq.prev_boot, last_seq=seq.last_seq,
         last_ts_ms=seq.last_ts_ms,
         hospital_id=reading.hospital_id,
-        state=device.state if stale else "online",
+        state=device.state if stale else DeviceState.ONLINE,
         silent=device.silent if stale else False,
         last_seen_ms=max(device.last_seen_ms or 0, reading.received_ms),
         last_data_ms=max(device.last_data_ms or 0, reading.received_ms),
@@ -102,11 +102,11 @@ def on_status(device: DeviceRecord, status: StatusReport) -> DeviceRecord:
     return dataclasses.replace(
         device,
         hospital_id=status.hospital_id,
-        state=status.state,
+        state=DeviceState(status.state),
         silent=False if status.state == "offline" else device.silent,
         last_seen_ms=max(device.last_seen_ms or 0, status.received_ms),
         # a device that just came online has not been silent yet: restart its silence clock
-        last_data_ms=(status.received_ms if status.state == "online" and device.state != "online"
+        last_data_ms=(status.received_ms if status.state == "online" and device.state != DeviceState.ONLINE
                       else device.last_data_ms),
         battery=status.battery if status.battery is not None else device.battery,
         firmware=status.firmware if status.firmware is not None else device.firmware,
@@ -120,10 +120,10 @@ def on_binding(device: DeviceRecord, patient_id: str | None, hospital_id: str | 
 
 def sweep(device: DeviceRecord, now_ms: int, silent_ms: int, offline_ms: int) -> DeviceRecord | None:
     """Apply the heartbeat and silence timeouts; ``None`` when nothing changes."""
-    if device.state != "online" or device.last_seen_ms is None:
+    if device.state != DeviceState.ONLINE or device.last_seen_ms is None:
         return None
     if now_ms - device.last_seen_ms >= offline_after_ms(device.device_type, offline_ms):
-        return dataclasses.replace(device, state="offline", silent=False)
+        return dataclasses.replace(device, state=DeviceState.OFFLINE, silent=False)
     last_data = device.last_data_ms or device.last_seen_ms
     if is_continuous(device.device_type) and not device.silent and now_ms - last_data >= silent_ms:
         return dataclasses.replace(device, silent=True)

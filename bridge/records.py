@@ -7,10 +7,20 @@ stores share. Frozen dataclasses with no behaviour beyond their keys; the storag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from firstcare import news2
 
 DeviceKey = tuple[str, str]  # (device type, device id)
+
+
+class DeviceState(StrEnum):
+    """A device's connection state as the bridge knows it (its status messages, its will, the
+    heartbeat timeout); the value is what the database, the API and the events spell."""
+
+    UNKNOWN = "unknown"  # seen only through readings, never a status
+    ONLINE = "online"
+    OFFLINE = "offline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +40,7 @@ class DeviceRecord:
     device_id: str
     hospital_id: str | None
     patient_id: str | None = None
-    state: str = "unknown"  # unknown | online | offline
+    state: DeviceState = DeviceState.UNKNOWN
     silent: bool = False
     last_seen_ms: int | None = None
     last_data_ms: int | None = None
@@ -42,6 +52,10 @@ class DeviceRecord:
     boot_ts_ms: int | None = None  # device time the current boot began
     prev_boot: str | None = None
     last_ts_ms: int | None = None  # newest reading time stored for the device, any boot
+
+    def __post_init__(self) -> None:
+        if type(self.state) is not DeviceState:  # a row read back from a store holds the plain string
+            object.__setattr__(self, "state", DeviceState(self.state))
 
     @property
     def key(self) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import pytest
 
 from bridge.alerts import Alert, AlertAction, AlertState, Pending, RuleOverride, Transition
 from bridge.cluster import device_key, patient_key
-from bridge.records import DeadLetter, DeviceRecord, News2Record, PatientInputs, SeqGap
+from bridge.records import DeadLetter, DeviceRecord, DeviceState, News2Record, PatientInputs, SeqGap
 from bridge.sequence import Content
 from bridge.store import Store
 from bridge.store_sqlite import SQLiteStore
@@ -84,7 +84,7 @@ def test_reopening_keeps_data_and_does_not_migrate_again(open_store: Callable[[]
     first = open_store()
     with first.transaction() as tx:
         assert tx.insert_readings([reading(1)]) == [True]
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online", last_seen_ms=T0, last_seq=1)])
+        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", DeviceState.ONLINE, last_seen_ms=T0, last_seq=1)])
         tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0)])
         tx.set_overrides("p1", {"spo2.low": RuleOverride(threshold=90.0, clear=93.0)})
     first.close()
@@ -423,20 +423,20 @@ def test_dead_letter_with_binary_payload(store: Store) -> None:
 def devices(store: Store) -> Store:
     with store.transaction() as tx:
         tx.upsert_devices([
-            DeviceRecord("monitor", "m1", "h1", "p1", "online", last_seen_ms=T0, battery=90),
-            DeviceRecord("monitor", "m2", "h2", None, "offline", last_seen_ms=T0),
-            DeviceRecord("scale", "s1", "h1", None, "unknown"),
-            DeviceRecord("bp", "b1", None, None, "unknown"),
+            DeviceRecord("monitor", "m1", "h1", "p1", DeviceState.ONLINE, last_seen_ms=T0, battery=90),
+            DeviceRecord("monitor", "m2", "h2", None, DeviceState.OFFLINE, last_seen_ms=T0),
+            DeviceRecord("scale", "s1", "h1", None, DeviceState.UNKNOWN),
+            DeviceRecord("bp", "b1", None, None, DeviceState.UNKNOWN),
         ])
     return store
 
 
 def test_device_upsert_updates_in_place(devices: Store) -> None:
     with devices.transaction() as tx:
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "offline", silent=True, last_seen_ms=T0 + S,
+        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", DeviceState.OFFLINE, silent=True, last_seen_ms=T0 + S,
                                         battery=15, firmware="2.0", last_seq=42)])
     assert devices.device("monitor", "m1") == DeviceRecord(
-        "monitor", "m1", "h1", "p1", "offline", True, T0 + S, None, 15, "2.0", 42)
+        "monitor", "m1", "h1", "p1", DeviceState.OFFLINE, True, T0 + S, None, 15, "2.0", 42)
     assert devices.counts()["devices"] == 4
     assert devices.device("monitor", "nope") is None
 
@@ -479,7 +479,7 @@ def test_patient_hospital(store: Store, patient_id: str, expected: str | None) -
         # a patient id belongs to the first hospital that reported it (the core refuses the rest)
         tx.insert_readings([reading(3, T0 + S, "p2", "h2", device=("monitor", "m3"))])
         # p3 has no reading yet, only a device bound to it, which claims it
-        tx.upsert_devices([DeviceRecord("monitor", "m4", "h3", "p3", "online")])
+        tx.upsert_devices([DeviceRecord("monitor", "m4", "h3", "p3", DeviceState.ONLINE)])
         tx.claim_patient("p3", "h3", T0)
     assert store.patient_hospital(patient_id) == expected
 
@@ -506,7 +506,7 @@ def test_failing_transaction_rolls_back_everything(store: Store) -> None:
     with pytest.raises(RuntimeError, match="boom"), store.transaction() as tx:
         assert tx.insert_readings([reading(1), reading(2)]) == [True, True]
         tx.insert_dead_letters([DeadLetter(T0, "t", "schema_invalid", "", b"{}", 2)])
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", "online")])
+        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", DeviceState.ONLINE)])
         tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0)])
         tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, T0)])
         tx.set_overrides("p1", {"spo2.low": RuleOverride(enabled=False)})
@@ -570,7 +570,7 @@ def test_locked_keys_state_round_trips(store: Store) -> None:
         assert tx.owners_of(["p1"]) == {}
         tx.claim_patient("p1", "h1", T0)
         tx.claim_patient("p1", "h2", T0 + S)  # the first hospital keeps it
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h3", "p1", "online", last_seen_ms=T0)])
+        tx.upsert_devices([DeviceRecord("monitor", "m1", "h3", "p1", DeviceState.ONLINE, last_seen_ms=T0)])
         tx.save_transitions([Transition(AlertAction.RAISED, alert("a1"), T0)])
         tx.save_pending(["patient:p1", "patient:p2"], pending)
         tx.save_open_gaps([("monitor", "m1")], gaps)
@@ -599,13 +599,13 @@ def test_what_the_timers_find_due(store: Store) -> None:
     continuous = ["monitor", "oximeter"]
     with store.transaction() as tx:
         tx.upsert_devices([
-            DeviceRecord("monitor", "quiet", "h1", state="online", last_seen_ms=now - 100 * S, last_data_ms=now - 100 * S),
-            DeviceRecord("monitor", "gone", "h1", state="online", last_seen_ms=now - 200 * S),
-            DeviceRecord("monitor", "fine", "h1", state="online", last_seen_ms=now - S, last_data_ms=now - S),
-            DeviceRecord("monitor", "silenced", "h1", state="online", silent=True, last_seen_ms=now - 100 * S,
+            DeviceRecord("monitor", "quiet", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 100 * S, last_data_ms=now - 100 * S),
+            DeviceRecord("monitor", "gone", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 200 * S),
+            DeviceRecord("monitor", "fine", "h1", state=DeviceState.ONLINE, last_seen_ms=now - S, last_data_ms=now - S),
+            DeviceRecord("monitor", "silenced", "h1", state=DeviceState.ONLINE, silent=True, last_seen_ms=now - 100 * S,
                          last_data_ms=now - 100 * S),
-            DeviceRecord("scale", "s1", "h1", state="online", last_seen_ms=now - 200 * S),  # a spot check: a day
-            DeviceRecord("monitor", "off", "h1", state="offline", last_seen_ms=now - 900 * S),
+            DeviceRecord("scale", "s1", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 200 * S),  # a spot check: a day
+            DeviceRecord("monitor", "off", "h1", state=DeviceState.OFFLINE, last_seen_ms=now - 900 * S),
         ])
         tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, now - 40 * S), SeqGap("monitor", "m2", 3, 4, now - 10 * S),
                         SeqGap("monitor", "m3", 3, 4, now - 90 * S, confirmed_ms=now - 60 * S)])

@@ -16,7 +16,7 @@ from bridge.devices import (
     on_status,
     sweep,
 )
-from bridge.records import DeviceRecord, SeqGap
+from bridge.records import DeviceRecord, DeviceState, SeqGap
 from firstcare.payloads import Reading, StatusReport
 
 T0 = 1_795_688_130_120
@@ -35,7 +35,7 @@ def status(state: str, received_ms: int = T0, battery: int | None = None, firmwa
 
 
 def online(device_type: str = "monitor", at: int = T0, **changes) -> DeviceRecord:
-    base = DeviceRecord(device_type, "m1", "h1", state="online", last_seen_ms=at, last_data_ms=at, last_seq=10)
+    base = DeviceRecord(device_type, "m1", "h1", state=DeviceState.ONLINE, last_seen_ms=at, last_data_ms=at, last_seq=10)
     return replace(base, **changes)
 
 
@@ -68,8 +68,8 @@ def test_on_reading_gaps_and_last_seq(last_seq, seq, gap, last_after) -> None:
     "before",
     [
         new_device("monitor", "m1", None),
-        DeviceRecord("monitor", "m1", "h0", state="offline", last_seen_ms=T0 - HOUR_MS, last_data_ms=T0 - HOUR_MS),
-        DeviceRecord("monitor", "m1", "h1", state="online", silent=True, last_seen_ms=T0 - HOUR_MS),
+        DeviceRecord("monitor", "m1", "h0", state=DeviceState.OFFLINE, last_seen_ms=T0 - HOUR_MS, last_data_ms=T0 - HOUR_MS),
+        DeviceRecord("monitor", "m1", "h1", state=DeviceState.ONLINE, silent=True, last_seen_ms=T0 - HOUR_MS),
     ],
     ids=["new", "offline", "silent"],
 )
@@ -102,7 +102,7 @@ def test_on_reading_never_moves_clocks_backwards() -> None:
          {"state": "online", "battery": 12, "last_seen_ms": T0}),
         (online(at=T0 - 1000, firmware="1.0"), status("online", T0, firmware="1.1"),
          {"firmware": "1.1"}),
-        (DeviceRecord("monitor", "m1", "h1", state="offline", last_seen_ms=T0 - HOUR_MS,
+        (DeviceRecord("monitor", "m1", "h1", state=DeviceState.OFFLINE, last_seen_ms=T0 - HOUR_MS,
                       last_data_ms=T0 - HOUR_MS), status("online", T0),
          # came back online: its silence clock restarts
          {"state": "online", "last_seen_ms": T0, "last_data_ms": T0}),
@@ -186,10 +186,10 @@ def test_sweep_spot_check_device(device_type: str, elapsed: int, offline_ms: int
 @pytest.mark.parametrize(
     "device",
     [
-        DeviceRecord("monitor", "m1", "h1", state="offline", last_seen_ms=T0, last_data_ms=T0),
-        DeviceRecord("monitor", "m1", "h1", state="unknown"),
-        DeviceRecord("monitor", "m1", "h1", state="online", last_seen_ms=None),
-        DeviceRecord("scale", "m1", "h1", state="offline", last_seen_ms=T0),
+        DeviceRecord("monitor", "m1", "h1", state=DeviceState.OFFLINE, last_seen_ms=T0, last_data_ms=T0),
+        DeviceRecord("monitor", "m1", "h1", state=DeviceState.UNKNOWN),
+        DeviceRecord("monitor", "m1", "h1", state=DeviceState.ONLINE, last_seen_ms=None),
+        DeviceRecord("scale", "m1", "h1", state=DeviceState.OFFLINE, last_seen_ms=T0),
     ],
     ids=["offline", "unknown", "never-seen", "offline-scale"],
 )
