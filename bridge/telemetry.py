@@ -43,12 +43,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from firstcare.events import Event
+from firstcare.mqtt import LinkState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 STAGES = ("device_to_commit", "receipt_to_commit", "commit_to_delivery", "device_to_delivery")
 PENDING_MAX = 10_000
 LABEL_WORD = re.compile(r"[a-z][a-z0-9_]{0,47}")
-MQTT_STATES = ("starting", "connecting", "connected", "disconnected", "stopped", "conflict")
+MQTT_STATES = tuple(LinkState)
 
 
 def event_kind(event: Event) -> str | None:

@@ -58,7 +58,7 @@ import paho.mqtt.client as mqtt
 from edge.packets import DISCONNECT_PACKET_TOO_LARGE, Refusal, fit, puback_refusal
 from edge.spool import Spool
 from firstcare.errors import FirstCareError
-from firstcare.mqtt import MqttTarget, backoff_delay, describe_error, reconnect_loop
+from firstcare.mqtt import LinkState, MqttTarget, backoff_delay, describe_error, reconnect_loop
 from firstcare.payloads import now_ms
 from firstcare.ratelimit import TokenBucket
 from firstcare.tls import describe_tls_error
@@ -90,7 +90,7 @@ class Forwarder:
         self.quarantine_after = quarantine_after
         self.status_every_s = status_every_s
         self._status_body = status_body or (lambda: {})
-        self.state = "starting"
+        self.state: LinkState = LinkState.STARTING
         self.last_error: str | None = None
         self.protocol: str | None = None  # what the current (or last) connection speaks
         self.max_packet = 0  # the largest packet the upstream takes: the setting, or what it advertised
@@ -135,10 +135,10 @@ class Forwarder:
 
     def _run(self) -> None:
         reconnect_loop(self._session, self._stop, self._will_reconnect)
-        self.state = "stopped"
+        self.state = LinkState.STOPPED
 
     def _will_reconnect(self, delay: float) -> None:
-        self.state = "disconnected"
+        self.state = LinkState.DISCONNECTED
         log.warning("%s; connecting to the upstream again in %.1fs", self.last_error, delay)
 
     def _use_mqtt5(self) -> bool:
@@ -163,7 +163,7 @@ class Forwarder:
         """One connection, until it drops or the forwarder stops; True if it got connected."""
         mqtt5 = self._use_mqtt5()
         client = self._client(mqtt5)
-        self.state = "connecting"
+        self.state = LinkState.CONNECTING
         self._disconnect = None
         self._connack = None
         try:
@@ -185,7 +185,7 @@ class Forwarder:
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             self._flush()
-            if self.state == "connected":
+            if self.state == LinkState.CONNECTED:
                 connected = True
                 self._send(client)
                 self._maybe_publish_status(client)
@@ -229,7 +229,7 @@ class Forwarder:
         limits = [n for n in (advertised, self.max_packet_setting) if n > 0]
         self.max_packet = min(limits) if limits else 0
         self._receive_maximum = int(getattr(properties, "ReceiveMaximum", 0) or 65535) if mqtt5 else 65535
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         self.last_error = None
         self.counters["connects"] += 1
         log.info("upstream connected to %s (MQTT %s, maximum packet %s)", self.target, self.protocol,
@@ -241,10 +241,10 @@ class Forwarder:
         self.counters["disconnects"] += 1
         self._disconnect = (int(getattr(reason, "value", 0x80)), bool(getattr(flags, "is_disconnect_packet_from_server",
                                                                                 False)))
-        if self.state == "connected":  # our own disconnect at a clean stop is no warning
+        if self.state == LinkState.CONNECTED:  # our own disconnect at a clean stop is no warning
             (log.info if self._stop.is_set() else log.warning)("upstream disconnected: %s", reason)
             self.last_error = f"disconnected: {reason}"
-        self.state = "disconnected"
+        self.state = LinkState.DISCONNECTED
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: mqtt.ReasonCode,
                     properties: object) -> None:

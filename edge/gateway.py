@@ -50,7 +50,7 @@ from edge.spool import Spool, age_s
 from edge.stamp import Outbound, Refused, stamp
 from edge.telemetry import registry_for
 from firstcare.broker import BrokerTls, EmbeddedBroker
-from firstcare.mqtt import AckingConsumer, MqttTarget, describe_error
+from firstcare.mqtt import AckingConsumer, LinkState, MqttTarget, describe_error
 from firstcare.payloads import Inbound, Rejection, now_ms
 from firstcare.signing import load_private, sign
 from firstcare.tls import ClientTls, is_loopback, note_plaintext, warn_if_insecure
@@ -301,8 +301,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         writes)."""
         ward = gateway.ward
         checks = {"upstream": gateway.forwarder.state, "ward": ward.state, "spool": ward.health() or "ok"}
-        ready = (checks["upstream"] == "connected" and checks["ward"] in ("connected", "listening")
-                 and checks["spool"] == "ok")
+        ready = (checks["upstream"] == LinkState.CONNECTED
+                 and checks["ward"] in (LinkState.CONNECTED, LinkState.LISTENING) and checks["spool"] == "ok")
         return JSONResponse({"ready": ready, "checks": checks}, 200 if ready else 503)
 
     @app.get("/stats", response_model=None)

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from firstcare.mqtt import Settler
+from firstcare.mqtt import LinkState, Settler
 from firstcare.payloads import Inbound
 
 log = logging.getLogger("firstcare.edge")
@@ -48,7 +48,7 @@ class WardIntake:
         self.counters = {"received": 0, "acked": 0, "not_kept": 0, "queue_full_waits": 0, "store_retries": 0,
                          "batch_splits": 0, "poison_isolated": 0}
         self.settler: Settler[_Waiting] = Settler(handle_batch, quarantine, self.counters, lambda w: w.inbound)
-        self.state = "starting"
+        self.state: LinkState = LinkState.STARTING
         self.last_error: str | None = None
         self._queue_size = queue_size
         self._batch_max = batch_max
@@ -97,7 +97,7 @@ class WardIntake:
 
     async def run(self) -> None:
         """Settle batches until cancelled (stored or isolated, then acknowledged, in order)."""
-        self.state = "listening"
+        self.state = LinkState.LISTENING
         while True:
             while not self._inbox:
                 self._ready.clear()
@@ -116,7 +116,7 @@ class WardIntake:
         """Take nothing more: what is queued and not yet in a batch is answered "not kept" (no
         acknowledgement); the batch being committed finishes and is acknowledged."""
         self._closing = True
-        self.state = "stopping"
+        self.state = LinkState.STOPPING
         while self._inbox:
             waiting = self._inbox.popleft()
             if not waiting.kept.done():
@@ -127,4 +127,4 @@ class WardIntake:
             if not turn.done():
                 turn.set_result(None)
         await self._idle.wait()
-        self.state = "stopped"
+        self.state = LinkState.STOPPED

@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 import paho.mqtt.client as mqtt
 
@@ -55,6 +56,16 @@ HEARTBEAT_S = 2.0
 LEASE_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 RETAINED_GRACE_S = 0.3
+
+
+class LeaseState(StrEnum):
+    """Where this bridge's claim on its client id stands (``lease_state`` in ``/realtime/stats``)."""
+
+    IDLE = "idle"
+    ACQUIRING = "acquiring"
+    HELD = "held"
+    YIELDED = "yielded"  # a newer bridge took the client id over
+    RELEASED = "released"
 
 
 class LeaseError(BrokerError):
@@ -139,7 +150,7 @@ class LeaseKeeper:
         self._on_yield = on_yield
         self.since_ms = self._clock()
         self.replaces: str | None = None
-        self.state = "idle"  # idle | acquiring | held | yielded | released
+        self.state = LeaseState.IDLE
         self.conflict: str | None = None
         self.rivals = 0
         self._lock = threading.Lock()
@@ -171,7 +182,7 @@ class LeaseKeeper:
             self._subscribed.set()
             return
         client.subscribe([(self.topic, 1), (self._sync_topic, 1)])
-        if self.state == "held":
+        if self.state == LeaseState.HELD:
             self._publish()  # a broker restarted without persistence has forgotten the claim
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[mqtt.ReasonCode],
@@ -192,7 +203,7 @@ class LeaseKeeper:
             return
         with self._lock:
             self._seen.append(_Seen(claim, not msg.retain))
-        if self.state != "held":
+        if self.state != LeaseState.HELD:
             return
         if claim.nonce == self.replaces:
             self._yield(f"client id {self.client_id!r} is still in use on {self.host}:{self.port} by "
@@ -219,7 +230,7 @@ class LeaseKeeper:
 
     def acquire(self) -> None:
         """Block until the lease is ours; raise LeaseHeld or LeaseError."""
-        self.state = "acquiring"
+        self.state = LeaseState.ACQUIRING
         for event in (self._subscribed, self._synced, self._echoed):
             event.clear()
         self._sub_failed, self._refused = False, None
@@ -267,11 +278,11 @@ class LeaseKeeper:
         except BaseException:
             self._client.loop_stop()
             self._client.disconnect()
-            self.state = "idle"
+            self.state = LeaseState.IDLE
             raise
         with self._lock:
             self._seen.clear()
-        self.state = "held"
+        self.state = LeaseState.HELD
         self._beat_thread = threading.Thread(target=self._beat, name=f"fc-lease-{self.client_id}", daemon=True)
         self._beat_thread.start()
 
@@ -283,13 +294,13 @@ class LeaseKeeper:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if self.state == "held" and self._client.is_connected():
+            if self.state == LeaseState.HELD and self._client.is_connected():
                 self._publish()
 
     def _yield(self, message: str) -> None:
-        if self.state == "yielded":
+        if self.state == LeaseState.YIELDED:
             return
-        self.state = "yielded"
+        self.state = LeaseState.YIELDED
         self.conflict = message
         log.error("%s", message)
         if self._on_yield is not None:
@@ -300,11 +311,11 @@ class LeaseKeeper:
         self._stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join(5)
-        if self.state == "held" and self._client.is_connected():
+        if self.state == LeaseState.HELD and self._client.is_connected():
             info = self._client.publish(self.topic, b"", qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2)
-        if self.state in ("held", "yielded"):
+        if self.state in (LeaseState.HELD, LeaseState.YIELDED):
             self._client.loop_stop()
             self._client.disconnect()
-        self.state = "released" if self.state == "held" else self.state
+        self.state = LeaseState.RELEASED if self.state == LeaseState.HELD else self.state

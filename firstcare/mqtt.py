@@ -54,6 +54,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -70,6 +71,21 @@ BACKOFF_MAX_S = 30.0
 SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 TAKEOVER_LIMIT = 3
 TAKEOVER_WINDOW_S = 60.0
+
+
+class LinkState(StrEnum):
+    """An MQTT link's state, as the bridge's consumer, the edge's forwarder and its ward intake report it
+    (``/readyz``, ``/realtime/stats``, the ``firstcare_mqtt_state`` gauge): the values are what
+    those spell."""
+
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    STOPPED = "stopped"
+    CONFLICT = "conflict"  # another bridge holds the client id (see firstcare.lease)
+    LISTENING = "listening"  # the edge's embedded ward broker, taking device connections
+    STOPPING = "stopping"
 
 
 PLAIN_SCHEMES = ("mqtt", "tcp")
@@ -341,7 +357,7 @@ class AckingConsumer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
-        self.state = "starting"
+        self.state: LinkState = LinkState.STARTING
         self.last_error: str | None = None
         self.counters = {"received": 0, "acked": 0, "stale_acks": 0, "connects": 0, "disconnects": 0,
                          "queue_full_waits": 0, "store_retries": 0, "sessions_lost": 0, "taken_over": 0, "foreign": 0,
@@ -350,7 +366,7 @@ class AckingConsumer:
 
     @property
     def connected(self) -> bool:
-        return self.state == "connected"
+        return self.state == LinkState.CONNECTED
 
     def queue_depth(self) -> int:
         return len(self._inbox)
@@ -412,7 +428,7 @@ class AckingConsumer:
         if reason.is_failure:
             self.last_error = f"connection refused: {reason}"
             return
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         self.counters["connects"] += 1
         self.last_error = None
         client.subscribe([(f, 1) for f in self.topic_filters])
@@ -437,9 +453,9 @@ class AckingConsumer:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason: mqtt.ReasonCode, properties: object) -> None:
         self.counters["disconnects"] += 1
-        if self.state == "connected":  # our own disconnect at a clean stop is no warning
+        if self.state == LinkState.CONNECTED:  # our own disconnect at a clean stop is no warning
             (log.info if self._stop.is_set() else log.warning)("MQTT disconnected: %s", reason)
-        self.state = "disconnected"
+        self.state = LinkState.DISCONNECTED
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self.counters["taken_over"] += 1
             now = time.monotonic()
@@ -517,11 +533,11 @@ class AckingConsumer:
         reconnect_loop(lambda: self._session(client), self._stop, self._will_reconnect)
         self._send_acks(client)
         client.disconnect()
-        self.state = "conflict" if self.conflict is not None else "stopped"
+        self.state = LinkState.CONFLICT if self.conflict is not None else LinkState.STOPPED
 
     def _session(self, client: mqtt.Client) -> bool:
         """One connection, until it drops or the consumer stops; True if it got connected."""
-        self.state = "connecting"
+        self.state = LinkState.CONNECTING
         self._generation += 1
         try:
             self._connect(client)
@@ -539,7 +555,7 @@ class AckingConsumer:
         return connected
 
     def _will_reconnect(self, delay: float) -> None:
-        self.state = "disconnected"
+        self.state = LinkState.DISCONNECTED
         log.warning("MQTT %s; reconnecting in %.1fs", self.last_error, delay)
 
     # --- event loop ---------------------------------------------------------------------
