@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from bridge.router import rooms_for
@@ -47,6 +48,23 @@ from firstcare.events import Event, parse_event_id
 
 DEFAULT_QUEUE = 1000
 COALESCE_FROM = 0.5  # fraction of the queue in use from which vitals are coalesced
+
+
+class Offer(StrEnum):
+    """What :meth:`Subscriber.offer` did with a delivery (counted per publication)."""
+
+    QUEUED = "queued"
+    COALESCED = "coalesced"  # replaced a queued older vitals update of the same device and room
+    DROPPED = "dropped"  # a vitals update that did not fit
+    OVERFLOW = "overflow"  # an alert that did not fit: the connection is closed
+
+
+class HubState(StrEnum):
+    """A hub backend's health, as ``/readyz`` reports it (``checks.hub``)."""
+
+    STARTING = "starting"
+    OK = "ok"
+    DEGRADED = "degraded"  # Redis unreachable: deliveries stay local, rooms marked for resync
 
 
 class HubError(FirstCareError):
@@ -126,7 +144,7 @@ class Subscriber:
         self._coalesce_from = maxsize * COALESCE_FROM
         self._ready: asyncio.Event | None = None  # made by the first get(): an outlet never waits
 
-    def offer(self, delivery: Delivery) -> str:
+    def offer(self, delivery: Delivery) -> Offer:
         """Queue without ever blocking the publisher. Returns ``queued``, ``coalesced``,
         ``dropped`` or ``overflow`` (an alert that did not fit: close the connection); a
         subclass that writes the delivery out at once returns ``sent``
@@ -138,22 +156,22 @@ class Subscriber:
             if slot is not None:
                 slot.delivery = delivery
                 self.coalesced += 1
-                return "coalesced"
+                return Offer.COALESCED
         if len(items) >= self.maxsize:
             if delivery.is_alert:
                 self.overflowed = True
                 if self._ready is not None:
                     self._ready.set()
-                return "overflow"
+                return Offer.OVERFLOW
             self.dropped += 1
-            return "dropped"
+            return Offer.DROPPED
         slot = _Slot(delivery)
         items.append(slot)
         if key is not None:
             self._latest[key] = slot
         if self._ready is not None:
             self._ready.set()
-        return "queued"
+        return Offer.QUEUED
 
     def qsize(self) -> int:
         return len(self._items)
@@ -216,7 +234,7 @@ class HubBackend(Protocol):
     async def put_ticket(self, ticket: str, value: str, ttl_s: int) -> None: ...
     async def take_ticket(self, ticket: str) -> str | None: ...
     def mark_lost(self, rooms: list[str]) -> None: ...
-    def state(self) -> str: ...
+    def state(self) -> HubState: ...
     def stats(self) -> dict[str, Any]: ...
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.hub import Delivery, Member, Publication, coalesce_key, resync_publication
+from bridge.hub import Delivery, HubState, Member, Publication, coalesce_key, resync_publication
 from firstcare.events import Event, encode_ephemeral, envelope_parts, event_id, parse_event_id, splice
 from firstcare.payloads import now_ms
 
@@ -156,8 +156,8 @@ class MemoryBackend:
         if rooms:
             self._deliver(resync_publication(rooms))
 
-    def state(self) -> str:
-        return "ok"
+    def state(self) -> HubState:
+        return HubState.OK
 
     def stats(self) -> dict[str, Any]:
         return {"history_rooms": len(self._rooms)}

@@ -49,7 +49,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bridge.hub import RESYNC, RIGHTS, Delivery, HubError, Member, Publication, coalesce_key, resync_publication
+from bridge.hub import (
+    RESYNC,
+    RIGHTS,
+    Delivery,
+    HubError,
+    HubState,
+    Member,
+    Publication,
+    coalesce_key,
+    resync_publication,
+)
 from firstcare.events import Event, encode_ephemeral, envelope_parts, parse_event_id, splice, transition_key
 from firstcare.payloads import now_ms
 
@@ -148,7 +158,7 @@ class RedisBackend:
         self._history_script = self._redis.register_script(_HISTORY)
         self._deliver: Callable[[Publication], None] = lambda p: None
         self._listener: asyncio.Task[None] | None = None
-        self._state = "starting"
+        self._state: HubState = HubState.STARTING
         self._lost_rooms: set[str] = set()
         self._settle_lock = asyncio.Lock()
         self.counters = {"reconnects": 0, "read_errors": 0, "epochs_reset": 0, "alerts_already_published": 0}
@@ -160,11 +170,11 @@ class RedisBackend:
         self._deliver = deliver
         try:
             last = await self._redis.xrevrange(f"{self._p}fanout", count=1)
-            self._state = "ok"
+            self._state = HubState.OK
         except RedisError as exc:
             log.warning("Redis hub unreachable at start (%s); will keep trying", exc)
             last = []
-            self._state = "degraded"
+            self._state = HubState.DEGRADED
         start_id = _s(last[0][0]) if last else "0-0"
         self._listener = asyncio.create_task(self._listen(start_id), name="fc-hub-redis")
 
@@ -188,10 +198,10 @@ class RedisBackend:
             try:
                 await self._settle_lost_rooms()
                 replies = await self._reader.xread({f"{self._p}fanout": last_id}, count=500, block=2000)
-                if self._state != "ok":
+                if self._state != HubState.OK:
                     log.info("Redis hub connection restored")
                     self.counters["reconnects"] += 1
-                self._state = "ok"
+                self._state = HubState.OK
                 failures = 0
                 for _stream, entries in replies or ():
                     for entry_id, fields in entries:
@@ -201,9 +211,9 @@ class RedisBackend:
                 raise
             except (RedisError, OSError) as exc:
                 self.counters["read_errors"] += 1
-                if self._state == "ok":
+                if self._state == HubState.OK:
                     log.warning("Redis hub connection lost: %s", exc)
-                self._state = "degraded"
+                self._state = HubState.DEGRADED
                 delay = rng.uniform(0, min(10.0, 0.2 * 2 ** failures)) + 0.1
                 failures += 1
                 await asyncio.sleep(delay)
@@ -258,7 +268,7 @@ class RedisBackend:
             ids = await self._publish_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self._lost_rooms.update(rooms)
-            self._state = "degraded"
+            self._state = HubState.DEGRADED
             raise HubError(f"Redis hub publish failed: {exc}") from exc
         if ids is None:
             self.counters["alerts_already_published"] += 1
@@ -393,7 +403,7 @@ class RedisBackend:
     def mark_lost(self, rooms: list[str]) -> None:
         self._lost_rooms.update(rooms)
 
-    def state(self) -> str:
+    def state(self) -> HubState:
         return self._state
 
     def stats(self) -> dict[str, Any]:
