@@ -65,7 +65,7 @@ from bridge.alerts import (
 )
 from bridge.records import DeadLetter, DeviceKey, DeviceRecord, DeviceState, ObservationRecord
 from bridge.state import WorkingSet, open_working_set
-from bridge.store import Gauges, Store, alert_json, device_json
+from bridge.store import Gauges, Store, Transaction, alert_json, device_json
 from firstcare.errors import FirstCareError, TopicError
 from firstcare.events import Event, make_event
 from firstcare.metrics import METRICS
@@ -213,7 +213,7 @@ class BridgeCore:
     def _new_id() -> str:
         return uuid.uuid4().hex
 
-    def _working_set(self, tx: Any, **keys: Iterable[Any]) -> WorkingSet:
+    def _working_set(self, tx: Transaction, **keys: Iterable[Any]) -> WorkingSet:
         return open_working_set(tx, self.rules, self._new_id, **keys)
 
     def _refresh_keys(self) -> None:
@@ -235,7 +235,7 @@ class BridgeCore:
             MappingProxyType(dict(self.counters)), MappingProxyType(dict(self.dead_letter_reasons)),
             g.devices, g.devices_online, g.alerts_active, self.last_ingest_lag_ms)
 
-    def _committed(self, fn: Callable[[Any], T]) -> T:
+    def _committed(self, fn: Callable[[Transaction], T]) -> T:
         """Run ``fn(tx)`` in one transaction; a fresh snapshot is published either way."""
         try:
             with self.store.transaction() as tx:
@@ -310,7 +310,7 @@ class BridgeCore:
         decoded, dead = self._decode(messages)
         items = in_device_order(decoded)
 
-        def work(tx: Any) -> tuple[list[Event], Counter[str], list[Transition], list[DeadLetter]]:
+        def work(tx: Transaction) -> tuple[list[Event], Counter[str], list[Transition], list[DeadLetter]]:
             ws = WorkingSet(tx, self.rules, self._new_id)
             ws.take(devices={(i.device_type, i.device_id) for i in items})
             # a reading without a patient id takes its device's binding, known once the device is loaded
@@ -414,7 +414,7 @@ class BridgeCore:
         letter = DeadLetter(message.received_ms, message.topic, "internal_error", describe_error(error),
                             message.payload[: self._kept_whole], len(message.payload))
 
-        def work(tx: Any) -> None:
+        def work(tx: Transaction) -> None:
             tx.insert_dead_letters([letter])
 
         self._committed(work)
@@ -505,9 +505,9 @@ class BridgeCore:
         self._refresh_gauges()
         return events
 
-    def _timer(self, sweep: Callable[[Any, int, list[Event], Counter[str]], tuple[list[Transition], bool]],
+    def _timer(self, sweep: Callable[[Transaction, int, list[Event], Counter[str]], tuple[list[Transition], bool]],
                now: int) -> tuple[list[Event], bool]:
-        def work(tx: Any) -> tuple[list[Event], list[Transition], Counter[str], bool]:
+        def work(tx: Transaction) -> tuple[list[Event], list[Transition], Counter[str], bool]:
             events: list[Event] = []
             tally: Counter[str] = Counter()
             transitions, more = sweep(tx, now, events, tally)
@@ -517,7 +517,7 @@ class BridgeCore:
         self._count(tally, [], transitions)
         return events + [alert_event(t) for t in transitions if t.action in PUBLISHED_ALERT_ACTIONS], more
 
-    def _sweep_devices(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+    def _sweep_devices(self, tx: Transaction, now: int, events: list[Event], tally: Counter[str]
                        ) -> tuple[list[Transition], bool]:
         s = self.settings
         due = tx.due_devices(now, s.silent_ms, s.offline_ms, dev.SPOT_CHECK_OFFLINE_MS, sorted(dev.CONTINUOUS_TYPES),
@@ -538,7 +538,7 @@ class BridgeCore:
         ws.save(transitions)
         return transitions, len(due) >= s.sweep_limit
 
-    def _confirm_gaps(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+    def _confirm_gaps(self, tx: Transaction, now: int, events: list[Event], tally: Counter[str]
                       ) -> tuple[list[Transition], bool]:
         cutoff = now - self.settings.seq_gap_grace_ms
         due = tx.due_gaps(cutoff, self.settings.sweep_limit)
@@ -556,7 +556,7 @@ class BridgeCore:
         ws.save(transitions)
         return transitions, len(due) >= self.settings.sweep_limit
 
-    def _expire_news2(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+    def _expire_news2(self, tx: Transaction, now: int, events: list[Event], tally: Counter[str]
                       ) -> tuple[list[Transition], bool]:
         due = tx.due_news2(now, self.settings.sweep_limit)
         if not due:
@@ -570,7 +570,7 @@ class BridgeCore:
         ws.save(transitions)
         return transitions, len(due) >= self.settings.sweep_limit
 
-    def _escalate(self, tx: Any, now: int, events: list[Event], tally: Counter[str]
+    def _escalate(self, tx: Transaction, now: int, events: list[Event], tally: Counter[str]
                   ) -> tuple[list[Transition], bool]:
         escalation = self.settings.escalation_ms
         timeouts = {"high": escalation, "medium": escalation}
@@ -594,7 +594,7 @@ class BridgeCore:
     def acknowledge(self, alert_id: str, by: str) -> tuple[dict[str, Any], list[Event]]:
         now = self.clock()
 
-        def work(tx: Any) -> list[Transition]:
+        def work(tx: Transaction) -> list[Transition]:
             found = tx.alert_by_id(alert_id)
             if found is None:
                 raise AlertError(f"no alert {alert_id!r}", "alert_not_found")
@@ -614,7 +614,7 @@ class BridgeCore:
                     hospital_id: str | None) -> tuple[DeviceRecord, list[Event]]:
         """Raises PatientConflict when the patient id belongs to another hospital."""
 
-        def work(tx: Any) -> DeviceRecord:
+        def work(tx: Transaction) -> DeviceRecord:
             ws = WorkingSet(tx, self.rules, self._new_id)
             ws.take(devices=[(device_type, device_id)])
             after = dev.on_binding(ws.device(device_type, device_id, hospital_id), patient_id, hospital_id)
@@ -659,7 +659,7 @@ class BridgeCore:
     def set_overrides(self, patient_id: str, overrides: dict[str, RuleOverride]) -> list[Rule]:
         rules = apply_overrides(self.rules, overrides)  # validates before anything is stored
 
-        def work(tx: Any) -> None:
+        def work(tx: Transaction) -> None:
             ws = self._working_set(tx, patients=[patient_id])
             tx.set_overrides(patient_id, overrides)
             ws.book.set_overrides(patient_id, overrides)  # pending delays restart (other thresholds)
@@ -672,7 +672,7 @@ class BridgeCore:
         """Clinician observations (NEWS2 inputs): stored, scored, alarms evaluated, one commit."""
         now = self.clock()
 
-        def work(tx: Any) -> tuple[list[int], list[Event], list[Transition]]:
+        def work(tx: Transaction) -> tuple[list[int], list[Event], list[Transition]]:
             events: list[Event] = []
             ws = self._working_set(tx, patients={r.patient_id for r in records})
             ids, transitions = ws.news2.observe(tx, ws.book, records, now, events)
@@ -697,7 +697,7 @@ class BridgeCore:
         detail = (f"the MQTT broker {broker} had no session for client id {client_id!r}; readings it held for the"
                   " bridge may be lost (missing ones show as sequence gaps)")
 
-        def work(tx: Any) -> tuple[list[str], list[Transition]]:
+        def work(tx: Transaction) -> tuple[list[str], list[Transition]]:
             hospitals = sorted(tx.hospitals()) or [""]
             ws = self._working_set(tx, hospitals=hospitals)
             transitions = [t for h in hospitals for t in ws.book.session_lost(h, detail, now)]
@@ -736,7 +736,7 @@ class BridgeCore:
             else:
                 reports.append((topic, status, m.received_ms))
 
-        def work(tx: Any) -> tuple[list[Transition], list[DeadLetter]]:
+        def work(tx: Transaction) -> tuple[list[Transition], list[DeadLetter]]:
             ws = self._working_set(tx, gateways=[(t.hospital_id, t.gateway_id) for t, _, _ in reports])
             transitions: list[Transition] = []
             for topic, status, received_ms in reports:
