@@ -8,7 +8,7 @@ hospitals. Errors are JSON: ``{"error": "<code>", "detail": "<text>"}``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
 from bridge.alerts import AlertError, RuleOverride
 from bridge.core import PatientConflict
@@ -23,6 +24,9 @@ from bridge.store import alert_json, device_json
 from firstcare.errors import AuthError
 from firstcare.permissions import Claims, can_view_hospital, can_view_patient, visible_hospitals
 from firstcare.topics import DEVICE_TYPES, ID_PATTERN
+
+if TYPE_CHECKING:
+    from bridge.app import Runtime  # the composition imports this module
 
 ID = Annotated[str, Field(pattern=f"^{ID_PATTERN.pattern}$")]
 
@@ -129,12 +133,15 @@ class Ack(BaseModel):
 router = APIRouter()
 
 
-def _runtime(request: Request) -> Any:
-    return request.app.state.runtime
+def runtime_of(conn: HTTPConnection) -> Runtime:
+    """The running bridge's parts, which the lifespan keeps on ``app.state.runtime``."""
+    runtime: Runtime = conn.app.state.runtime
+    return runtime
+
 
 
 def _check_patient(request: Request, c: Claims, patient_id: str) -> None:
-    hospital = _runtime(request).store.patient_hospital(patient_id)
+    hospital = runtime_of(request).store.patient_hospital(patient_id)
     request.state.audit_hospital = hospital
     if not can_view_patient(c, patient_id, hospital):
         raise not_found(f"patient {patient_id!r}")
@@ -151,7 +158,7 @@ def _check_cursor(fn: Any, *args: Any) -> Any:
 def patients(request: Request, c: Auth, hospital_id: ID | None = None,
              limit: Annotated[int, Query(ge=1, le=5000)] = 500, cursor: str | None = None) -> dict[str, Any]:
     """The patients of the caller's hospitals (a patient token: its own), by id."""
-    store = _runtime(request).store
+    store = runtime_of(request).store
     if c.role == "patient":
         items = [{"patient_id": p, "hospital_id": store.patient_hospital(p)} for p in sorted(c.patients)]
         return {"items": [i for i in items if i["hospital_id"] is not None], "next": None}
@@ -168,7 +175,7 @@ def readings(request: Request, c: Auth, patient_id: ID, metric: str | None = Non
 
     if metric is not None and metric not in METRICS:
         raise ApiError(400, "bad_request", f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
-    store = _runtime(request).store
+    store = runtime_of(request).store
     return page(_check_cursor(store.readings, patient_id, metric, time_param(since, "since"),
                               time_param(until, "until"), limit, cursor))
 
@@ -176,7 +183,7 @@ def readings(request: Request, c: Auth, patient_id: ID, metric: str | None = Non
 @router.get("/api/patients/{patient_id}/vitals/latest", tags=["patients"])
 def latest_vitals(request: Request, c: Auth, patient_id: ID) -> dict[str, Any]:
     _check_patient(request, c, patient_id)
-    rt = _runtime(request)
+    rt = runtime_of(request)
     return {"patient_id": patient_id, "hospital_id": rt.store.patient_hospital(patient_id),
             "metrics": rt.store.latest_vitals(patient_id)}
 
@@ -184,7 +191,7 @@ def latest_vitals(request: Request, c: Auth, patient_id: ID) -> dict[str, Any]:
 @router.get("/api/patients/{patient_id}/alert-rules", tags=["alerts"])
 def patient_rules(request: Request, c: Auth, patient_id: ID) -> dict[str, Any]:
     _check_patient(request, c, patient_id)
-    rules = _runtime(request).core.rules_for(patient_id)
+    rules = runtime_of(request).core.rules_for(patient_id)
     return {"patient_id": patient_id, "rules": [msgspec.to_builtins(r) for r in rules]}
 
 
@@ -192,7 +199,7 @@ def patient_rules(request: Request, c: Auth, patient_id: ID) -> dict[str, Any]:
 async def set_patient_rules(request: Request, c: Auth, patient_id: ID,
                             overrides: dict[str, Override]) -> dict[str, Any]:
     """Replace the patient's overrides (rule id -> threshold / clear / enabled)."""
-    rt = _runtime(request)
+    rt = runtime_of(request)
     hospital = rt.store.patient_hospital(patient_id)
     request.state.audit_hospital = hospital
     if not can_view_patient(c, patient_id, hospital):
@@ -209,7 +216,7 @@ async def set_patient_rules(request: Request, c: Auth, patient_id: ID,
 
 @router.get("/api/alert-rules", tags=["alerts"])
 def default_rules(request: Request, c: Auth) -> dict[str, Any]:
-    return {"rules": [msgspec.to_builtins(r) for r in _runtime(request).core.rules]}
+    return {"rules": [msgspec.to_builtins(r) for r in runtime_of(request).core.rules]}
 
 
 @router.get("/api/alerts", tags=["alerts"])
@@ -217,7 +224,7 @@ def alerts(request: Request, c: Auth, hospital_id: ID | None = None, patient_id:
            state: Annotated[str | None, Query(pattern="^(raised|acknowledged|escalated|resolved|active)$")] = None,
            limit: Annotated[int, Query(ge=1, le=5000)] = 100, cursor: str | None = None) -> dict[str, Any]:
     """Newest first. ``state=active`` is everything not yet resolved."""
-    store = _runtime(request).store
+    store = runtime_of(request).store
     scope = visible_hospitals(c)
     if c.role == "patient":
         if patient_id is None or patient_id not in c.patients:
@@ -227,7 +234,7 @@ def alerts(request: Request, c: Auth, hospital_id: ID | None = None, patient_id:
 
 
 def _visible_alert(request: Request, c: Claims, alert_id: str) -> Any:
-    alert = _runtime(request).store.alert(alert_id)
+    alert = runtime_of(request).store.alert(alert_id)
     if alert is None:
         raise not_found(f"alert {alert_id!r}")
     request.state.audit_patient, request.state.audit_hospital = alert.patient_id, alert.hospital_id
@@ -241,7 +248,7 @@ def _visible_alert(request: Request, c: Claims, alert_id: str) -> Any:
 @router.get("/api/alerts/{alert_id}", tags=["alerts"])
 def alert(request: Request, c: Auth, alert_id: str) -> dict[str, Any]:
     found = _visible_alert(request, c, alert_id)
-    return {**alert_json(found), "history": _runtime(request).store.alert_history(alert_id)}
+    return {**alert_json(found), "history": runtime_of(request).store.alert_history(alert_id)}
 
 
 @router.post("/api/alerts/{alert_id}/ack", tags=["alerts"])
@@ -250,7 +257,7 @@ async def acknowledge(request: Request, c: Auth, alert_id: str, body: Ack | None
     _visible_alert(request, c, alert_id)
     if c.role == "patient":
         raise ApiError(403, "forbidden", "patients cannot acknowledge alarms")
-    rt = _runtime(request)
+    rt = runtime_of(request)
     try:
         result, events = await rt.writer.run(rt.core.acknowledge, alert_id, c.sub)
     except AlertError as exc:
@@ -263,7 +270,7 @@ async def acknowledge(request: Request, c: Auth, alert_id: str, body: Ack | None
 @router.get("/api/devices", tags=["devices"])
 def devices(request: Request, c: Auth, hospital_id: ID | None = None,
             limit: Annotated[int, Query(ge=1, le=5000)] = 500, cursor: str | None = None) -> dict[str, Any]:
-    return page(_runtime(request).store.devices(visible_hospitals(c), hospital_id, limit, cursor))
+    return page(runtime_of(request).store.devices(visible_hospitals(c), hospital_id, limit, cursor))
 
 
 def _device_type(device_type: str) -> str:
@@ -274,7 +281,7 @@ def _device_type(device_type: str) -> str:
 
 @router.get("/api/devices/{device_type}/{device_id}", tags=["devices"])
 def device(request: Request, c: Auth, device_type: str, device_id: ID) -> dict[str, Any]:
-    found = _runtime(request).store.device(_device_type(device_type), device_id)
+    found = runtime_of(request).store.device(_device_type(device_type), device_id)
     if found is None or not can_view_hospital(c, found.hospital_id):
         raise not_found(f"device {device_type}/{device_id}")
     return device_json(found)
@@ -284,7 +291,7 @@ def device(request: Request, c: Auth, device_type: str, device_id: ID) -> dict[s
 async def bind(request: Request, c: Auth, device_type: str, device_id: ID, body: Binding) -> dict[str, Any]:
     """Bind a device to a patient (readings without ``patient_id`` are then attributed to
     it), or unbind it with ``{"patient_id": null}``."""
-    rt = _runtime(request)
+    rt = runtime_of(request)
     existing = rt.store.device(_device_type(device_type), device_id)
     if existing is not None and not can_view_hospital(c, existing.hospital_id):
         raise not_found(f"device {device_type}/{device_id}")
@@ -309,4 +316,4 @@ async def bind(request: Request, c: Auth, device_type: str, device_id: ID, body:
 def dead_letters(request: Request, c: Annotated[Claims, Depends(admin)], reason: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=5000)] = 100, cursor: str | None = None) -> dict[str, Any]:
     """Newest first: every refused message or reading, its reason and its (truncated) payload."""
-    return page(_check_cursor(_runtime(request).store.dead_letters, reason, limit, cursor))
+    return page(_check_cursor(runtime_of(request).store.dead_letters, reason, limit, cursor))

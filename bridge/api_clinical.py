@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge import reports
-from bridge.api import ID, ApiError, Auth, _check_cursor, not_found, page, time_param
+from bridge.api import ID, ApiError, Auth, _check_cursor, not_found, page, runtime_of, time_param
 from bridge.records import ObservationRecord
 from firstcare import news2
 from firstcare.payloads import format_ts, now_ms
@@ -45,13 +45,10 @@ class ObservationIn(BaseModel):
         return self
 
 
-def _runtime(request: Request) -> Any:
-    return request.app.state.runtime
-
 
 def _visible_patient(request: Request, c: Any, patient_id: str) -> str:
     """The patient's hospital; 404 for an unknown or invisible patient (audited as such)."""
-    hospital = _runtime(request).store.patient_hospital(patient_id)
+    hospital = runtime_of(request).store.patient_hospital(patient_id)
     request.state.audit_patient = patient_id
     request.state.audit_hospital = hospital
     if hospital is None or not can_view_patient(c, patient_id, hospital):
@@ -80,7 +77,7 @@ async def post_observations(request: Request, c: Auth, patient_id: ID, body: Obs
               "spo2_scale": body.spo2_scale}
     records = [ObservationRecord(patient_id, hospital, kind, value, at, now, c.sub, body.note)
                for kind, value in values.items() if value is not None]
-    rt = _runtime(request)
+    rt = runtime_of(request)
     ids, events = await rt.writer.run(rt.core.observe, records)
     await rt.publish(events)
     return JSONResponse({
@@ -99,7 +96,7 @@ def get_news2(request: Request, c: Auth, patient_id: ID, since: str | None = Non
     missing or stale); ``items``: the stored scores, newest first, each time what a clinician
     sees changed. Follow ``next`` (as ``cursor``) for older ones."""
     hospital = _visible_patient(request, c, patient_id)
-    store = _runtime(request).store
+    store = runtime_of(request).store
     history = _check_cursor(store.news2_history, patient_id, time_param(since, "since"), time_param(until, "until"),
                             limit, cursor)
     return {"patient_id": patient_id, "hospital_id": hospital, "current": current_score(store, patient_id, now_ms()),
@@ -125,7 +122,7 @@ def alarm_report(request: Request, c: Auth, hospital_id: ID | None = None, since
         since_ms = until_ms - reports.DEFAULT_WINDOW_MS
     if since_ms >= until_ms:
         raise ApiError(400, "bad_request", "since must be before until")
-    store = _runtime(request).store
+    store = runtime_of(request).store
     scope = visible_hospitals(c)
     alarms = store.alarms_raised_between(scope, hospital_id, since_ms, until_ms)
     days = store.patient_days(scope, hospital_id, since_ms, until_ms)

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from bridge.api import ID, ApiError, Auth, not_found
+from bridge.api import ID, ApiError, Auth, not_found, runtime_of
 from bridge.core import KeyConflict
 from firstcare.identity import device_identity, gateway_identity
 from firstcare.permissions import Claims
@@ -50,9 +50,6 @@ class PolicyIn(BaseModel):
     require_signatures: bool
 
 
-def _runtime(request: Request) -> Any:
-    return request.app.state.runtime
-
 
 def _public_key(text: str) -> bytes:
     try:
@@ -62,13 +59,12 @@ def _public_key(text: str) -> bytes:
 
 
 async def _register(request: Request, key: KeyRecord) -> dict[str, Any]:
-    rt = _runtime(request)
+    rt = runtime_of(request)
     try:
         await rt.writer.run(rt.core.register_key, key)
     except KeyConflict as exc:
         raise ApiError(409, exc.reason, str(exc)) from exc
-    owner = (key.device_type, key.device_id) if key.scope == "device" else (key.gateway_id,)
-    return next(k for k in rt.store.signing_keys(key.scope, key.hospital_id, owner) if k["kid"] == key.kid)
+    return next(k for k in rt.store.signing_keys(key.scope, key.hospital_id, key.owner) if k["kid"] == key.kid)
 
 
 def _device_type(device_type: str) -> str:
@@ -82,7 +78,7 @@ async def register_device_key(request: Request, c: Admin, device_type: str, devi
                               ) -> dict[str, Any]:
     """Register the public half of a device's signing key (``firstcare certs device`` makes
     the pair). The key then verifies readings on this device's topic in its hospital only."""
-    existing = _runtime(request).store.device(_device_type(device_type), device_id)
+    existing = runtime_of(request).store.device(_device_type(device_type), device_id)
     hospital = existing.hospital_id if existing is not None and existing.hospital_id else body.hospital_id
     if hospital is None:
         raise ApiError(400, "bad_request", "device has never been seen: hospital_id is required")
@@ -95,7 +91,7 @@ async def register_device_key(request: Request, c: Admin, device_type: str, devi
 
 @router.get("/api/devices/{device_type}/{device_id}/keys")
 def device_keys(request: Request, c: Admin, device_type: str, device_id: ID) -> dict[str, Any]:
-    return {"items": _runtime(request).store.signing_keys("device", None, (_device_type(device_type), device_id))}
+    return {"items": runtime_of(request).store.signing_keys("device", None, (_device_type(device_type), device_id))}
 
 
 @router.delete("/api/devices/{device_type}/{device_id}/key")
@@ -103,7 +99,7 @@ async def revoke_device_key(request: Request, c: Admin, device_type: str, device
                             ) -> dict[str, Any]:
     """Revoke a key (a lost or replaced device): readings signed with it are refused from now
     on as ``signature_key_unknown``."""
-    keys = _runtime(request).store.signing_keys("device", None, (_device_type(device_type), device_id))
+    keys = runtime_of(request).store.signing_keys("device", None, (_device_type(device_type), device_id))
     return await _revoke(request, keys, kid)
 
 
@@ -121,13 +117,13 @@ async def register_gateway_key(request: Request, c: Admin, hospital_id: ID, gate
 
 @router.get("/api/gateways/{hospital_id}/{gateway_id}/keys")
 def gateway_keys(request: Request, c: Admin, hospital_id: ID, gateway_id: ID) -> dict[str, Any]:
-    return {"items": _runtime(request).store.signing_keys("gateway", hospital_id, (gateway_id,))}
+    return {"items": runtime_of(request).store.signing_keys("gateway", hospital_id, (gateway_id,))}
 
 
 @router.delete("/api/gateways/{hospital_id}/{gateway_id}/key")
 async def revoke_gateway_key(request: Request, c: Admin, hospital_id: ID, gateway_id: ID, kid: str | None = None
                              ) -> dict[str, Any]:
-    keys = _runtime(request).store.signing_keys("gateway", hospital_id, (gateway_id,))
+    keys = runtime_of(request).store.signing_keys("gateway", hospital_id, (gateway_id,))
     return await _revoke(request, keys, kid)
 
 
@@ -135,14 +131,14 @@ async def _revoke(request: Request, keys: list[dict[str, Any]], kid: str | None)
     active = [k["kid"] for k in keys if k["revoked_at"] is None and kid in (None, k["kid"])]
     if not active:
         raise not_found(f"active key {kid!r}" if kid else "active key")
-    rt = _runtime(request)
+    rt = runtime_of(request)
     await rt.writer.run(rt.core.revoke_keys, active)
     return {"revoked": active}
 
 
 @router.get("/api/hospitals/{hospital_id}/signature-policy")
 def signature_policy(request: Request, c: Admin, hospital_id: ID) -> dict[str, Any]:
-    core = _runtime(request).core
+    core = runtime_of(request).core
     explicit = core.signature_policies.get(hospital_id)
     return {"hospital_id": hospital_id, "require_signatures": core.requires_signatures(hospital_id),
             "source": "api" if explicit is not None else "setting"}
@@ -153,6 +149,6 @@ async def set_signature_policy(request: Request, c: Admin, hospital_id: ID, body
     """Require (or stop requiring) signed readings for a hospital's devices: from then on an
     unsigned reading from it is dead-lettered as ``signature_required``. Overrides
     ``FC_REQUIRE_SIGNATURES`` for this hospital."""
-    rt = _runtime(request)
+    rt = runtime_of(request)
     await rt.writer.run(rt.core.set_signature_policy, hospital_id, body.require_signatures)
     return {"hospital_id": hospital_id, "require_signatures": body.require_signatures, "source": "api"}

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from bridge import fhir
+from bridge.store import Store
 from firstcare.errors import AuthError
 from firstcare.payloads import now_ms
 from firstcare.permissions import Claims, can_view_hospital, can_view_patient
@@ -56,10 +57,10 @@ def guarded(fn: Callable[..., dict[str, Any]]) -> Callable[..., JSONResponse]:
 
 
 def _claims(request: Request) -> Claims:
-    from bridge.api import bearer_token
+    from bridge.api import bearer_token, runtime_of
 
     try:
-        verified = request.app.state.runtime.verifier.verify(bearer_token(request))
+        verified = runtime_of(request).verifier.verify(bearer_token(request))
     except AuthError as exc:
         request.state.audit_detail = exc.reason
         raise FhirError(401, "login", f"{exc.reason}: {exc}") from exc
@@ -67,8 +68,10 @@ def _claims(request: Request) -> Claims:
     return verified
 
 
-def _store(request: Request) -> Any:
-    return request.app.state.runtime.store
+def _store(request: Request) -> Store:
+    from bridge.api import runtime_of
+
+    return runtime_of(request).store
 
 
 def _visible_patient(request: Request, c: Claims, patient_id: str) -> None:

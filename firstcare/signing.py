@@ -71,6 +71,13 @@ class KeyRecord:
     device_id: str | None = None
     gateway_id: str | None = None
 
+    @property
+    def owner(self) -> tuple[str, ...]:
+        """(device type, device id) for a device's key, (gateway id,) for a gateway's."""
+        if self.scope == "device":
+            return (self.device_type or "", self.device_id or "")
+        return (self.gateway_id or "",)
+
     def covers(self, topic: Topic) -> bool:
         if topic.hospital_id != self.hospital_id:
             return False
