@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     for name in (*SCENARIOS, "all"):
         p = sub.add_parser(name, help=f"run the {name} scenario" if name != "all" else "run every scenario")
-        p.add_argument("--quick", action="store_true", help=f"tiny scale ({QUICK_RUN_TIME} for all): checks the code, measures nothing")
+        p.add_argument("--quick", action="store_true",
+                       help=f"tiny scale ({QUICK_RUN_TIME} for all): checks the code, measures nothing")
         p.add_argument("--duration", type=float, default=5.0,
                        help="seconds of each fixed-rate phase (end to end: twice this, at least 10 s)")
         p.add_argument("--sizes", default="100,1000,10000", help="fan-out client counts (comma-separated)")

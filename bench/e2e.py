@@ -35,7 +35,8 @@ from bench.procs import (
 )
 
 LABELS = {"floor": "Mosquitto → paho subscriber (the floor)", "product": "**FirstCare** (bridge, WebSocket)",
-          "websockets": "bare websockets broadcast() (rooms as paths)", "node-red": "Node-RED (mqtt in → websocket out per room)"}
+          "websockets": "bare websockets broadcast() (rooms as paths)",
+          "node-red": "Node-RED (mqtt in → websocket out per room)"}
 _run = [0]
 
 

@@ -195,7 +195,8 @@ def run(ctx: Ctx) -> ScenarioResult:
     mosq, mport = start_mosquitto(ctx.workdir, name="fanout-mosquitto")
     results: list[dict[str, Any]] = []
     try:
-        groups = [("product", ["product-ws", "product-sse"])] + [(s, [s]) for s in servers if not s.startswith("product")]
+        groups = [("product", ["product-ws", "product-sse"])]
+        groups += [(s, [s]) for s in servers if not s.startswith("product")]
         for kind, names in groups:
             srv = Server(ctx, kind, mport)
             try:
@@ -243,7 +244,8 @@ def run(ctx: Ctx) -> ScenarioResult:
             theirs = (by.get((s, n)) or {}).get("full") or {}
             cells.append(fx(ratio(mine.get("rate"), theirs.get("rate"))))
         ratios.add(f"{LABELS[mine_s]} ÷ {LABELS[s]}", *cells, target)
-    lat = Table(f"Fan-out at a fixed rate ({fixed:,} deliveries/s in total: {fixed:,}/N events/s): latency at the client",
+    lat = Table(f"Fan-out at a fixed rate ({fixed:,} deliveries/s in total: {fixed:,}/N events/s): "
+                "latency at the client",
                 ["Server", "N", "Events/s", "Delivered", "p50 ms", "p99 ms", "max ms"])
     mem = Table("Server memory per idle connection (RSS after N connected and subscribed, minus before, / N)",
                 ["Server", *[f"N = {n:,}" for n in sizes], "Target", "Connected at largest N"])

@@ -158,7 +158,8 @@ def run(ctx: Ctx) -> ScenarioResult:
                 ctx.log(f"ingest: {who}: {fmt(r['rate'])} readings/s ({r['readings']:,} of {expect:,})")
             for who, r in rows.items():
                 full.add("Mosquitto", label, _name(who), fmt(r["rate"]), fmt(r["cores"], 2),
-                         f"{r['readings']:,}", "" if who == "product" else fx(ratio(rows["product"]["rate"], r["rate"])))
+                         f"{r['readings']:,}",
+                         "" if who == "product" else fx(ratio(rows["product"]["rate"], r["rate"])))
             data[f"mosquitto_{per_msg}"] = rows
 
         # live fixed rates through Mosquitto: throughput kept and CPU it costs

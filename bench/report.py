@@ -65,7 +65,8 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(), "cpu": model, "memory_gb": round(mem_kb / 2**20, 1),
         "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
         "packages": versions,
-        "mosquitto": _cmd(["mosquitto", "-h"]) if shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto") else None,
+        "mosquitto": (_cmd(["mosquitto", "-h"])
+                      if shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto") else None),
         "node": _cmd(["node", "--version"]) if shutil.which("node") else None,
         "node_red": node_red_version(),
         "commit": f"{commit}{' (uncommitted changes in tracked files)' if dirty else ''}" if commit else None,

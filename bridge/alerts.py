@@ -656,7 +656,8 @@ class AlertBook:
             raise AlertError(
                 f"alert {alert_id!r} was already acknowledged by {alert.acknowledged_by}", "alert_already_acknowledged"
             )
-        acked = replace(alert, state=AlertState.ACKNOWLEDGED, acknowledged_by=by, acknowledged_ms=now_ms, updated_ms=now_ms)
+        acked = replace(alert, state=AlertState.ACKNOWLEDGED, acknowledged_by=by, acknowledged_ms=now_ms,
+                        updated_ms=now_ms)
         transitions = [self._put(AlertAction.ACKNOWLEDGED, acked, now_ms)]
         if not acked.condition_active or self._orphaned(acked):
             transitions.append(self._resolve(acked, now_ms))
@@ -742,7 +743,8 @@ class AlertBook:
         ctx = _Context("technical", ingest_subject(hospital_id), None, hospital_id, None, None)
         alert = self._active.get((ctx.subject, INGEST_SESSION_LOST))
         if alert is None:
-            rule = replace(_technical_rule(INGEST_SESSION_LOST, latching=True), message=f"{TECHNICAL_MESSAGES[INGEST_SESSION_LOST]}: {detail}")
+            rule = replace(_technical_rule(INGEST_SESSION_LOST, latching=True),
+                           message=f"{TECHNICAL_MESSAGES[INGEST_SESSION_LOST]}: {detail}")
             return [self._raise(rule, ctx, None, now_ms, condition_active=False, count=1)]
         return [self._put(AlertAction.UPDATED, replace(alert, count=alert.count + 1, updated_ms=now_ms), now_ms)]
 
@@ -789,7 +791,8 @@ class AlertBook:
         return self._put(AlertAction.RAISED, alert, now_ms)
 
     def _resolve(self, alert: Alert, now_ms: int) -> Transition:
-        resolved = replace(alert, state=AlertState.RESOLVED, condition_active=False, resolved_ms=now_ms, updated_ms=now_ms)
+        resolved = replace(alert, state=AlertState.RESOLVED, condition_active=False, resolved_ms=now_ms,
+                           updated_ms=now_ms)
         return self._put(AlertAction.RESOLVED, resolved, now_ms)
 
     def _resolve_keys(self, keys: Iterable[tuple[str, str]], now_ms: int) -> list[Transition]:
@@ -831,8 +834,9 @@ def _technical_rule(rule_id: str, latching: bool = False) -> Rule:
 
 
 __all__ = [
-    "ACTIONS", "AlertBook", "AlertError", "Alert", "Pending", "BATTERY_CLEAR_AT", "BATTERY_LOW_BELOW", "DEVICE_BATTERY_LOW",
-    "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT", "GATEWAY_QUARANTINE", "GATEWAY_SPOOL_EVICTING",
-    "GATEWAY_SPOOL_NEAR_FULL", "GatewayCondition", "INGEST_SESSION_LOST", "PRIORITIES", "Rule", "RuleOverride", "STATES",
-    "Transition", "apply_overrides", "default_rules", "gateway_conditions", "load_rules", "validate_rule",
+    "ACTIONS", "AlertAction", "AlertBook", "AlertError", "Alert", "AlertState", "Pending", "BATTERY_CLEAR_AT",
+    "BATTERY_LOW_BELOW", "DEVICE_BATTERY_LOW", "DEVICE_OFFLINE", "DEVICE_SEQ_GAP", "DEVICE_SILENT",
+    "GATEWAY_QUARANTINE", "GATEWAY_SPOOL_EVICTING", "GATEWAY_SPOOL_NEAR_FULL", "GatewayCondition",
+    "INGEST_SESSION_LOST", "PRIORITIES", "Rule", "RuleOverride", "STATES", "Transition", "apply_overrides",
+    "default_rules", "gateway_conditions", "load_rules", "validate_rule",
 ]

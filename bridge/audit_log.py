@@ -268,7 +268,8 @@ class AuditLog:
         yield conn
 
     def query(self, patient_id: str | None, subject: str | None, since_ms: int | None, until_ms: int | None,
-              action: str | None, outcome: str | None, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+              action: str | None, outcome: str | None, limit: int, cursor: str | None
+              ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; ``cursor`` is the ``seq`` to continue below."""
         sql = "SELECT * FROM audit_log WHERE 1=1"
         params: list[Any] = []

@@ -404,7 +404,8 @@ class BridgeCore:
         """Other content under a stored identity: kept as a dead letter, never dropped."""
         payload = encode_vitals(r.seq, r.ts_ms, r.metrics, r.patient_id, r.boot)
         shown = f"boot {boot!r}" if boot else "the default boot"
-        return DeadLetter(r.received_ms, vitals_topic(r.hospital_id, r.device_type, r.device_id, self.settings.topic_root),
+        topic = vitals_topic(r.hospital_id, r.device_type, r.device_id, self.settings.topic_root)
+        return DeadLetter(r.received_ms, topic,
                           "seq_conflict", f"seq {r.seq} of {shown} is stored with other content", payload,
                           len(payload))
 
@@ -552,7 +553,8 @@ class BridgeCore:
                 tally["seq_gaps"] += 1
                 hospital = device.hospital_id if device is not None else None
                 patient = device.patient_id if device is not None else None
-                transitions += ws.book.seq_gap(hospital or "", gap.device_type, gap.device_id, patient, gap.missing, now)
+                transitions += ws.book.seq_gap(hospital or "", gap.device_type, gap.device_id, patient, gap.missing,
+                                               now)
         ws.save(transitions)
         return transitions, len(due) >= self.settings.sweep_limit
 

@@ -240,7 +240,8 @@ def migrate(conn: psycopg.Connection[Any], now_ms: int) -> int:
     conn.autocommit = True
     conn.execute("SELECT pg_advisory_lock(%s, 0)", (MIGRATIONS_LOCK,))
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, applied_ms bigint NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version"
+                     " (version integer PRIMARY KEY, applied_ms bigint NOT NULL)")
         row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
         version = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
@@ -551,7 +552,8 @@ class PostgresTransaction(ClinicalTransactionMixin):
             cur.executemany(f"INSERT INTO alerts ({cols}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}",
                             [tuple(getattr(a, c) for c in _ALERT_FIELDS) for a in latest.values()])
             cur.executemany(
-                "INSERT INTO alert_transitions (alert_id, action, at_ms, state, value, by) VALUES (%s, %s, %s, %s, %s, %s)",
+                "INSERT INTO alert_transitions (alert_id, action, at_ms, state, value, by)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
                 [(t.alert.id, t.action, t.at_ms, t.alert.state, t.alert.value,
                   t.alert.acknowledged_by if t.action == "acknowledged" else None) for t in transitions])
 
@@ -638,7 +640,8 @@ class PostgresTransaction(ClinicalTransactionMixin):
 
     def due_escalations(self, raised_before_ms: int, priorities: Sequence[str], limit: int) -> list[str]:
         rows = self._conn.execute("SELECT DISTINCT subject FROM alerts WHERE state = 'raised' AND priority = ANY(%s)"
-                                  " AND raised_ms <= %s LIMIT %s", (list(priorities), raised_before_ms, limit)).fetchall()
+                                  " AND raised_ms <= %s LIMIT %s",
+                                  (list(priorities), raised_before_ms, limit)).fetchall()
         return [r[0] for r in rows]
 
 
@@ -855,7 +858,8 @@ class PostgresStore(ClinicalStoreMixin):
                                                                   r["t_state"], r["t_value"], r["t_by"]), r["t_at"]))
                 for r in rows]
 
-    def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int, cursor: str | None) -> Page:
+    def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int,
+                cursor: str | None) -> Page:
         limit = page_limit(limit)
         params: list[Any] = []
         sql = self._scoped("SELECT * FROM devices WHERE true", params, "hospital_id", hospitals)

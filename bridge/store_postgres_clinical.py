@@ -20,7 +20,8 @@ from firstcare.payloads import format_ts
 
 
 def news2_row_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "patient_id": row["patient_id"], "hospital_id": row["hospital_id"], **json.loads(row["body"])}
+    return {"id": row["id"], "patient_id": row["patient_id"], "hospital_id": row["hospital_id"],
+            **json.loads(row["body"])}
 
 
 def patients_inputs(rows: Any, patient_ids: Sequence[str]) -> dict[str, PatientInputs]:
@@ -195,7 +196,8 @@ class ClinicalStoreMixin:
         params: list[Any] = [since_ms, until_ms]
         sql = self._scoped(
             "SELECT id, rule_id, kind, priority, state, patient_id, hospital_id, device_type, device_id,"
-            " raised_ms, acknowledged_ms, escalated_ms, resolved_ms FROM alerts WHERE raised_ms >= %s AND raised_ms < %s",
+            " raised_ms, acknowledged_ms, escalated_ms, resolved_ms FROM alerts"
+            " WHERE raised_ms >= %s AND raised_ms < %s",
             params, "hospital_id", hospitals)
         if hospital_id is not None:
             sql += " AND hospital_id = %s"

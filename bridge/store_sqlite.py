@@ -184,7 +184,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX seq_gaps_detected ON seq_gaps (detected_ms);
     CREATE INDEX devices_online ON devices (last_seen_ms) WHERE state = 'online';
     CREATE INDEX alerts_subject ON alerts (subject) WHERE state != 'resolved';
-    """,
+    """,  # noqa: E501 - an applied migration is never edited
 ]
 
 _ALERT_FIELDS = [f.name for f in dataclasses.fields(Alert)]
@@ -381,7 +381,8 @@ class SQLiteTransaction(ClinicalTransactionMixin):
         marks = ", ".join("?" for _ in _DEVICE_FIELDS)
         updates = ", ".join(f"{c}=excluded.{c}" for c in _DEVICE_FIELDS[2:])
         self._conn.executemany(
-            f"INSERT INTO devices ({cols}) VALUES ({marks}) ON CONFLICT (device_type, device_id) DO UPDATE SET {updates}",
+            f"INSERT INTO devices ({cols}) VALUES ({marks})"
+            f" ON CONFLICT (device_type, device_id) DO UPDATE SET {updates}",
             [tuple(getattr(d, c) for c in _DEVICE_FIELDS) for d in devices],
         )
 
@@ -403,8 +404,8 @@ class SQLiteTransaction(ClinicalTransactionMixin):
 
     def insert_gaps(self, gaps: Iterable[SeqGap]) -> None:
         self._conn.executemany(
-            "INSERT INTO seq_gaps (device_type, device_id, first_missing, last_missing, detected_ms, boot, confirmed_ms)"
-            " VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO seq_gaps (device_type, device_id, first_missing, last_missing, detected_ms, boot,"
+            " confirmed_ms) VALUES (?,?,?,?,?,?,?)",
             [(g.device_type, g.device_id, g.first_missing, g.last_missing, g.detected_ms, g.boot, g.confirmed_ms)
              for g in gaps],
         )
@@ -489,8 +490,8 @@ class SQLiteTransaction(ClinicalTransactionMixin):
             f" (device_type IN ({marks}) AND (last_seen_ms <= ?"
             "   OR (NOT silent AND coalesce(last_data_ms, last_seen_ms) <= ?)))"
             f" OR (device_type NOT IN ({marks}) AND last_seen_ms <= ?)) LIMIT ?",
-            [*continuous, now_ms - offline_ms, now_ms - silent_ms, *continuous, now_ms - max(offline_ms, spot_offline_ms),
-             limit]).fetchall()
+            [*continuous, now_ms - offline_ms, now_ms - silent_ms, *continuous,
+             now_ms - max(offline_ms, spot_offline_ms), limit]).fetchall()
         return [(r[0], r[1]) for r in rows]
 
     def due_gaps(self, detected_before_ms: int, limit: int) -> list[DeviceKey]:
@@ -694,7 +695,8 @@ class SQLiteStore(ClinicalStoreMixin):
             items.append({
                 "patient_id": row["patient_id"], "hospital_id": row["hospital_id"],
                 "device_type": row["device_type"], "device_id": row["device_id"], "seq": row["seq"],
-                "boot": row["boot"], "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]), "metrics": metrics,
+                "boot": row["boot"], "ts": format_ts(row["ts_ms"]), "received_ts": format_ts(row["received_ms"]),
+                "metrics": metrics,
                 "verified": bool(row["verified"]), "signed_by": row["signed_by"],
             })
         next_cursor = f"{last['ts_ms']}.{last['id']}" if last else None
@@ -762,7 +764,8 @@ class SQLiteStore(ClinicalStoreMixin):
                                                                   r["t_state"], r["t_value"], r["t_by"]), r["t_at"]))
                 for r in rows]
 
-    def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int, cursor: str | None) -> Page:
+    def devices(self, hospitals: frozenset[str] | None, hospital_id: str | None, limit: int,
+                cursor: str | None) -> Page:
         limit = _limit(limit)
         sql = "SELECT * FROM devices WHERE 1=1"
         params: list[Any] = []

@@ -4,7 +4,8 @@
 
 Starts `firstcare up --simulate N` in a temporary directory on free ports, lets the simulated
 patients run long enough for the sparklines to fill and the scenarios to raise alarms, signs in
-as a clinician of h1 through the `#token=` link, and saves a screenshot of the ward. Needs Debian's chromium (see tests/support/browser.py).
+as a clinician of h1 through the `#token=` link, and saves a screenshot of the ward. Needs
+Debian's chromium (see tests/support/browser.py).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def fit(topic: str, payload: bytes, max_packet: int, mqtt5: bool) -> list[bytes]
     size = publish_packet_size(topic, len(payload), mqtt5)
     too_big = f"{size} bytes > the upstream's maximum packet size {max_packet}"
     if is_signed(payload):
-        return Refusal("packet_too_large", f"{too_big}; a signed message cannot be split without breaking its signature")
+        return Refusal("packet_too_large",
+                       f"{too_big}; a signed message cannot be split without breaking its signature")
     room = max_packet - publish_packet_size(topic, 0, mqtt5)
     bodies = _readings(payload)
     if bodies is None:

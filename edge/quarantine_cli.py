@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "gateway's spool: list them, send them again, or drop them.")
     parser.add_argument("action", choices=["list", "retry", "drop"])
     parser.add_argument("--spool", help="the spool file (default FC_EDGE_SPOOL_PATH, else data/edge-spool.db)")
-    parser.add_argument("--id", dest="ids", type=int, action="append", default=[], help="a quarantined message (repeat)")
+    parser.add_argument("--id", dest="ids", type=int, action="append", default=[],
+                        help="a quarantined message (repeat)")
     parser.add_argument("--all", action="store_true", help="retry or drop every quarantined message")
     parser.add_argument("--limit", type=int, default=1000, help="list at most this many (default 1000)")
     parser.add_argument("--payload", action="store_true", help="list: print each payload too")
@@ -64,8 +65,8 @@ def main(argv: list[str]) -> int:
                 if args.payload:
                     print(f"\t{q.payload.decode('utf-8', 'replace')}")
             summary = spool.quarantine_summary()
-            print(f"{summary['depth']} quarantined" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(summary['reasons'].items()))})"
-                                                      if summary["reasons"] else ""))
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary["reasons"].items()))
+            print(f"{summary['depth']} quarantined" + (f" ({reasons})" if reasons else ""))
             return 0
         ids = None if args.all else args.ids
         if args.action == "retry":

@@ -388,7 +388,8 @@ class EmbeddedBroker:
             try:
                 await asyncio.wait_for(broker.shutdown(), 10)
             except Exception:  # noqa: BLE001 - shutting down; nothing left to protect
-                logging.getLogger("firstcare.broker").warning("embedded broker did not shut down cleanly", exc_info=True)
+                logging.getLogger("firstcare.broker").warning("embedded broker did not shut down cleanly",
+                                                              exc_info=True)
             if isinstance(broker, _AdaptedBroker):
                 broker.close_streams()
                 await asyncio.sleep(0)  # let the closed connections' tasks end

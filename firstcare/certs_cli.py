@@ -68,12 +68,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     pki.init_ca(args.ca_name, args.ca_days)
     pki.issue_server(tuple(args.host), args.days)
     pki.issue_client("bridge", args.days)
+    names = "localhost, 127.0.0.1, ::1" + "".join(", " + h for h in args.host)
     print(f"""CAs and certificates in {pki.dir}:
   ca.pem          the trust bundle: give it to every client (devices, gateways, bridges, browsers for HTTPS)
   site-ca.pem     the CA of servers and devices ({'site-ca-key.pem'}: keep it offline)
   service-ca.pem  the CA of bridges and gateways (service-ca-key.pem: keep it offline); Mosquitto's
                   service listener (8884) trusts only this one, so no device can connect there
-  server.pem      brokers (Mosquitto 8883/8884, embedded) and HTTPS; names: localhost, 127.0.0.1, ::1{''.join(', ' + h for h in args.host)}
+  server.pem      brokers (Mosquitto 8883/8884, embedded) and HTTPS; names: {names}
   bridge.pem      the bridge's client certificate (identity "bridge")
 next: firstcare certs device --hospital H --type T --id D --dir {pki.dir}""")
     return 0
@@ -171,7 +172,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     try:
         results = register_keys(pki, args.bridge_url, args.token, args.cacert or str(pki.ca_file))
     except (urllib.error.URLError, OSError) as exc:
-        raise FirstCareError(f"cannot reach {args.bridge_url}: {getattr(exc, 'reason', exc)}", "bridge_unreachable") from exc
+        raise FirstCareError(f"cannot reach {args.bridge_url}: {getattr(exc, 'reason', exc)}",
+                             "bridge_unreachable") from exc
     failed = 0
     for identity, status, body in results:
         print(f"{status}  {identity}" + ("" if status == 200 else f"  {body}"))
@@ -208,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another DNS name or IP address the server certificate is for (repeat)")
     p.add_argument("--ca-name", default="FirstCare development CA")
     p.add_argument("--ca-days", type=int, default=3650)
-    p.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity of the leaf certificates (default {LEAF_DAYS})")
+    p.add_argument("--days", type=int, default=LEAF_DAYS,
+                   help=f"validity of the leaf certificates (default {LEAF_DAYS})")
     p.add_argument("--exist-ok", action="store_true", help="keep a CA that is there already (containers restarting)")
     p.set_defaults(func=cmd_init)
 

@@ -239,7 +239,8 @@ def up_banner(settings: Settings, hospital: str, broker_url: str | None = None,
     from firstcare.auth import mint_token
 
     scheme = "https" if settings.http_cert_file else "http"
-    base = f"{scheme}://{'127.0.0.1' if settings.http_host in ('0.0.0.0', '::') else settings.http_host}:{settings.http_port}"
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
+    base = f"{scheme}://{host}:{settings.http_port}"
     mqtt_scheme = "mqtts" if settings.mqtt_tls else "mqtt"
     broker = (f"{mqtt_scheme}://{settings.mqtt_host}:{settings.mqtt_port} (embedded"
               f"{', a certificate per device' if settings.broker_cert_file else ''})"
@@ -473,17 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--http-host", help="FC_EDGE_HTTP_HOST")
     edge.add_argument("--http-port", type=int, help="FC_EDGE_HTTP_PORT (default 8010)")
     edge.add_argument("--log-level", help="FC_EDGE_LOG_LEVEL")
-    edge.add_argument("--ca-file", help="FC_EDGE_CA_FILE: CA of the brokers' (and, ward side, the devices') certificates")
+    edge.add_argument("--ca-file",
+                      help="FC_EDGE_CA_FILE: CA of the brokers' (and, ward side, the devices') certificates")
     edge.add_argument("--cert-file", help="FC_EDGE_CERT_FILE: the gateway's client certificate")
     edge.add_argument("--key-file", help="FC_EDGE_KEY_FILE: its private key")
     edge.add_argument("--local-cert-file", help="FC_EDGE_LOCAL_CERT_FILE: TLS for the embedded ward broker")
     edge.add_argument("--local-key-file", help="FC_EDGE_LOCAL_KEY_FILE")
-    edge.add_argument("--signing-key", help="FC_EDGE_SIGNING_KEY: sign unsigned devices' readings with this Ed25519 key")
+    edge.add_argument("--signing-key",
+                      help="FC_EDGE_SIGNING_KEY: sign unsigned devices' readings with this Ed25519 key")
     edge.add_argument("--signing-kid", help="FC_EDGE_SIGNING_KID")
     edge.add_argument("--upstream-protocol", choices=["auto", "5", "3.1.1"],
-                      help="FC_EDGE_UPSTREAM_PROTOCOL: MQTT version upstream (default auto: 5 where the broker speaks it)")
+                      help="FC_EDGE_UPSTREAM_PROTOCOL: MQTT version upstream "
+                           "(default auto: 5 where the broker speaks it)")
     edge.add_argument("--upstream-max-packet-bytes", type=int,
-                      help="FC_EDGE_UPSTREAM_MAX_PACKET_BYTES: the upstream's packet limit when it does not advertise one")
+                      help="FC_EDGE_UPSTREAM_MAX_PACKET_BYTES: the upstream's packet limit "
+                           "when it does not advertise one")
     edge.add_argument("--status-seconds", type=float, help="FC_EDGE_STATUS_SECONDS: status upstream every N s")
     edge.add_argument("--tls-insecure", action="store_true",
                       help="FC_EDGE_TLS_INSECURE: DEVELOPMENT ONLY, do not verify the brokers' certificates")

@@ -15,8 +15,9 @@ A device identity is exactly the middle of its topics, so one ACL line covers ev
 ``fc/v1/h1/monitor/monitor-7/{vitals,status}``: not another device, not another hospital, and
 it can read nothing. Moving a device to another hospital means a new certificate.
 
->>> parse_identity("h1/monitor/monitor-7")
-Identity(kind='device', name='h1/monitor/monitor-7', hospital_id='h1', device_type='monitor', device_id='monitor-7', gateway_id=None)
+>>> parse_identity("h1/monitor/monitor-7")  # doctest: +NORMALIZE_WHITESPACE
+Identity(kind='device', name='h1/monitor/monitor-7', hospital_id='h1', device_type='monitor',
+         device_id='monitor-7', gateway_id=None)
 >>> may_publish(parse_identity("h1/monitor/monitor-7"), "fc/v1/h1/monitor/monitor-8/vitals")
 False
 """

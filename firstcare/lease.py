@@ -237,7 +237,8 @@ class LeaseKeeper:
         with self._lock:
             self._seen.clear()
         where = f"{self.host}:{self.port}"
-        hint = (f"the bridge's MQTT user needs readwrite access to {TOPIC_PREFIX}# on the broker (see broker-config/acl)")
+        hint = (f"the bridge's MQTT user needs readwrite access to {TOPIC_PREFIX}# on the broker"
+                " (see broker-config/acl)")
         try:
             self._client.connect(self.host, self.port, keepalive=30)
         except (OSError, ValueError) as exc:  # TLS refusals included

@@ -259,7 +259,8 @@ def _reading(topic: Topic, item: VitalsIn, received_ms: int, index: int | None) 
     except ValueError as exc:
         return Rejection("ts_invalid", str(exc), index)
     if item.patient_id is not None and not is_valid_id(item.patient_id):
-        return Rejection("patient_id_invalid", f"patient_id {item.patient_id!r} must match [A-Za-z0-9_-]{{1,64}}", index)
+        return Rejection("patient_id_invalid", f"patient_id {item.patient_id!r} must match [A-Za-z0-9_-]{{1,64}}",
+                         index)
     try:
         boot = parse_boot(item.boot)
     except ValueError as exc:

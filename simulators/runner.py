@@ -118,7 +118,8 @@ class SimulationConfig:
         """``(device_type, device_id, patient_id)`` of every simulated device: what ward staff
         would bind (``PUT /api/devices/{type}/{id}/binding``) so a patient keeps their devices,
         and their place on the dashboard, while a device is offline."""
-        return [(t, self.device_id(t, n), self.patient_id(n)) for n in range(1, self.patients + 1) for t in self.devices]
+        return [(t, self.device_id(t, n), self.patient_id(n))
+                for n in range(1, self.patients + 1) for t in self.devices]
 
     def scenario_for(self, number: int) -> str:
         """The scenario of patient ``number`` (1-based)."""
