@@ -340,7 +340,9 @@ def test_a_pasted_token_signs_in_and_is_remembered_for_the_tab(up: Up) -> None:
 
 
 def seqs_of(page: Any, key: str, device_id: str) -> Counter[int]:
-    return Counter(page.evaluate(f"window.__fc.{key}.filter(e => e.type === 'vitals_update' && e.device === {device_id!r}).map(e => e.seq)"))
+    script = (f"window.__fc.{key}.filter(e => e.type === 'vitals_update' && e.device === {device_id!r})"
+              ".map(e => e.seq)")
+    return Counter(page.evaluate(script))
 
 
 def test_after_the_connection_drops_the_page_resumes_without_losing_or_repeating_an_event(up: Up, device: Any) -> None:

@@ -23,8 +23,10 @@ def start(tmp_path: Path, name: str, hub_url: str) -> tuple[BridgeProcess, int]:
     return BridgeProcess(env, tmp_path / f"{name}.log").start(), mqtt_port
 
 
-async def next_event(ws: websockets.ClientConnection,
-                     skip: tuple[str, ...] = ("ping", "welcome", "subscribed", "presence_join", "presence_leave")) -> dict:
+SKIPPED = ("ping", "welcome", "subscribed", "presence_join", "presence_leave")
+
+
+async def next_event(ws: websockets.ClientConnection, skip: tuple[str, ...] = SKIPPED) -> dict:
     while True:
         message = json.loads(await asyncio.wait_for(ws.recv(), 20))
         if message["type"] not in skip:

@@ -63,7 +63,8 @@ def test_up_with_simulated_devices_serves_readings_and_stops_cleanly_on_ctrl_c(t
     # goodbye while the bridge still listened, so it recorded them offline
     assert not re.findall(r".* (WARNING|ERROR) .*", log.read_text()), log.read_text()
     with closing(sqlite3.connect(tmp_path / "data" / "firstcare.db")) as db:
-        assert dict(db.execute("SELECT device_id, state FROM devices")) == {f"monitor-00{n}": "offline" for n in (1, 2, 3)}
+        states = dict(db.execute("SELECT device_id, state FROM devices"))
+        assert states == {f"monitor-00{n}": "offline" for n in (1, 2, 3)}
 
 
 TAKEN = "{port}"  # replaced by the port a test holds open

@@ -198,7 +198,9 @@ def test_admins_read_the_trail_filtered_and_paged(bridge: BridgeThread) -> None:
     admin = headers({"role": "admin", "sub": "officer"})
     seen, cursor = [], None
     while True:
-        params: dict[str, Any] = {"subject": "nurse-pager", "patient_id": "p-a", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, Any] = {"subject": "nurse-pager", "patient_id": "p-a", "limit": 2}
+        if cursor:
+            params["cursor"] = cursor
         body = httpx.get(f"{bridge.url}/api/audit", headers=admin, params=params).json()
         seen += body["items"]
         cursor = body["next"]

@@ -29,11 +29,12 @@ def test_init_device_and_gateway_write_what_they_say_with_tight_permissions(
     out = capsys.readouterr().out
     assert "PUT" in out and "/api/devices/monitor/monitor-7/key" in out
     assert mode(d) == 0o700 and mode(d / "clients") == 0o700
-    for key in ("site-ca-key.pem", "service-ca-key.pem", "server-key.pem", "bridge-key.pem", "clients/h1.monitor.monitor-7-key.pem",
-                "clients/h1.monitor.monitor-7.sign-key.pem", "clients/gateway.h1.ward-3-key.pem"):
+    for key in ("site-ca-key.pem", "service-ca-key.pem", "server-key.pem", "bridge-key.pem",
+                "clients/h1.monitor.monitor-7-key.pem", "clients/h1.monitor.monitor-7.sign-key.pem",
+                "clients/gateway.h1.ward-3-key.pem"):
         assert mode(d / key) == 0o600, key
-    for cert in ("ca.pem", "site-ca.pem", "service-ca.pem", "server.pem", "bridge.pem", "clients/h1.monitor.monitor-7.pem",
-                 "clients/h1.monitor.monitor-7.sign.pub"):
+    for cert in ("ca.pem", "site-ca.pem", "service-ca.pem", "server.pem", "bridge.pem",
+                 "clients/h1.monitor.monitor-7.pem", "clients/h1.monitor.monitor-7.sign.pub"):
         assert mode(d / cert) == 0o644, cert
     # the gateway's and the bridge's certificates come from the service CA, the device's from the site CA
     site = x509.load_pem_x509_certificate((d / "site-ca.pem").read_bytes())

@@ -83,7 +83,8 @@ def test_quota_exceeded_is_tried_again_then_quarantined_while_the_rest_goes_on(s
         fw._on_publish(paho(client), None, mid, puback("Quota exceeded"), None)
         fw._flush()
     assert spool.depth == 0
-    assert [(q.reason, q.detail) for q in spool.quarantined()] == [("quota_exceeded", "upstream PUBACK 0x97 Quota exceeded")]
+    assert [(q.reason, q.detail) for q in spool.quarantined()] == [
+        ("quota_exceeded", "upstream PUBACK 0x97 Quota exceeded")]
     assert fw.counters["refusals"] == 3 and fw.counters["quarantined"] == 1
 
 

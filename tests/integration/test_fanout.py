@@ -93,8 +93,8 @@ def test_alarms_lost_while_the_hub_is_down_are_republished_in_order_once(store: 
         task.cancel()
         assert hub.published == [] and fanout.catch_up_pending
         hub.down = False
-        acked = commit(store, Transition(AlertAction.ACKNOWLEDGED, alarm("a1", "acknowledged", T0 + 5, acknowledged_by="dr",
-                                                                acknowledged_ms=T0 + 5), T0 + 5))
+        acked_alarm = alarm("a1", "acknowledged", T0 + 5, acknowledged_by="dr", acknowledged_ms=T0 + 5)
+        acked = commit(store, Transition(AlertAction.ACKNOWLEDGED, acked_alarm, T0 + 5))
         fanout.offer([vitals(2), *acked])
         await drain(fanout, hub, 3)
         # the raise comes back from the database before the acknowledgement, which is not repeated
@@ -122,7 +122,8 @@ def test_an_alarm_dropped_from_a_full_outbox_comes_after_what_was_queued(store: 
 
 def test_the_stored_alarm_is_rebuilt_as_it_was_at_its_transition(store: SQLiteStore) -> None:
     raised = alarm("a1")
-    acked = replace(raised, state=AlertState.ACKNOWLEDGED, acknowledged_by="dr", acknowledged_ms=T0 + 5, updated_ms=T0 + 5)
+    acked = replace(raised, state=AlertState.ACKNOWLEDGED, acknowledged_by="dr", acknowledged_ms=T0 + 5,
+                    updated_ms=T0 + 5)
     resolved = replace(acked, state=AlertState.RESOLVED, condition_active=False, resolved_ms=T0 + 9, updated_ms=T0 + 9)
     commit(store, Transition(AlertAction.RAISED, raised, T0), Transition(AlertAction.ACKNOWLEDGED, acked, T0 + 5),
            Transition(AlertAction.RESOLVED, resolved, T0 + 9))

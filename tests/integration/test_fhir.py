@@ -19,8 +19,9 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from tests.support.bridge import BridgeThread, bridge_settings, token, wait_until
 from tests.support.devices import Device
 
-MODELS: dict[str, type[FHIRResourceModel]] = {"Bundle": Bundle, "CapabilityStatement": CapabilityStatement, "Device": FhirDevice,
-          "Observation": Observation, "OperationOutcome": OperationOutcome}
+MODELS: dict[str, type[FHIRResourceModel]] = {
+    "Bundle": Bundle, "CapabilityStatement": CapabilityStatement, "Device": FhirDevice, "Observation": Observation,
+    "OperationOutcome": OperationOutcome}
 NURSE = {"Authorization": f"Bearer {token('clinician', sub='nurse-fhir', hospitals=('h1',))}"}
 T0 = int(time.time() * 1000) - 600_000
 
@@ -88,7 +89,8 @@ def test_every_reading_maps_to_coded_observations_with_units_and_profiles(bridge
     for r in resources:
         code = r["code"]["coding"][0]["code"]
         unit = r.get("valueQuantity", {}).get("code") or r["component"][0]["valueQuantity"]["code"]
-        table.setdefault(code, (unit, r.get("meta", {}).get("profile", [None])[0], r["category"][0]["coding"][0]["code"]))
+        profile = r.get("meta", {}).get("profile", [None])[0]
+        table.setdefault(code, (unit, profile, r["category"][0]["coding"][0]["code"]))
         assert r["subject"]["reference"] == "Patient/p.f1"
     profile = "http://hl7.org/fhir/StructureDefinition/"
     assert table == {

@@ -44,7 +44,8 @@ def valid_readings(m: Inbound) -> int:
 def test_every_fuzzed_message_ends_stored_or_dead_lettered(tmp_path: Path) -> None:
     store = SQLiteStore(str(tmp_path / "fuzz.db"))
     clock = [NOW_MS]
-    core = BridgeCore(store, default_rules(), CoreSettings(dead_letter_bytes=1 << 20, seq_gap_grace_ms=2000), clock=lambda: clock[0])
+    core = BridgeCore(store, default_rules(), CoreSettings(dead_letter_bytes=1 << 20, seq_gap_grace_ms=2000),
+                      clock=lambda: clock[0])
     db = sqlite3.connect(tmp_path / "fuzz.db")
     seen: Counter[str] = Counter()
 

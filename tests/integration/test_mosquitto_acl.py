@@ -253,7 +253,8 @@ def test_gateway_forwards_only_its_hospital_and_owns_only_its_status(mosquitto_s
 
 def test_a_gateway_without_its_acl_block_can_publish_nothing(mosquitto_secure, probes, certs):
     bridge_probe = bridge(probes, mosquitto_secure, certs)
-    stranger = probes(Services(mosquitto_secure), unique("gw"), tls=certs.client("gateway/h1/unprovisioned")).connect_ok()
+    stranger = probes(Services(mosquitto_secure), unique("gw"),
+                      tls=certs.client("gateway/h1/unprovisioned")).connect_ok()
     stranger.publish("fc/v1/h1/monitor/m-1/vitals", b"denied")
     device(probes, mosquitto_secure, certs).publish(M7_TOPIC, b"marker")
     assert received(bridge_probe, b"marker") == [b"marker"]

@@ -132,16 +132,19 @@ def test_metrics_parse_with_help_and_type_and_measure_the_alarm_path(tmp_path: P
             device.vitals({"spo2": 80})  # the critical desaturation rule raises after its delay
         bridge.receive_until(sub, lambda e: e["event"] == "patient.alert.raised")
         device.vitals({"spo2": 97}, ts_ms=int(time.time() * 1000) + 3_600_000)  # a device clock an hour ahead
-        bridge.receive_until(sub, lambda e: e["event"] == "patient.vitals.update" and e["data"]["metrics"]["spo2"] == 97)
+        bridge.receive_until(sub, lambda e: e["event"] == "patient.vitals.update"
+                             and e["data"]["metrics"]["spo2"] == 97)
         device.publish(device.vitals_topic, b"not json")
         wait_until(lambda: bridge.runtime.core.snapshot.counters.get("dead_letters") == 1, what="dead letter")
         text = httpx.get(bridge.url + "/metrics").text
         device.close()
 
-    assert "# HELP firstcare_alarm_latency_seconds " in text and "# TYPE firstcare_alarm_latency_seconds histogram" in text
+    assert "# HELP firstcare_alarm_latency_seconds " in text
+    assert "# TYPE firstcare_alarm_latency_seconds histogram" in text
     found = families(text)
-    for name, kind in [("firstcare_alarm_latency_seconds", "histogram"), ("firstcare_vitals_latency_seconds", "histogram"),
-                       ("firstcare_readings_stored", "counter"), ("firstcare_dead_letters", "counter"),
+    for name, kind in [("firstcare_alarm_latency_seconds", "histogram"),
+                       ("firstcare_vitals_latency_seconds", "histogram"), ("firstcare_readings_stored", "counter"),
+                       ("firstcare_dead_letters", "counter"),
                        ("firstcare_alert_transitions", "counter"), ("firstcare_devices_online", "gauge"),
                        ("firstcare_mqtt_sessions_lost", "counter"), ("firstcare_ready", "gauge"),
                        ("firstcare_hub_delivered", "counter"), ("firstcare_realtime_connections", "gauge"),

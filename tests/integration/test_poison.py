@@ -43,7 +43,8 @@ def seqs(db_path: str | Path, device_id: str) -> list[int]:
 
 def letters(db_path: str | Path) -> list[tuple[str, str, bytes]]:
     with sqlite3.connect(db_path) as db:
-        return [(r[0], r[1], bytes(r[2])) for r in db.execute("SELECT reason, detail, payload FROM dead_letters ORDER BY id")]
+        rows = db.execute("SELECT reason, detail, payload FROM dead_letters ORDER BY id")
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
 
 
 # ------------------------------------------------------------------ the nested-object message
@@ -176,7 +177,8 @@ def test_a_database_held_by_another_writer_is_retried_whole_and_not_acknowledged
                 device.client.publish(device.vitals_topic, reading(seq), qos=1)
             wait_until(lambda: ingest.counters["store_retries"] >= 1, timeout=90, what="a retry of the batch")
             assert ingest.counters["acked"] == 1, "nothing acknowledged while the store refuses writes"
-            assert ingest.counters["poison_isolated"] == ingest.counters["batch_splits"] == 0, "never blamed on a message"
+            assert ingest.counters["poison_isolated"] == ingest.counters["batch_splits"] == 0, \
+                "never blamed on a message"
             assert not bridge.runtime.readiness()["ready"]
         finally:
             blocker.rollback()

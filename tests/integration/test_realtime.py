@@ -109,7 +109,8 @@ def test_patient_websocket_auto_subscribes_and_gets_the_patients_events_only(bri
 
 def test_hospital_websocket_sees_its_hospital_not_the_other(bridge: BridgeThread) -> None:
     async def main() -> None:
-        async with ws_client(ws_url(bridge, "/realtime/ws/hospital/h2", token=token("clinician", hospitals=("h2",)))) as ws:
+        h2 = token("clinician", hospitals=("h2",))
+        async with ws_client(ws_url(bridge, "/realtime/ws/hospital/h2", token=h2)) as ws:
             await recv(ws)
             await asyncio.to_thread(bridge.device.vitals, {"spo2": 95}, patient_id="p-001")  # type: ignore[attr-defined]
             await asyncio.to_thread(bridge.other.vitals, {"spo2": 91}, patient_id="p-h2")  # type: ignore[attr-defined]
@@ -188,8 +189,8 @@ def test_rooms_of_other_hospitals_and_unknown_rooms_answer_alike(bridge: BridgeT
 
 def test_a_patient_token_sees_its_own_record_only(bridge: BridgeThread) -> None:
     mine = token("patient", sub="pat-1", patients=("p-001",))
-    assert asyncio.run(closed_with(ws_url(bridge, "/realtime/ws/patient/p-h2", token=mine)))[0] == CLOSE_CODES["forbidden"]
-    assert asyncio.run(closed_with(ws_url(bridge, "/realtime/ws/hospital/h1", token=mine)))[0] == CLOSE_CODES["forbidden"]
+    for path in ("/realtime/ws/patient/p-h2", "/realtime/ws/hospital/h1"):
+        assert asyncio.run(closed_with(ws_url(bridge, path, token=mine)))[0] == CLOSE_CODES["forbidden"], path
     response = httpx.get(f"{bridge.url}/realtime/events/patient/p-h2", params={"token": mine}, timeout=10)
     assert (response.status_code, response.json()["error"]) == (403, "forbidden")
 
@@ -418,12 +419,14 @@ def test_test_publish_is_admin_only_and_reaches_the_room(bridge: BridgeThread) -
             return await recv(ws)
 
     event = asyncio.run(main())
-    assert (event["type"], event["event"], event["data"]) == ("maintenance", "system.maintenance", {"window": "tonight"})
+    assert (event["type"], event["event"], event["data"]) == (
+        "maintenance", "system.maintenance", {"window": "tonight"})
 
 
 def test_presence_stats_and_metrics_follow_connections(bridge: BridgeThread) -> None:
     async def main() -> None:
-        async with ws_client(ws_url(bridge, "/realtime/ws/patient/p-001", token=token(sub="watcher", role="admin"))) as ws:
+        watcher = token(sub="watcher", role="admin")
+        async with ws_client(ws_url(bridge, "/realtime/ws/patient/p-001", token=watcher)) as ws:
             await recv(ws)
             members = httpx.get(f"{bridge.url}/realtime/presence", params={"room": "patient:p-001"},
                                 headers={"Authorization": f"Bearer {token()}"}).json()

@@ -114,7 +114,8 @@ def test_a_narrower_token_leaves_the_rooms_it_no_longer_allows(bridge: BridgeThr
 def test_a_refresh_for_another_subject_closes_the_stream(bridge: BridgeThread) -> None:
     async def main() -> tuple[int, str]:
         async with ws_client(ws_url(bridge, token=token(**BOTH))) as ws:
-            await ws.send(json.dumps({"type": "auth", "token": token("clinician", sub="someone-else", hospitals=("h1",))}))
+            other = token("clinician", sub="someone-else", hospitals=("h1",))
+            await ws.send(json.dumps({"type": "auth", "token": other}))
             try:
                 while True:
                     await asyncio.wait_for(ws.recv(), 15)

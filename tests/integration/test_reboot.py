@@ -31,7 +31,8 @@ def body(seq: int, ts_ms: int, boot: str | None = None, **metrics: float) -> byt
 
 def rows(bridge: BridgeThread, device_id: str) -> list[tuple[str, int, int]]:
     with sqlite3.connect(bridge.settings.sqlite_path) as db:
-        return db.execute("SELECT boot, seq, ts_ms FROM readings WHERE device_id=? ORDER BY id", (device_id,)).fetchall()
+        return db.execute("SELECT boot, seq, ts_ms FROM readings WHERE device_id=? ORDER BY id",
+                          (device_id,)).fetchall()
 
 
 def technical_alarms(bridge: BridgeThread) -> list[str]:
@@ -88,10 +89,12 @@ def test_a_device_announcing_its_boot_starts_a_new_sequence(bridge: BridgeThread
     device = Device(bridge.mqtt_port, "mon-boot", device_type="monitor", will=False)
     now = int(time.time() * 1000)
     try:
-        device.publish(device.status_topic, b'{"state": "online", "boot": "b1", "ts": %d}' % (now - 60_000), retain=True)
+        device.publish(device.status_topic, b'{"state": "online", "boot": "b1", "ts": %d}' % (now - 60_000),
+                       retain=True)
         for seq in (1, 2, 3):
             device.publish(device.vitals_topic, body(seq, now - 60_000 + seq * 1000, boot="b1"))
-        device.publish(device.status_topic, b'{"state": "online", "boot": "b2", "ts": %d}' % (now - 10_000), retain=True)
+        device.publish(device.status_topic, b'{"state": "online", "boot": "b2", "ts": %d}' % (now - 10_000),
+                       retain=True)
         for seq in (1, 2, 3):  # readings need not repeat the boot the status announced
             device.publish(device.vitals_topic, body(seq, now - 10_000 + seq * 1000, boot="b2" if seq == 2 else None))
         processed(bridge, 6)

@@ -188,9 +188,12 @@ def test_an_outage_is_never_invisible_and_the_alarm_stored_meanwhile_reaches_the
                 return (any(m["type"] == "resync" and m["room"] == alerts_room for m in messages)
                         and any(m["type"] == "alert_raised" and m["room"] == alerts_room for m in messages))
 
-            seen_a = await _read_until(dash_a, lambda m: got_alarm_and_resync(m)
-                                       and any(x["type"] == "resync" and x["room"] == vitals_room for x in m)
-                                       and any(x.get("room") == vitals_room and x["type"] == "vitals_update" for x in m))
+            def all_three(m: list[dict]) -> bool:
+                return (got_alarm_and_resync(m)
+                        and any(x["type"] == "resync" and x["room"] == vitals_room for x in m)
+                        and any(x.get("room") == vitals_room and x["type"] == "vitals_update" for x in m))
+
+            seen_a = await _read_until(dash_a, all_three)
             seen_b = await _read_until(dash_b, got_alarm_and_resync)
             for seen in (seen_a, seen_b):
                 alarm = next(m for m in seen if m["type"] == "alert_raised")

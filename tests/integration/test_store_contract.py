@@ -289,11 +289,11 @@ def alerts(store: Store) -> Store:
         tx.save_transitions([
             Transition(AlertAction.UPDATED, updated, T0 + 5 * S),
             Transition(AlertAction.ACKNOWLEDGED, acked, T0 + 10 * S),
-            Transition(AlertAction.RESOLVED, replace(acked, state=AlertState.RESOLVED, condition_active=False, resolved_ms=T0 + 20 * S,
-                                           updated_ms=T0 + 20 * S), T0 + 20 * S),
+            Transition(AlertAction.RESOLVED, replace(acked, state=AlertState.RESOLVED, condition_active=False,
+                                                     resolved_ms=T0 + 20 * S, updated_ms=T0 + 20 * S), T0 + 20 * S),
         ])
-        tx.save_transitions([Transition(AlertAction.ESCALATED, replace(a3, state=AlertState.ESCALATED, escalated_ms=T0 + 9 * S),
-                                        T0 + 9 * S)])
+        escalated = replace(a3, state=AlertState.ESCALATED, escalated_ms=T0 + 9 * S)
+        tx.save_transitions([Transition(AlertAction.ESCALATED, escalated, T0 + 9 * S)])
     return store
 
 
@@ -433,8 +433,8 @@ def devices(store: Store) -> Store:
 
 def test_device_upsert_updates_in_place(devices: Store) -> None:
     with devices.transaction() as tx:
-        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", DeviceState.OFFLINE, silent=True, last_seen_ms=T0 + S,
-                                        battery=15, firmware="2.0", last_seq=42)])
+        tx.upsert_devices([DeviceRecord("monitor", "m1", "h1", "p1", DeviceState.OFFLINE, silent=True,
+                                        last_seen_ms=T0 + S, battery=15, firmware="2.0", last_seq=42)])
     assert devices.device("monitor", "m1") == DeviceRecord(
         "monitor", "m1", "h1", "p1", DeviceState.OFFLINE, True, T0 + S, None, 15, "2.0", 42)
     assert devices.counts()["devices"] == 4
@@ -556,7 +556,8 @@ def test_readings_are_visible_to_their_own_transaction_and_after_commit(store: S
             ("monitor", "m1", 7): {"b1": Content.of(T0, {"heart_rate": 70.0}),
                                    "b2": Content.of(T0 + S, {"heart_rate": 71.0})},
             ("monitor", "m2", 8): {"": Content.of(T0 + 2 * S, {"heart_rate": 70.0})}}
-    assert [(i["seq"], i["boot"]) for i in store.readings("p1", None, None, None, 10, None).items] == [(7, "b1"), (7, "b2")]
+    items = store.readings("p1", None, None, None, 10, None).items
+    assert [(i["seq"], i["boot"]) for i in items] == [(7, "b1"), (7, "b2")]
     assert store.latest_vitals("p1")["heart_rate"]["value"] == 71.0
     assert (store.patient_hospital("p1"), store.patient_hospital("p2")) == ("h1", "h1")
 
@@ -599,12 +600,14 @@ def test_what_the_timers_find_due(store: Store) -> None:
     continuous = ["monitor", "oximeter"]
     with store.transaction() as tx:
         tx.upsert_devices([
-            DeviceRecord("monitor", "quiet", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 100 * S, last_data_ms=now - 100 * S),
+            DeviceRecord("monitor", "quiet", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 100 * S,
+                         last_data_ms=now - 100 * S),
             DeviceRecord("monitor", "gone", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 200 * S),
             DeviceRecord("monitor", "fine", "h1", state=DeviceState.ONLINE, last_seen_ms=now - S, last_data_ms=now - S),
             DeviceRecord("monitor", "silenced", "h1", state=DeviceState.ONLINE, silent=True, last_seen_ms=now - 100 * S,
                          last_data_ms=now - 100 * S),
-            DeviceRecord("scale", "s1", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 200 * S),  # a spot check: a day
+            # a spot check: a day
+            DeviceRecord("scale", "s1", "h1", state=DeviceState.ONLINE, last_seen_ms=now - 200 * S),
             DeviceRecord("monitor", "off", "h1", state=DeviceState.OFFLINE, last_seen_ms=now - 900 * S),
         ])
         tx.insert_gaps([SeqGap("monitor", "m1", 3, 4, now - 40 * S), SeqGap("monitor", "m2", 3, 4, now - 10 * S),
@@ -614,9 +617,10 @@ def test_what_the_timers_find_due(store: Store) -> None:
         tx.save_news2_state("p-never", "s", None)
         tx.save_transitions([Transition(AlertAction.RAISED, alert("old", "p1", raised_ms=now - 200 * S), now),
                              Transition(AlertAction.RAISED, alert("new", "p2", raised_ms=now - 10 * S), now),
-                             Transition(AlertAction.RAISED, alert("low", "p3", raised_ms=now - 200 * S, priority="low"), now),
-                             Transition(AlertAction.RAISED, alert("acked", "p4", raised_ms=now - 200 * S, state=AlertState.ACKNOWLEDGED),
-                                        now)])
+                             Transition(AlertAction.RAISED, alert("low", "p3", raised_ms=now - 200 * S, priority="low"),
+                                        now),
+                             Transition(AlertAction.RAISED, alert("acked", "p4", raised_ms=now - 200 * S,
+                                                                  state=AlertState.ACKNOWLEDGED), now)])
     with store.transaction() as tx:
         due = tx.due_devices(now, 60 * S, 180 * S, 25 * 3600 * S, continuous, 100)
         assert sorted(due) == [("monitor", "gone"), ("monitor", "quiet")]

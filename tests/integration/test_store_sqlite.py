@@ -83,7 +83,8 @@ def test_an_existing_first_version_database_is_migrated_in_place(tmp_path) -> No
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
     db.executescript(MIGRATIONS[0])
-    db.execute("INSERT INTO devices (device_type, device_id, hospital_id, state) VALUES ('monitor', 'm1', 'h1', 'online')")
+    db.execute("INSERT INTO devices (device_type, device_id, hospital_id, state)"
+               " VALUES ('monitor', 'm1', 'h1', 'online')")
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()

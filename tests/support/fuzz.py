@@ -5,7 +5,8 @@ bytes, batches mixing good and bad readings, redeliveries, reboots).
 The suite runs them for a bounded number of examples with a fixed seed; ``FC_FUZZ_EXAMPLES``
 raises the count and ``FC_FUZZ_SEED=random`` draws fresh inputs, for a longer run:
 
-    FC_FUZZ_EXAMPLES=20000 FC_FUZZ_SEED=random .venv/bin/pytest tests/unit/test_fuzz.py tests/integration/test_fuzz_core.py
+    FC_FUZZ_EXAMPLES=20000 FC_FUZZ_SEED=random \\
+        .venv/bin/pytest tests/unit/test_fuzz.py tests/integration/test_fuzz_core.py
 """
 
 from __future__ import annotations

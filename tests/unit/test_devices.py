@@ -35,7 +35,8 @@ def status(state: str, received_ms: int = T0, battery: int | None = None, firmwa
 
 
 def online(device_type: str = "monitor", at: int = T0, **changes) -> DeviceRecord:
-    base = DeviceRecord(device_type, "m1", "h1", state=DeviceState.ONLINE, last_seen_ms=at, last_data_ms=at, last_seq=10)
+    base = DeviceRecord(device_type, "m1", "h1", state=DeviceState.ONLINE, last_seen_ms=at, last_data_ms=at,
+                        last_seq=10)
     return replace(base, **changes)
 
 
@@ -68,7 +69,8 @@ def test_on_reading_gaps_and_last_seq(last_seq, seq, gap, last_after) -> None:
     "before",
     [
         new_device("monitor", "m1", None),
-        DeviceRecord("monitor", "m1", "h0", state=DeviceState.OFFLINE, last_seen_ms=T0 - HOUR_MS, last_data_ms=T0 - HOUR_MS),
+        DeviceRecord("monitor", "m1", "h0", state=DeviceState.OFFLINE, last_seen_ms=T0 - HOUR_MS,
+                     last_data_ms=T0 - HOUR_MS),
         DeviceRecord("monitor", "m1", "h1", state=DeviceState.ONLINE, silent=True, last_seen_ms=T0 - HOUR_MS),
     ],
     ids=["new", "offline", "silent"],

@@ -140,7 +140,8 @@ def verified(topic: str, payload: bytes, keys: dict[str, KeyRecord]) -> Opened:
 
 
 def test_a_device_signed_reading_is_forwarded_byte_for_byte_without_stamping() -> None:
-    signed = sign(DEVICE_KEY, "h1/monitor/m1", M1, json.dumps({"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}).encode())
+    body = json.dumps({"seq": 1, "ts": T, "metrics": {"heart_rate": 70}}).encode()
+    signed = sign(DEVICE_KEY, "h1/monitor/m1", M1, body)
     (out,), refused = stamp(Inbound(M1, signed, T + 500), "h1", beds, signer=gateway_signer)
     assert refused == [] and (out.topic, out.payload, out.priority) == (M1, signed, PRIORITY_VITALS)
     key = {"h1/monitor/m1": KeyRecord("h1/monitor/m1", public_raw(DEVICE_KEY), "device", "h1", "monitor", "m1")}

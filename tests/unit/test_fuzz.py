@@ -99,7 +99,8 @@ def test_the_edge_forwards_exactly_what_the_bridge_accepts(message: tuple[str, b
     if outbound and parse_topic(outbound[0].topic).kind == "vitals":
         original = decode_vitals(parse_topic(topic), payload, received_ms=NOW_MS).readings
         assert len(original) == len(forwarded)
-        assert all(same(a, b) for a, b in zip(original, forwarded, strict=True)), "seq, time, boot and values travel untouched"
+        assert all(same(a, b) for a, b in zip(original, forwarded, strict=True)), \
+            "seq, time, boot and values travel untouched"
 
 
 def true_depth(value: object) -> int:

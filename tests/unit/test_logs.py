@@ -16,7 +16,8 @@ from firstcare.logs import RedactSecrets, redact
     # the server decodes parameter names, so a percent-encoded name is a token too
     ('127.0.0.1:5 - "WebSocket /realtime/ws?%74oken=eyJa.b.c" [accepted]',
      '127.0.0.1:5 - "WebSocket /realtime/ws?%74oken=[redacted]" [accepted]'),
-    ("GET /realtime/events?room=vitals&t%6F%6Ben=eyJa.b.c&%54icket=abc", "GET /realtime/events?room=vitals&t%6F%6Ben=[redacted]&%54icket=[redacted]"),
+    ("GET /realtime/events?room=vitals&t%6F%6Ben=eyJa.b.c&%54icket=abc",
+     "GET /realtime/events?room=vitals&t%6F%6Ben=[redacted]&%54icket=[redacted]"),
     ("GET /realtime/events?TOKEN=eyJa.b.c", "GET /realtime/events?TOKEN=[redacted]"),
     ("GET /realtime/events?last_event_id=e:1&room=alerts", "GET /realtime/events?last_event_id=e:1&room=alerts"),
 ])

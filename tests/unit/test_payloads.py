@@ -250,7 +250,8 @@ def test_unit_conversion_table(metric: str, value: float, unit: str | None, expe
         ({"temperature": {"value": 98.6, "unit": "[degF]"}}, {"temperature": 37.0}),
         ({"temperature": {"value": 310.15, "unit": "K"}}, {"temperature": 37.0}),
         ({"glucose": {"value": 5.5, "unit": "mmol/L"}}, {"glucose": 99.088}),
-        ({"systolic_bp": {"value": 16, "unit": "kPa"}, "diastolic_bp": 80}, {"systolic_bp": 120.0099, "diastolic_bp": 80.0}),
+        ({"systolic_bp": {"value": 16, "unit": "kPa"}, "diastolic_bp": 80},
+         {"systolic_bp": 120.0099, "diastolic_bp": 80.0}),
         ({"weight": {"value": 70000, "unit": "g"}}, {"weight": 70.0}),
         ({"weight": {"value": 154, "unit": "[lb_av]"}}, {"weight": 69.8532}),
         ({"spo2": {"value": 97, "unit": "%"}}, {"spo2": 97.0}),
@@ -517,8 +518,8 @@ def test_a_reading_without_boot_has_none_and_encoding_round_trips_it() -> None:
     assert isinstance(status, StatusReport) and status.boot == "b1"
 
 
-@pytest.mark.parametrize("iso", ["2026-11-26T10:15:30.119Z", "2026-11-26T10:15:30.120Z", "2026-11-26T10:15:30.001+01:00",
-                                 "2026-11-26T10:15:30.999999Z"])
+@pytest.mark.parametrize("iso", ["2026-11-26T10:15:30.119Z", "2026-11-26T10:15:30.120Z",
+                                 "2026-11-26T10:15:30.001+01:00", "2026-11-26T10:15:30.999999Z"])
 def test_iso_times_convert_to_exact_milliseconds(iso: str) -> None:
     parsed = datetime.fromisoformat(iso)
     expected = (parsed - datetime(1970, 1, 1, tzinfo=UTC)) // __import__("datetime").timedelta(milliseconds=1)

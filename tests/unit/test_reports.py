@@ -58,7 +58,8 @@ def test_the_report_over_a_ward() -> None:
     assert (total["escalated"], total["escalation_rate"]) == (2, 0.4)
     assert (total["nuisance_candidates"], total["nuisance_rate"]) == (2, 0.4)
     spo2 = next(r for r in report["by_rule"] if r["rule_id"] == "spo2.low")
-    assert (spo2["alarms"], spo2["per_patient_day"], spo2["priority"], spo2["nuisance_candidates"]) == (3, 0.75, "medium", 1)
+    assert (spo2["alarms"], spo2["per_patient_day"], spo2["priority"], spo2["nuisance_candidates"]) == (
+        3, 0.75, "medium", 1)
     assert report["by_priority"]["high"]["alarms"] == 1
     assert [e["id"] for e in report["nuisance_examples"]] == ["a5", "a3"]
     assert report["patient_days"] == 4 and report["hospital_id"] == "h1"
