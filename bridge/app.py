@@ -194,7 +194,7 @@ class Runtime:
                               on_session_established=lambda: self._session_established(client_id),
                               quarantine=self.quarantine)
 
-    def _slot_lease(self, client_id: str, on_yield: Callable[[str], None]) -> LeaseKeeper:
+    def _slot_lease(self, client_id: str, on_yield: Callable[[str], object]) -> LeaseKeeper:
         target = self.mqtt_target
         return LeaseKeeper(target.host, target.port, target.username, target.password, client_id,
                            on_yield=on_yield, tls=target.tls)

@@ -117,7 +117,7 @@ class Cluster(Protocol):
 
     def release(self, key: LockKey) -> None: ...
 
-    def census(self, member: LockKey, cls: int) -> "Census | None":
+    def census(self, member: LockKey, cls: int) -> Census | None:
         """Hold ``member`` (this process's membership) and count the live members and the locked
         keys of class ``cls``; None when the database cannot be reached (nothing is held then)."""
         ...

@@ -71,7 +71,7 @@ class SlotIngest:
     rest of the bridge (``connected``, ``state``, ``counters``, ``store_error``, ...)."""
 
     def __init__(self, total: int, client_id: str, cluster: Cluster, node: str,
-                 open_slot: Callable[[str], Any], make_lease: Callable[[str, Callable[[str], None]], LeaseKeeper],
+                 open_slot: Callable[[str], Any], make_lease: Callable[[str, Callable[[str], object]], LeaseKeeper],
                  tag: str = "", tick_s: float = TICK_S) -> None:
         self.total = total
         self.client_id = client_id
@@ -277,7 +277,7 @@ class SlotIngest:
             slot.consumer.close_intake()
             try:
                 await asyncio.wait_for(asyncio.shield(slot.task), timeout)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
                 slot.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await slot.task

@@ -271,8 +271,10 @@ class StatsCollector(Collector):
         yield gauge("ingest_queue_depth", "Messages waiting for the writer", g("queue_depth", 0))
         yield gauge("ingest_queue_size", "Bound of the ingest queue", g("queue_size", 0))
         slots = s.get("cluster", {}).get("slots") or {}
-        yield gauge("ingest_slots_held", "Ingest slots this bridge consumes (0 without slots)", len(slots.get("held", ())))
-        yield gauge("ingest_slots_total", "Ingest slots of the cluster (0: one session, no slots)", slots.get("total", 0))
+        yield gauge("ingest_slots_held", "Ingest slots this bridge consumes (0 without slots)",
+                    len(slots.get("held", ())))
+        yield gauge("ingest_slots_total", "Ingest slots of the cluster (0: one session, no slots)",
+                    slots.get("total", 0))
         yield gauge("ingest_slots_locked", "Ingest slots some bridge of the cluster holds", slots.get("locked", 0))
         yield gauge("cluster_members", "Live bridges the database shows (with ingest slots)", slots.get("members", 0))
         yield counter("ingest_slots_claimed", "Ingest slots this bridge took", slots.get("slots_claimed", 0))

@@ -32,8 +32,7 @@ import websockets
 from bridge.alerts import default_rules
 from bridge.core import BridgeCore, CoreSettings
 from bridge.store_sqlite import SQLiteStore
-from firstcare.mqtt import Inbound
-from firstcare.payloads import format_ts
+from firstcare.payloads import Inbound, format_ts
 from firstcare.topics import vitals_topic
 from tests.support.bridge import SECRET, BridgeProcess, token, wait_until
 from tests.support.brokers import MosquittoInstance, free_port, require_mosquitto, start_mosquitto
@@ -253,7 +252,7 @@ def test_a_killed_bridge_s_slots_are_taken_over_and_its_backlog_drained(
                 while not got or got[-1]["type"] != "resync":
                     try:
                         message = json.loads(await asyncio.wait_for(ws.recv(), quiet_until - time.monotonic()))
-                    except (asyncio.TimeoutError, ValueError):
+                    except (TimeoutError, ValueError):
                         break
                     if message["type"] in ("vitals_update", "resync"):
                         got.append(message)

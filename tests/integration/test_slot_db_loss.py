@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -16,6 +17,11 @@ from tests.support.devices import Device
 
 SLOTS = 4
 TOTAL = 300
+
+
+def slots_of(bridge: BridgeThread) -> Any:
+    """The bridge's slot manager (bridge.slot_ingest), internals included."""
+    return bridge.runtime.ingest
 
 
 def test_a_bridge_that_loses_its_database_session_stops_its_slots_and_nothing_is_lost(
@@ -29,8 +35,8 @@ def test_a_bridge_that_loses_its_database_session_stops_its_slots_and_nothing_is
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         with BridgeThread(settings("a")) as a, BridgeThread(settings("b")) as b:
-            wait_until(lambda: sorted(a.runtime.ingest.held + b.runtime.ingest.held) == list(range(SLOTS))
-                       and len(a.runtime.ingest.held) == 2, timeout=30, what="two slots each")
+            wait_until(lambda: sorted(slots_of(a).held + slots_of(b).held) == list(range(SLOTS))
+                       and len(slots_of(a).held) == 2, timeout=30, what="two slots each")
             device = Device(broker.port, "ox-dbloss", will=False)
 
             def publish() -> None:
@@ -40,14 +46,14 @@ def test_a_bridge_that_loses_its_database_session_stops_its_slots_and_nothing_is
             publisher = threading.Thread(target=publish, daemon=True)
             publisher.start()
             wait_until(lambda: a.runtime.core.snapshot.counters.get("readings_stored", 0) > 20, what="a ingests")
-            session = a.runtime.ingest.cluster._conn  # a's slot connection (bridge.cluster_postgres)
+            session = slots_of(a).cluster._conn  # a's slot connection (bridge.cluster_postgres)
             assert session is not None
             with psycopg.connect(pg_url, autocommit=True) as conn:
                 ended = conn.execute("SELECT pg_terminate_backend(%s)", (session.info.backend_pid,)).fetchone()
             assert ended == (True,), "a's slot session ended"
-            wait_until(lambda: a.runtime.ingest.counters_extra["slots_lost"] == 2, what="a dropped both slots")
+            wait_until(lambda: slots_of(a).counters_extra["slots_lost"] == 2, what="a dropped both slots")
             publisher.join(60)
-            wait_until(lambda: sorted(a.runtime.ingest.held + b.runtime.ingest.held) == list(range(SLOTS)),
+            wait_until(lambda: sorted(slots_of(a).held + slots_of(b).held) == list(range(SLOTS)),
                        timeout=30, what="every slot held again")
             with psycopg.connect(pg_url) as conn:
                 def stored() -> Counter[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,11 @@ from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mo
 from tests.support.devices import Device
 
 SLOTS = 3
+
+
+def slots_of(bridge: BridgeThread) -> Any:
+    """The bridge's slot manager (bridge.slot_ingest), internals included."""
+    return bridge.runtime.ingest
 
 
 @pytest.fixture
@@ -33,12 +39,12 @@ def test_slots_on_one_bridge_and_a_broker_that_forgot_their_sessions(
     settings = bridge_settings(tmp_path, mqtt_url=forgetful_broker.url("bridge"), ingest_slots=SLOTS,
                                mqtt_client_id="fc-one")
     with BridgeThread(settings) as bridge:
-        wait_until(lambda: bridge.runtime.ingest.held == list(range(SLOTS)) and bridge.runtime.ingest.connected,
+        wait_until(lambda: slots_of(bridge).held == list(range(SLOTS)) and slots_of(bridge).connected,
                    what="every slot held and connected")
         slots = httpx.get(bridge.url + "/readyz").json()["slots"]
         assert slots["client_ids"] == [f"fc-one-{n}" for n in range(SLOTS)]
         assert slots["total"] == SLOTS and slots["members"] == 1
-        leases = {s.lease.topic for s in bridge.runtime.ingest._slots.values() if s.lease is not None}
+        leases = {s.lease.topic for s in slots_of(bridge)._slots.values() if s.lease is not None}
         assert leases == {lease_topic(f"fc-one-{n}") for n in range(SLOTS)}, "one lease per slot client id"
 
         devices = [Device(forgetful_broker.port, f"ox-{h}", hospital_id=h) for h in ("h1", "h2")]
@@ -46,19 +52,19 @@ def test_slots_on_one_bridge_and_a_broker_that_forgot_their_sessions(
             for device in devices:
                 device.vitals({"spo2": 97}, seq=seq, patient_id=f"p-{device.hospital_id}")
         wait_until(lambda: bridge.runtime.core.snapshot.counters.get("readings_stored") == 60, what="all stored")
-        per_slot = [s.consumer.counters["received"] for s in bridge.runtime.ingest._slots.values()]
+        per_slot = [s.consumer.counters["received"] for s in slots_of(bridge)._slots.values()]
         assert sum(per_slot) == 60 and all(n > 0 for n in per_slot), per_slot  # dealt over the slots
 
         sub = bridge.subscribe("system")
         forgetful_broker.restart()
         bridge.receive_until(sub, lambda e: e["data"].get("rule_id") == "ingest.session_lost", timeout=60)
-        wait_until(lambda: bridge.runtime.ingest.counters["sessions_lost"] == SLOTS, timeout=60,
+        wait_until(lambda: slots_of(bridge).counters["sessions_lost"] == SLOTS, timeout=60,
                    what="every slot noticed its lost session")
         with bridge.http() as client:
             alerts = [a for a in client.get("/api/alerts", params={"limit": 100}).json()["items"]
                       if a["rule_id"] == "ingest.session_lost"]
         assert sorted(a["hospital_id"] for a in alerts) == ["h1", "h2"], "one alarm per hospital, not per slot"
-        wait_until(lambda: bridge.runtime.ingest.connected, timeout=30, what="slots reconnected")
+        wait_until(lambda: slots_of(bridge).connected, timeout=30, what="slots reconnected")
         for device in devices:
             device.close()
         text = httpx.get(bridge.url + "/metrics").text
@@ -72,7 +78,8 @@ def test_a_slot_handed_over_is_drained_first_and_the_next_holder_gets_the_rest(t
     import asyncio
     import threading
 
-    from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget
+    from firstcare.mqtt import AckingConsumer, MqttTarget
+    from firstcare.payloads import Inbound
 
     require_mosquitto()
     with start_mosquitto(tmp_path / "broker", dev=True) as broker:
