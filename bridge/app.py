@@ -99,6 +99,9 @@ class Runtime:
         self.latency: LatencyTracker
         self._metrics_figures: dict[str, Any] = {}
         self.telemetry.registry.register(StatsCollector(lambda: self._metrics_figures))
+        # what start() brought up, each part's stop registered as it came up: stop() undoes
+        # exactly those, however far start() got
+        self._started = contextlib.AsyncExitStack()
 
     @property
     def mqtt_tls(self) -> ClientTls:
@@ -122,6 +125,11 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         s.check_bridge_client()
+        # Each part's stop is registered right after it starts; they run in reverse, so the order
+        # below is also the shutdown order read backwards: the realtime streams close first, then
+        # the timers, ingest, the client-id lease, the writer, the hub, the cluster, the audit
+        # trail (it writes every record still queued), the store and the broker.
+        stack = self._started
         if s.mqtt_tls:
             warn_if_insecure(s.tls_insecure, "the bridge's MQTT connection", "FC_TLS_INSECURE")
         elif s.mqtt_url == "embedded":
@@ -133,12 +141,19 @@ class Runtime:
                    if s.broker_cert_file else None)
             self.broker = EmbeddedBroker(s.mqtt_host, s.mqtt_port, tls=tls)
             await self.broker.start()
+            stack.push_async_callback(self.broker.stop)
         rules = load_rules(Path(s.alert_rules).read_text()) if s.alert_rules else default_rules()
         self.store = open_store(s.store_url, s.store_busy_timeout_seconds, s.store_statement_timeout_seconds)
+        stack.callback(self.store.close)
         # after the store: a second bridge on one SQLite file is refused for the database first
         self.audit = AuditLog(audit_path(s.audit_url, s.sqlite_path), s.audit_queue_size, s.audit_flush_seconds)
         self.audit.start()
+        stack.push_async_callback(asyncio.to_thread, self.audit.stop)
         self.cluster = open_cluster(s.store_url, self.node)
+        stack.push_async_callback(asyncio.to_thread, self.cluster.close)  # gives up leadership at once
+        self.hub = open_hub(s.hub_url, s.history_size, s.history_seconds, self.node)
+        await self.hub.start()
+        stack.push_async_callback(self.hub.stop)
         self.core = BridgeCore(self.store, rules, CoreSettings(
             topic_root=s.topic_root, silent_ms=int(s.device_silent_seconds * 1000),
             offline_ms=int(s.device_offline_seconds * 1000), escalation_ms=int(s.escalation_seconds * 1000),
@@ -146,34 +161,41 @@ class Runtime:
             signature_max_age_ms=int(s.signature_max_age_seconds * 1000),
             seq_gap_grace_ms=int(s.seq_gap_grace_seconds * 1000), reorder_ms=int(s.alarm_reorder_seconds * 1000)))
         self.writer = Writer(self.core)
-        self.hub = open_hub(s.hub_url, s.history_size, s.history_seconds, self.node)
-        await self.hub.start()
+        stack.push_async_callback(asyncio.to_thread, self.writer.close)
         self.latency = LatencyTracker(self.telemetry, synchronous=self.hub.backend.name == "memory")
         self.hub.on_dispatch = self.latency.dispatched
         self.fanout = FanOut(self.hub, self.store, latency=self.latency)
-        self.realtime = Realtime(self)
-        self.realtime.start()
         target = self.mqtt_target
         loop = asyncio.get_running_loop()
-        self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
-                      asyncio.create_task(self.fanout.run(), name="fc-fan-out")]
         if s.ingest_slot_count:
             tag = slots_tag(s.mqtt_client_id, s.ingest_slot_count, s.ingest_share_group)
             self.ingest = SlotIngest(s.ingest_slot_count, s.mqtt_client_id, open_cluster(s.store_url, self.node, tag),
                                      self.node, self._open_slot, self._slot_lease, tag)
+        else:
+            # The embedded broker lives and dies with this process: no session outlives a restart.
+            expected = s.mqtt_url != "embedded" and self.store.session_established(s.mqtt_client_id, self.broker_key)
+            self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filters(s.topic_root),
+                                         self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms,
+                                         protocol=s.mqtt_protocol, session_expiry_s=s.mqtt_session_expiry_seconds,
+                                         session_expected=expected, on_session_lost=self._session_lost,
+                                         on_session_established=self._session_established,
+                                         quarantine=self.quarantine)
+            ingest = self.ingest
+            self.lease = LeaseKeeper(target.host, target.port, target.username, target.password, s.mqtt_client_id,
+                                     on_yield=lambda message: loop.call_soon_threadsafe(ingest.yield_session, message),
+                                     tls=target.tls)
+            stack.push_async_callback(asyncio.to_thread, self.lease.release)
+        stack.push_async_callback(self.ingest.stop)
+        stack.push_async_callback(self._cancel_tasks)
+        self.realtime = Realtime(self)
+        self.realtime.start()
+        stack.push_async_callback(self.realtime.stop)
+        self.tasks = [asyncio.create_task(self._timers(), name="fc-timers"),
+                      asyncio.create_task(self.fanout.run(), name="fc-fan-out")]
+        if isinstance(self.ingest, SlotIngest):
             self.tasks.append(asyncio.create_task(self.ingest.run(), name="fc-slots"))
             return
-        # The embedded broker lives and dies with this process: no session outlives a restart.
-        expected = s.mqtt_url != "embedded" and self.store.session_established(s.mqtt_client_id, self.broker_key)
-        self.ingest = AckingConsumer(self.mqtt_target, s.mqtt_client_id, subscription_filters(s.topic_root),
-                                 self.handle_batch, s.ingest_queue_size, s.batch_max, s.batch_linger_ms,
-                                 protocol=s.mqtt_protocol, session_expiry_s=s.mqtt_session_expiry_seconds,
-                                 session_expected=expected, on_session_lost=self._session_lost,
-                                 on_session_established=self._session_established,
-                                 quarantine=self.quarantine)
-        self.lease = LeaseKeeper(target.host, target.port, target.username, target.password, s.mqtt_client_id,
-                                 on_yield=lambda message: loop.call_soon_threadsafe(self.ingest.yield_session, message),
-                                 tls=target.tls)
+        assert self.lease is not None  # one session: its client-id lease, made above
         try:
             await asyncio.to_thread(self.lease.acquire)
         except BrokerUnreachable as exc:
@@ -247,29 +269,15 @@ class Runtime:
         await self.publish(events)
 
     async def stop(self) -> None:
-        if hasattr(self, "realtime"):
-            await self.realtime.stop()
+        """Stop what start() brought up, in reverse (also after a start that failed half-way)."""
+        await self._started.aclose()
+
+    async def _cancel_tasks(self) -> None:
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if hasattr(self, "ingest"):
-            await self.ingest.stop()
-        if self.lease is not None:
-            await asyncio.to_thread(self.lease.release)
-        if hasattr(self, "writer"):
-            await asyncio.to_thread(self.writer.close)
-        if hasattr(self, "hub"):
-            await self.hub.stop()
-        if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.close)  # gives up leadership at once
-        if hasattr(self, "store"):
-            self.store.close()
-        if self.broker is not None:
-            await self.broker.stop()
-        if self.audit is not None:
-            await asyncio.to_thread(self.audit.stop)  # writes every record still queued
 
     async def handle_batch(self, batch: list[Inbound]) -> None:
         gateways = [m for m in batch if is_gateway_topic(m.topic, self.settings.topic_root)]
