@@ -245,8 +245,9 @@ class Realtime:
     async def refresh(self, conn: Connection, claims: Claims) -> list[str]:
         """Rights follow the token: ``conn`` now holds ``claims`` (same subject), every room it
         has joined is checked again, and so is every room of the subject's other streams, on
-        this process and on the others sharing the hub (a refresh narrows them, it never widens them). Returns the rooms ``conn``
-        must leave; the other streams get a ``forbidden`` control delivery per room."""
+        this process and on the others sharing the hub (a refresh narrows them, it never widens
+        them). Returns the rooms ``conn`` must leave; the other streams get a ``forbidden``
+        control delivery per room."""
         conn.claims = claims
         conn.ceiling = None
         revoked = [room for room in sorted(conn.subscriber.rooms) if await self.allowed(conn, room) is None]

@@ -305,7 +305,8 @@ class StatsCollector(Collector):
         yield counter("hub_alerts_caught_up", "Alarm transitions re-published from the database after the hub"
                       " could not take them", hub.get("alerts_caught_up", 0))
         yield counter("hub_alerts_already_published", "Alarm transitions not published again: another bridge (or"
-                      " this one's catch-up) had published them (Redis)", hub.get("backend_alerts_already_published", 0))
+                      " this one's catch-up) had published them (Redis)",
+                      hub.get("backend_alerts_already_published", 0))
         yield gauge("hub_alerts_catch_up_pending", "1 while alarm transitions wait to be re-published",
                     int(bool(hub.get("alerts_catch_up_pending"))))
         yield gauge("hub_outbox_depth", "Committed events waiting for the fan-out", hub.get("outbox_depth", 0))

@@ -103,7 +103,7 @@ def test_a_bridge_that_ingested_nothing_serves_the_patient_and_device(
                     extra = await frames(ws, until=2)
                     if extra["type"] == "vitals_update":
                         with_more.append(extra)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             assert with_more == []
         async with websockets.connect(url_b) as ws:  # the device's room alone

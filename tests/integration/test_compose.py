@@ -225,7 +225,8 @@ def test_the_scale_profile_adds_two_bridges_and_the_front_to_one_cluster():
     assert env["FC_INGEST_SLOTS"] == "6", "two slots a bridge with three, all six with one"
     assert env["FC_AUDIT_URL"] == "sqlite:////data/audit.db", "each bridge its own audit trail, on its own volume"
     raw = compose()["services"]
-    data = [next(v for v in raw[name]["volumes"] if v.endswith(":/data")) for name in ("bridge", "bridge-2", "bridge-3")]
+    data = [next(v for v in raw[name]["volumes"] if v.endswith(":/data"))
+            for name in ("bridge", "bridge-2", "bridge-3")]
     assert len(set(data)) == 3 and not any(v.startswith(".") for v in data)
     origins = env["FC_PUBLIC_ORIGINS"].split(",")
     assert "http://localhost:8080" in origins, "browsers reach the bridges through the front"

@@ -16,9 +16,8 @@ from typing import Any
 from bridge.core import BridgeCore
 from bridge.store_postgres import PostgresStore
 from firstcare.events import Event
-from firstcare.mqtt import Inbound
-from firstcare.payloads import GatewayQuarantine, GatewayStatus, encode_gateway_status
-from tests.integration.test_cluster_state import S, T0, Clock, cores, pg_stores, status, vitals  # noqa: F401
+from firstcare.payloads import GatewayQuarantine, GatewayStatus, Inbound, encode_gateway_status
+from tests.integration.test_cluster_state import T0, Clock, S, cores, pg_stores, status, vitals  # noqa: F401
 
 
 def names(events: list[Event]) -> list[str]:
@@ -32,7 +31,7 @@ def both(nodes: list[BridgeCore], batch: list[Inbound], how: Callable[[BridgeCor
     return run(first), run(second)
 
 
-def test_a_status_delivered_to_both_bridges_changes_the_device_once(pg_stores: Callable[[], PostgresStore]) -> None:
+def test_a_status_delivered_to_both_bridges_changes_the_device_once(pg_stores: Callable[[], PostgresStore]) -> None:  # noqa: F811 - the fixture imported above
     clock = Clock(T0)
     nodes = cores(pg_stores, 2, clock)
     online = [status("online", T0)]
@@ -46,7 +45,7 @@ def test_a_status_delivered_to_both_bridges_changes_the_device_once(pg_stores: C
     assert names(first) == ["device.status.change", "patient.alert.raised"] and second == []
 
 
-def test_a_reading_delivered_to_both_bridges_is_one_event(pg_stores: Callable[[], PostgresStore]) -> None:
+def test_a_reading_delivered_to_both_bridges_is_one_event(pg_stores: Callable[[], PostgresStore]) -> None:  # noqa: F811 - the fixture imported above
     clock = Clock(T0 + S)
     nodes = cores(pg_stores, 2, clock)
     nodes[0].process([status("online", T0)])
@@ -58,7 +57,7 @@ def test_a_reading_delivered_to_both_bridges_is_one_event(pg_stores: Callable[[]
 
 
 def test_a_gateway_status_delivered_to_both_bridges_raises_its_alarm_once(
-        pg_stores: Callable[[], PostgresStore]) -> None:
+        pg_stores: Callable[[], PostgresStore]) -> None:  # noqa: F811 - the fixture imported above
     clock = Clock(T0)
     nodes = cores(pg_stores, 2, clock)
     body = encode_gateway_status(GatewayStatus("online", quarantine=GatewayQuarantine(2, 2)))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.alerts import Transition
+from bridge.alerts import AlertAction, Transition
 from bridge.core import alert_event
 from bridge.fanout import FanOut
 from bridge.hub import Hub, Subscriber, open_hub
@@ -45,11 +45,11 @@ async def two_hubs(redis_url: str) -> tuple[Hub, Hub]:
 
 async def received(sub: Subscriber, settle: float = 1.0) -> list[tuple[str, str]]:
     """(event, alert id) of every alarm delivered until nothing comes for ``settle`` seconds."""
-    out = []
+    out: list[tuple[str, str]] = []
     while True:
         try:
             delivery = await asyncio.wait_for(sub.get(), settle)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return out
         if delivery.control is None:
             envelope = json.loads(delivery.data)
@@ -93,15 +93,16 @@ def test_a_catch_up_does_not_repeat_what_another_bridge_published(store: SQLiteS
         try:
             sub = Subscriber()
             hub_b.join(sub, ROOM)
-            on_a = commit(store, Transition("raised", alarm("a1"), T0))
-            on_b = commit(store, Transition("raised", replace(alarm("b1"), subject="patient:p2", patient_id="p2"), T0 + 1))
+            on_a = commit(store, Transition(AlertAction.RAISED, alarm("a1"), T0))
+            b1 = replace(alarm("b1"), subject="patient:p2", patient_id="p2")
+            on_b = commit(store, Transition(AlertAction.RAISED, b1, T0 + 1))
             b.offer(on_b)
             tasks.append(asyncio.create_task(b.run()))
-            later_a = commit(store, Transition("acknowledged", alarm("a1", "acknowledged", T0 + 5,
+            later_a = commit(store, Transition(AlertAction.ACKNOWLEDGED, alarm("a1", "acknowledged", T0 + 5,
                                                                      acknowledged_by="dr", acknowledged_ms=T0 + 5),
                                               T0 + 5))
-            late_b = commit(store, Transition("resolved", replace(alarm("b1", "resolved", T0 + 6), subject="patient:p2",
-                                                                        patient_id="p2"), T0 + 6))
+            b1_resolved = replace(alarm("b1", "resolved", T0 + 6), subject="patient:p2", patient_id="p2")
+            late_b = commit(store, Transition(AlertAction.RESOLVED, b1_resolved, T0 + 6))
             a.offer([vitals(1), *on_a, *later_a])  # only the reading fits: both alarms are lost
             assert a.catch_up_pending
             tasks.append(asyncio.create_task(a.run()))
@@ -131,5 +132,5 @@ def test_events_of_a_caught_up_alarm_keep_their_shape() -> None:
     """The catch-up rebuilds the event from the stored transition: its key is the live one's."""
     from firstcare.events import transition_key
 
-    live = alert_event(Transition("raised", alarm("a1"), T0))
+    live = alert_event(Transition(AlertAction.RAISED, alarm("a1"), T0))
     assert transition_key(live) == ("a1", "raised", T0)

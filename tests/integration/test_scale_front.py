@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
+from websockets.typing import Origin
 
 from tests.integration.test_https_proxy import nginx_binary
 from tests.support.bridge import SECRET, BridgeProcess, token, wait_until
@@ -63,7 +64,8 @@ def test_the_front_config_keeps_streams_flowing() -> None:
     text = FRONT_CONF.read_text()
     ws = text[text.index("location /realtime/ws"):text.index("location /realtime/events")]
     sse = text[text.index("location /realtime/events"):text.index("location / {")]
-    assert "proxy_set_header Upgrade $http_upgrade;" in ws and "proxy_set_header Connection $firstcare_connection;" in ws
+    assert "proxy_set_header Upgrade $http_upgrade;" in ws
+    assert "proxy_set_header Connection $firstcare_connection;" in ws
     assert "proxy_buffering off;" in sse and "proxy_cache off;" in sse
     for block in (ws, sse):
         seconds = re.search(r"proxy_read_timeout (\d+)(s|h);", block)
@@ -149,12 +151,12 @@ def test_the_front_serves_rest_websocket_and_sse_from_any_bridge(
 
     room = f"patient:{PATIENT}:vitals"
     url = front.url.replace("http", "ws") + f"/realtime/ws?token={clinician}"
-    sockets = [ws_connect(url, origin=front.url, open_timeout=10) for _ in range(4)]
+    sockets = [ws_connect(url, origin=Origin(front.url), open_timeout=10) for _ in range(4)]
     try:
         for ws in sockets:
             assert json.loads(ws.recv(10))["type"] == "welcome"
             ws.send(json.dumps({"type": "subscribe", "room": room}))
-            while (answer := json.loads(ws.recv(10)))["type"] != "subscribed":
+            while json.loads(ws.recv(10))["type"] != "subscribed":
                 pass
         # least_conn spreads the streams: both live bridges hold some
         assert all(connections(b) > 0 for b in bridges), [connections(b) for b in bridges]
@@ -169,12 +171,14 @@ def test_the_front_serves_rest_websocket_and_sse_from_any_bridge(
         for ws in sockets:
             ws.close()
 
-    with httpx.Client(timeout=15) as client:
-        with client.stream("GET", front.url + f"/realtime/events/patient/{PATIENT}", params={"room": "vitals"},
-                           headers={**auth, "Origin": front.url}) as stream:
-            assert stream.status_code == 200
-            assert stream.headers["content-type"].startswith("text/event-stream")
-            seq = device.vitals({"heart_rate": 72, "spo2": 97}, patient_id=PATIENT)
-            for line in stream.iter_lines():  # arrives while the stream is open: not buffered
-                if line.startswith("data:") and json.loads(line[5:]).get("seq") == seq:
-                    break
+    with (
+        httpx.Client(timeout=15) as client,
+        client.stream("GET", front.url + f"/realtime/events/patient/{PATIENT}", params={"room": "vitals"},
+                      headers={**auth, "Origin": front.url}) as stream,
+    ):
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        seq = device.vitals({"heart_rate": 72, "spo2": 97}, patient_id=PATIENT)
+        for line in stream.iter_lines():  # arrives while the stream is open: not buffered
+            if line.startswith("data:") and json.loads(line[5:]).get("seq") == seq:
+                break
