@@ -53,6 +53,7 @@ COALESCE_FROM = 0.5  # fraction of the queue in use from which vitals are coales
 class Offer(StrEnum):
     """What :meth:`Subscriber.offer` did with a delivery (counted per publication)."""
 
+    SENT = "sent"  # written straight to the connection (bridge.realtime_outlet), nothing queued
     QUEUED = "queued"
     COALESCED = "coalesced"  # replaced a queued older vitals update of the same device and room
     DROPPED = "dropped"  # a vitals update that did not fit

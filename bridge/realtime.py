@@ -367,8 +367,8 @@ def utf8_size(text: str, limit: int) -> int:
 def _ip_origin_of_host(origin: str, host: str) -> bool:
     """True for ``http(s)://<IP address>[:port]`` naming exactly the ``Host`` the request was
     sent to: an address cannot be rebound by DNS, so that page is this server's own."""
-    from urllib.parse import urlsplit
     import ipaddress
+    from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(origin)

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
-from bridge.hub import Delivery, Subscriber
+from bridge.hub import Delivery, Offer, Subscriber
 from bridge.server import FrameSink
 from firstcare.events import parse_event_id
 
@@ -75,7 +75,7 @@ class Outlet(Subscriber):
 
     # --- from the dispatch loop ---------------------------------------------------------------
 
-    def offer(self, delivery: Delivery) -> str:
+    def offer(self, delivery: Delivery) -> Offer:
         sink = self.sink
         if sink is not None and not self._items and not self.holds and sink.paused_since is None:
             if delivery.control is None:
@@ -83,9 +83,9 @@ class Outlet(Subscriber):
                     self.last_sent[delivery.room] = delivery.id
                 sink.write_frame(self.encode(delivery))
                 self.sent += 1
-                return "sent"
+                return Offer.SENT
             self._emit(delivery)
-            return "sent"
+            return Offer.SENT
         outcome = super().offer(delivery)
         if sink is not None and self.transport is not None:
             if outcome == "overflow":

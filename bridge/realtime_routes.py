@@ -18,10 +18,10 @@ from bridge.hub import HubError
 from bridge.realtime import Realtime
 from bridge.realtime_sse import serve_sse
 from bridge.realtime_ws import serve_websocket
+from firstcare.errors import RoomError
 from firstcare.events import make_event
 from firstcare.payloads import format_ts
 from firstcare.permissions import Claims
-from firstcare.errors import RoomError
 from firstcare.rooms import hospital_room, parse_room, patient_room
 
 router = APIRouter()

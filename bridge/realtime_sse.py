@@ -165,7 +165,7 @@ class SseStream(Response):
                 try:
                     await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
                                            rt.settings.ws_send_timeout_seconds)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     sink.abort()
         finally:
             if session is not None:

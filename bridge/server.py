@@ -238,7 +238,8 @@ class HttpProtocol(H11Protocol):
 def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
     options: dict[str, Any] = {
         "host": settings.http_host, "port": settings.http_port, "timeout_graceful_shutdown": 5,
-        "http": HttpProtocol, "ws": WebSocketProtocol, "ws_max_size": ws_frame_limit(settings), "ws_per_message_deflate": False,
+        "http": HttpProtocol, "ws": WebSocketProtocol, "ws_max_size": ws_frame_limit(settings),
+        "ws_per_message_deflate": False,
         "log_level": settings.log_level.lower(), "lifespan": "on", "access_log": False,
         "ssl_certfile": settings.http_cert_file, "ssl_keyfile": settings.http_key_file,
     }

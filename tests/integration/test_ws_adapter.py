@@ -173,7 +173,8 @@ def test_close_codes_reach_the_client(url: str, code: int) -> None:
             await ws.send(f"close {code}")
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
-        assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (code, "as asked")
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (code, "as asked")
 
     run(main())
 

@@ -145,7 +145,11 @@ def test_the_hub_counts_deliveries_written_at_once() -> None:
 
 def test_a_frame_is_made_once_per_delivery() -> None:
     made: list[Delivery] = []
-    cache = FrameCache(lambda d: made.append(d) or ws_text_frame(d.data))
+    def frame(d: Delivery) -> bytes:
+        made.append(d)
+        return ws_text_frame(d.data)
+
+    cache = FrameCache(frame)
     a, b = event(1), event(2)
     assert cache(a) == cache(a) == b"\x81\x03r#1"
     cache(b)
