@@ -28,8 +28,7 @@ from bridge.alerts import default_rules
 from bridge.core import BridgeCore, CoreSettings
 from bridge.hub import open_hub
 from bridge.store import open_store
-from firstcare.mqtt import Inbound
-from firstcare.payloads import now_ms
+from firstcare.payloads import Inbound, now_ms
 
 
 def _messages(count: int, per_message: int, devices: int) -> list[Inbound]:
@@ -58,7 +57,7 @@ def _drop_postgres(url: str, name: str) -> None:
         con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def _run(store_url: str, messages: list[Inbound], batch_max: int, profile: bool, top: int) -> float:
+async def _run(store_url: str, messages: list[Inbound], batch_max: int, profile: bool, top: int) -> tuple[float, float]:
     store = open_store(store_url)
     core = BridgeCore(store, default_rules(), CoreSettings(silent_ms=86_400_000, offline_ms=172_800_000))
     hub = open_hub("memory://")

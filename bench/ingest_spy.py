@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench.ingest_profile import _drop_postgres, _fresh_postgres
 from bench.measure import run_loadgen
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         mosq, port = start_mosquitto(work)
         url = f"mqtt://bridge@127.0.0.1:{port}"
         db = work / "spy.db"
-        extra = {"FC_MQTT_CLIENT_ID": "spy-bridge"}
+        extra: dict[str, Any] = {"FC_MQTT_CLIENT_ID": "spy-bridge"}
         if args.store != "sqlite":
             store_url, dropped = _fresh_postgres(args.store)
             extra["FC_STORE_URL"] = store_url
@@ -83,7 +84,8 @@ def _stored(db: Path, url: str | None) -> int:
     import psycopg
 
     with psycopg.connect(url) as con:
-        return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
+        row = con.execute("SELECT count(*) FROM readings").fetchone()
+        return int(row[0]) if row is not None else 0
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ class RedisBackend:
             return Publication(())
         return Publication(tuple(
             Delivery(room, _s(id), splice((head, mid, tail), room, _s(id)), event.is_alert, key or None)
-            for room, id in zip(rooms, ids)
+            for room, id in zip(rooms, ids, strict=True)
         ))
 
     async def history(self, room: str, since: str) -> list[Delivery] | None:
@@ -295,7 +295,7 @@ class RedisBackend:
         current, entries = int(reply[1]), reply[2]
         decoded = []
         for entry_id, flat in entries:
-            fields = dict(zip(flat[::2], flat[1::2]))
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
             decoded.append((int(_s(entry_id).split("-")[0]), fields))
         if [o for o, _ in decoded] != list(range(offset + 1, current + 1)):
             return None  # not contiguous: never hand out a partial replay
@@ -371,7 +371,7 @@ class RedisBackend:
         except RedisError as exc:
             raise HubError(f"Redis hub presence failed: {exc}") from exc
         out = []
-        for (conn, seen), info in zip(members, details):
+        for (conn, seen), info in zip(members, details, strict=True):
             if info is None:
                 continue
             meta = json.loads(info)

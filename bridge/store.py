@@ -40,12 +40,11 @@ this work (a constraint, a value out of range: blamed on the batch and isolated)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-import dataclasses
 
 import msgspec
 
@@ -76,8 +75,8 @@ def metrics_json(metrics: Mapping[str, float]) -> str:
     return _json_encode(metrics).decode()
 
 
-def reading_side_rows(pending: Sequence[tuple[Reading, str]]) -> tuple[list[tuple[str, str, int]],
-                                                                         list[tuple[str, str, float, int, str, str, int]]]:
+def reading_side_rows(pending: Sequence[tuple[Reading, str]]
+                      ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, float, int, str, str, int]]]:
     """What a transaction's buffered readings add beside themselves, pure: the patient claims
     (the first reading of each patient; the store keeps an existing claim) and the newest value
     of each (patient, metric), the later reading winning a tie, as (patient, hospital, at) and

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -44,7 +44,7 @@ MAX_DEPTH = 16
 """Most JSON containers nested in one payload. A gateway batch with a unit-tagged value needs
 five (``{"readings": [{"metrics": {"temperature": {...}}}]}``); sixteen leaves room and stays
 far from any decoder's recursion limit."""
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 

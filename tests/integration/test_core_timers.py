@@ -17,10 +17,10 @@ import pytest
 
 from bridge.alerts import default_rules
 from bridge.core import BridgeCore, CoreSettings
+from bridge.records import DeviceRecord
 from bridge.store_sqlite import SQLiteStore
 from firstcare.events import Event
-from firstcare.mqtt import Inbound
-from firstcare.payloads import encode_vitals
+from firstcare.payloads import Inbound, encode_vitals
 
 T0 = 1_796_000_000_000  # 2026-12-01
 S = 1000
@@ -34,6 +34,12 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
+
+
+def device_of(core: BridgeCore, device_type: str, device_id: str) -> DeviceRecord:
+    device = core.store.device(device_type, device_id)
+    assert device is not None, (device_type, device_id)
+    return device
 
 
 @pytest.fixture
@@ -95,18 +101,18 @@ def test_a_monitor_goes_silent_at_the_silence_timeout_and_offline_at_the_heartbe
     receive(core, clock, vitals(1, T0))
     last_seen = T0 + 50  # the reading's receive time is when the device was last heard
     assert tick_at(core, clock, last_seen + SILENT - 1) == []
-    assert core.store.device("monitor", "m1").silent is False
+    assert device_of(core, "monitor", "m1").silent is False
 
     events = tick_at(core, clock, last_seen + SILENT)
     assert alert_events(events) == [("patient.alert.raised", "device.silent")]
     assert device_states(events) == [], "silent is not a state change: the device is still online"
-    assert core.store.device("monitor", "m1").silent is True
+    assert device_of(core, "monitor", "m1").silent is True
     assert tick_at(core, clock, last_seen + OFFLINE - 1) == [], "fired once"
 
     events = tick_at(core, clock, last_seen + OFFLINE)
     assert device_states(events) == ["offline"]
     assert ("patient.alert.raised", "device.offline") in alert_events(events)
-    assert core.store.device("monitor", "m1").state == "offline"
+    assert device_of(core, "monitor", "m1").state == "offline"
     assert device_states(tick_at(core, clock, last_seen + 10 * OFFLINE)) == [], "offline once"
 
     events = receive(core, clock, vitals(2, last_seen + 10 * OFFLINE))  # it comes back
@@ -126,7 +132,7 @@ def test_a_reading_before_the_timeout_restarts_it(core: BridgeCore, clock: Clock
 def test_a_spot_check_device_is_never_silent_and_offline_only_after_a_day(core: BridgeCore, clock: Clock) -> None:
     receive(core, clock, vitals(1, T0, device="bp1", device_type="bp", patient="p2"))
     assert device_states(tick_at(core, clock, T0 + 50 + OFFLINE)) == []
-    assert core.store.device("bp", "bp1").silent is False
+    assert device_of(core, "bp", "bp1").silent is False
     assert device_states(tick_at(core, clock, T0 + 50 + 25 * 3600 * S - 1)) == []
     events = tick_at(core, clock, T0 + 50 + 25 * 3600 * S)
     assert device_states(events) == ["offline"]
@@ -137,7 +143,7 @@ def test_a_follower_runs_no_timer(core: BridgeCore, clock: Clock) -> None:
     receive(core, clock, vitals(1, T0))
     clock.now = T0 + 10 * OFFLINE
     assert core.tick(lead=False) == []
-    assert core.store.device("monitor", "m1").state == "online"
+    assert device_of(core, "monitor", "m1").state == "online"
     assert device_states(core.tick()) == ["offline"], "the leader does"
 
 

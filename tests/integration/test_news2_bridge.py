@@ -47,7 +47,7 @@ def news2_of(bridge: BridgeThread, pid: str, **params: Any) -> dict[str, Any]:
     return response.json()
 
 
-def scored(bridge: BridgeThread, pid: str, **params: object) -> dict:
+def scored(bridge: BridgeThread, pid: str, **params: Any) -> dict[str, Any]:
     """:func:`news2_of` for polling: empty until the bridge has stored the patient's first reading
     (404 until then)."""
     response = httpx.get(f"{bridge.url}/api/patients/{pid}/news2", headers=clinician(), params=params, timeout=10)
@@ -107,7 +107,8 @@ def test_observations_complete_the_score_and_name_who_recorded_them(bridge: Brid
 def test_scale_2_with_oxygen_scores_high_saturations(bridge: BridgeThread, monitor: Device) -> None:
     monitor.vitals({**WELL, "spo2": 97}, patient_id="p-copd")
     wait_until(lambda: scored(bridge, "p-copd")["current"]["parameters"], what="the first score")
-    assert observe(bridge, "p-copd", {"spo2_scale": 2, "supplemental_oxygen": True, "consciousness": "A"}).status_code == 201
+    response = observe(bridge, "p-copd", {"spo2_scale": 2, "supplemental_oxygen": True, "consciousness": "A"})
+    assert response.status_code == 201
     current = news2_of(bridge, "p-copd")["current"]
     assert current["spo2_scale"] == 2 and current["parameters"]["spo2"]["score"] == 3  # 97 % on oxygen, scale 2
     assert current["total"] == 5 and current["band"] == "medium" and current["complete"]

@@ -158,7 +158,7 @@ def test_scores_written_in_one_transaction_get_their_own_ids_and_are_read_back(s
     with store.transaction() as tx:
         for k in range(40):  # past one reserved block of ids
             s = news2.score(inputs, T0 + k * S)
-            ids.append(tx.insert_news2("p1", "h1", s, f"sig{k}", '{"total":%d,"k":%d}' % (s.total, k)))
+            ids.append(tx.insert_news2("p1", "h1", s, f"sig{k}", f'{{"total":{s.total},"k":{k}}}'))
         tx.save_news2_state("p1", "sig39", T0 + 99 * S)
         tx.save_news2_state("p2", "other", None)
     assert len(set(ids)) == 40 and ids == sorted(ids)

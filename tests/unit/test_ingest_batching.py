@@ -8,15 +8,15 @@ import dataclasses
 import json
 import random
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from bridge.store import reading_side_rows
 from firstcare import news2
 from firstcare.events import EVENT_TYPES, Event, encode_envelope, envelope, envelope_parts, splice
-from firstcare.mqtt import AckingConsumer, Inbound, MqttTarget, _Received, take_batch
-from firstcare.payloads import Reading, format_ts
+from firstcare.mqtt import AckingConsumer, MqttTarget, _Received, take_batch
+from firstcare.payloads import Inbound, Reading, format_ts
 
 
 def inbox(*sizes: int) -> deque[_Received]:
@@ -85,7 +85,7 @@ def test_format_ts_matches_datetime_to_the_millisecond() -> None:
     rng = random.Random(1)
     values = [rng.randrange(946_684_800_000, 4_102_444_800_000) for _ in range(20_000)] + [0, 999, 1000, -1, -1001]
     for ms in values:
-        want = datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        want = datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
         assert format_ts(ms) == f"{want}.{ms % 1000:03d}Z"
 
 
