@@ -141,7 +141,7 @@ async def _serve(settings: Settings, on_ready: Any = None, on_stopping: Any = No
             runtime = getattr(app.state, "runtime", None)
             realtime = getattr(runtime, "realtime", None)
             if realtime is not None and realtime.connections:
-                realtime.closing.set()
+                realtime.shut()  # each stream's close frame goes out behind what it has buffered
                 await asyncio.sleep(0.5)
             await super().shutdown(sockets)
 
