@@ -67,6 +67,11 @@ QUARANTINE_REASONS = ("not_authorized", "topic_name_invalid", "packet_too_large"
 be labelled with it."""
 
 
+# the counters table's names (`_count`), reported as 0 before their first event
+COUNTERS = ("accepted", "dead_letters", "discarded_full", "discarded_too_old", "forwarded", "quarantined",
+            "quarantine_retried", "quarantine_dropped")
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     id: int
@@ -350,7 +355,8 @@ class Spool:
         return self._read("SELECT min(received_ms) FROM spool")[0][0]
 
     def counters(self) -> dict[str, int]:
-        return dict(self._read("SELECT name, value FROM counters"))
+        """Every counter, zero until it first moves (so /stats keeps one shape from the start)."""
+        return {**dict.fromkeys(COUNTERS, 0), **dict(self._read("SELECT name, value FROM counters"))}
 
     def dead_letters(self, limit: int = 100) -> list[dict]:
         rows = self._read("SELECT received_ms, topic, reason, detail, payload_size, item_index FROM dead_letters"

@@ -166,3 +166,12 @@ def _capture(into: list[BaseException], fn: object, *args: object) -> None:
         fn(*args)  # type: ignore[operator]
     except BaseException as exc:  # noqa: BLE001 - handed to the test
         into.append(exc)
+
+
+def test_every_counter_is_reported_from_the_start(tmp_path: Path) -> None:
+    """/stats keeps one shape: a counter that has not moved yet reads 0, not missing."""
+    spool = Spool(str(tmp_path / "s.db"), 0, 0)
+    try:
+        assert spool.counters()["forwarded"] == 0 and spool.counters()["discarded_full"] == 0
+    finally:
+        spool.close()
