@@ -13,6 +13,9 @@ exact command, a table per scenario with absolute numbers and ratios, and the ta
            documentation ConnectionManager, Node-RED
   e2e      devices -> MQTT -> browser-like WebSocket clients, 1,000 readings/s, 1,000 clients
            (ward dashboards + patient apps): publish-to-receive p50/p99/max vs the Mosquitto floor
+  scale    one bridge on PostgreSQL vs SQLite, two bridges sharing ingest slots vs one (backlog
+           drain through Mosquitto, single readings and gateway batches), and failover: SIGKILL
+           one of three bridges, seconds until every slot is held again
   peer     the same end-to-end scenario through Node-RED (npm install --prefix bench/node-red node-red)
   all      every scenario, one section, then docs/perf.png
 """
@@ -44,7 +47,7 @@ EXAMPLES = f"""examples:
 """
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 DEFAULT_PLOT = REPO_ROOT / "docs" / "perf.png"
-SCENARIOS = ("ingest", "fanout", "e2e", "peer")
+SCENARIOS = ("ingest", "scale", "fanout", "e2e", "peer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +147,10 @@ def run_scenario(ctx: Ctx, name: str) -> ScenarioResult:
         from bench import ingest
 
         return ingest.run(ctx)
+    if name == "scale":
+        from bench import scale
+
+        return scale.run(ctx)
     if name == "fanout":
         from bench import fanout
 

@@ -97,6 +97,20 @@ def targets(results: dict[str, ScenarioResult], quick: bool = False) -> Table:
         add("Ingest (stored + alarms) >= 1.0x bare paho parse-only, QoS 1", r, fx(r), r is not None and r >= 1.0)
         b = ing.data.get("mosquitto_50", {}).get("product", {}).get("rate")
         add("Gateway batches >= 100,000 readings/s stored", b, f"{fmt(b)} readings/s", b is not None and b >= 100_000)
+    sc = results.get("scale")
+    if sc:
+        for per_msg, label in ((1, "single readings"), (50, "gateway batches")):
+            rows = sc.data.get(f"drain_{per_msg}", {})
+            rate = {k: (rows.get(k) or {}).get("rate") for k in ("sqlite", "pg1", "pg2")}
+            r = ratio(rate["pg1"], rate["sqlite"])
+            add(f"One bridge on PostgreSQL >= 0.9x on SQLite ({label}, backlog drain)", r, fx(r),
+                r is not None and r >= 0.9)
+            r = ratio(rate["pg2"], rate["pg1"])
+            add(f"Two bridges >= 1.6x one bridge ({label}, backlog drain, 2 cores)", r, fx(r),
+                r is not None and r >= 1.6)
+        s = (sc.data.get("failover") or {}).get("reclaim_s")
+        add("Failover: a killed bridge's slots reclaimed in <= 10 s", s, f"{s:.1f} s" if s is not None else "",
+            s is not None and s <= 10)
     fan = results.get("fanout")
     if fan:
         cells = {(c["server"], c["n"]): c for c in fan.data.get("cells", [])}
@@ -157,7 +171,7 @@ def section(results: dict[str, ScenarioResult], command: str, facts: dict[str, A
                             else "asyncio everywhere (uvloop not installed)"),
         "",
     ]
-    titles = {"ingest": "Ingest", "fanout": "Fan-out", "e2e": "End to end", "peer": "Peer: Node-RED end to end"}
+    titles = {"ingest": "Ingest", "scale": "Scale: PostgreSQL, several bridges, failover", "fanout": "Fan-out", "e2e": "End to end", "peer": "Peer: Node-RED end to end"}
     for name, res in results.items():
         lines += [f"### {titles.get(name, name)}", ""]
         for note in res.notes:
