@@ -229,7 +229,8 @@ def run(ctx: Ctx) -> ScenarioResult:
         sqlite_db = ctx.workdir / "scale-sqlite.db"
         # the sessions: the SQLite bridge's one, and the PostgreSQL cluster's slots
         ctx.log("scale: registering the sessions (one SQLite bridge, one PostgreSQL bridge holding every slot)")
-        reg = [Bridge(ctx, "scale-sqlite-register", url, f"sqlite:///{sqlite_db}", f"{CLIENT_ID}-sqlite", 0, SQLITE_ROOT),
+        sqlite_url, sqlite_id = f"sqlite:///{sqlite_db}", f"{CLIENT_ID}-sqlite"
+        reg = [Bridge(ctx, "scale-sqlite-register", url, sqlite_url, sqlite_id, 0, SQLITE_ROOT),
                Bridge(ctx, "scale-pg-register", url, db.url, CLIENT_ID, SLOTS)]
         live += [b.proc for b in reg]
         reg[0].wait_ready()
@@ -246,7 +247,7 @@ def run(ctx: Ctx) -> ScenarioResult:
             queue(count, per_msg, SQLITE_ROOT)
             ctx.log(f"scale: {label}: {expect:,} readings queued; one bridge on SQLite drains")
             base = stored_count(sqlite_db)
-            b = Bridge(ctx, f"scale-sqlite-{per_msg}", url, f"sqlite:///{sqlite_db}", f"{CLIENT_ID}-sqlite", 0, SQLITE_ROOT)
+            b = Bridge(ctx, f"scale-sqlite-{per_msg}", url, sqlite_url, sqlite_id, 0, SQLITE_ROOT)
             live.append(b.proc)
             meters = {k: m.start() for k, m in _meters([b.proc], mosq, []).items() if k != "postgres"}
             rows["sqlite"] = follow(lambda: stored_count(sqlite_db), [b.proc], base, expect, meters)
@@ -277,8 +278,8 @@ def run(ctx: Ctx) -> ScenarioResult:
                 ctx.log(f"scale: {label} {key}: {fmt(r['rate'])} readings/s ({r['readings']:,} of {expect:,})")
             r_pg = ratio(rows["pg1"]["rate"], rows["sqlite"]["rate"])
             r_two = ratio(rows["pg2"]["rate"], rows["pg1"]["rate"])
-            table.add(label, "1 bridge, SQLite (no slots)", fmt(rows["sqlite"]["rate"]), _cpu_text(rows["sqlite"]["cores"]),
-                      f"{rows['sqlite']['readings']:,}", "")
+            table.add(label, "1 bridge, SQLite (no slots)", fmt(rows["sqlite"]["rate"]),
+                      _cpu_text(rows["sqlite"]["cores"]), f"{rows['sqlite']['readings']:,}", "")
             table.add(label, f"1 bridge, PostgreSQL, {SLOTS} slots", fmt(rows["pg1"]["rate"]),
                       _cpu_text(rows["pg1"]["cores"]), f"{rows['pg1']['readings']:,}",
                       f"{fx(r_pg)} SQLite (>= 0.9x)")
