@@ -105,7 +105,11 @@ def _peer_result(proc: Proc, start: Any = None) -> dict[str, Any]:
     assert proc.popen.stdout is not None
     first = proc.popen.stdout.readline().decode()  # {"event": "subscribed"}
     lg = start() if start is not None else None
-    out, _ = proc.popen.communicate(timeout=600)
+    # the rest through the same buffered reader: communicate(timeout=...) reads the raw pipe and
+    # loses a summary that arrived with the first line (a quick drain); the peer ends by itself
+    # (--expect, --idle, its own --timeout)
+    out = proc.popen.stdout.read()
+    proc.popen.wait(60)
     lines = [ln for ln in (first + out.decode()).splitlines() if ln.strip()]
     proc.stop()
     if lg is not None:
