@@ -35,10 +35,12 @@ from bench import report
 from bench.common import Ctx, ScenarioResult
 from bench.procs import REPO_ROOT, raise_nofile, stop_all
 
-# How long a run takes here (2 cores): the full runs in RESULTS.md took 576 s and 684 s, a quick
-# run about 45 s. The README quotes these same words (tests/unit/test_cli_help.py checks).
-FULL_RUN_TIME = "about 10-12 minutes on 2 cores"
-QUICK_RUN_TIME = "about a minute"
+# How long a run takes here (2 cores): the full runs in RESULTS.md took 576 s and 684 s before the
+# scale scenario, which adds about two minutes on a quiet machine (a dozen bridge starts, short
+# drains, a failover); a quick run took 45 s before it and 115 s with it on a busy machine. The
+# README quotes these same words (tests/unit/test_cli_help.py checks).
+FULL_RUN_TIME = "about 12-15 minutes on 2 cores"
+QUICK_RUN_TIME = "about two minutes"
 EXAMPLES = f"""examples:
   firstcare bench all                     every scenario, {FULL_RUN_TIME}
   firstcare bench all --quick             every scenario at tiny scale, {QUICK_RUN_TIME} (the test suite runs it)
