@@ -171,7 +171,8 @@ def section(results: dict[str, ScenarioResult], command: str, facts: dict[str, A
                             else "asyncio everywhere (uvloop not installed)"),
         "",
     ]
-    titles = {"ingest": "Ingest", "scale": "Scale: PostgreSQL, several bridges, failover", "fanout": "Fan-out", "e2e": "End to end", "peer": "Peer: Node-RED end to end"}
+    titles = {"ingest": "Ingest", "scale": "Scale: PostgreSQL, several bridges, failover", "fanout": "Fan-out",
+              "e2e": "End to end", "peer": "Peer: Node-RED end to end"}
     for name, res in results.items():
         lines += [f"### {titles.get(name, name)}", ""]
         for note in res.notes:

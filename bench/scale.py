@@ -37,11 +37,11 @@ contend with each other. The per-process CPU column shows where the cores went.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -151,6 +151,11 @@ def settled(bridges: list[Bridge]) -> bool:
     share = -(-SLOTS // len(bridges))
     return (held == list(range(SLOTS)) and all(v.get("ready") for v in views)
             and all(len(v["slots"]["held"]) <= share for v in views))
+
+
+def members(bridges: list[Bridge]) -> bool:
+    """Every one of ``bridges`` sees them all as members of the cluster."""
+    return all(b.readyz().get("slots", {}).get("members") == len(bridges) for b in bridges)
 
 
 def follow(count: Callable[[], int], procs: list[Proc], base: int, expect: int, meters: dict[str, CpuMeter],
@@ -263,8 +268,7 @@ def run(ctx: Ctx) -> ScenarioResult:
                     bridges = start_bridges(ctx, [f"scale-pg{n_bridges}-{per_msg}-{i}" for i in range(n_bridges)],
                                             url, db.url, CLIENT_ID, SLOTS)
                     live += [b.proc for b in bridges]
-                    wait_for(lambda bridges=bridges: all(b.readyz().get("slots", {}).get("members") == len(bridges)
-                                                         for b in bridges), 60, "every bridge a member", 0.1)
+                    wait_for(functools.partial(members, bridges), 60, "every bridge a member", 0.1)
                     meters = {k: m.start() for k, m in
                               _meters([b.proc for b in bridges], mosq, db.backends()).items()}
                 finally:
@@ -310,8 +314,7 @@ def run(ctx: Ctx) -> ScenarioResult:
         ctx.log(f"scale: slots {victim_slots} reclaimed in {reclaim:.2f} s")
         lg_result = loadgen_result(lg)
         published = int(lg_result["readings"])
-        meters: dict[str, CpuMeter] = {}
-        drained = follow(db.count, [b.proc for b in survivors], base, published, meters, idle=30.0)
+        drained = follow(db.count, [b.proc for b in survivors], base, published, {}, idle=30.0)
         for b in survivors:
             b.proc.stop(timeout=30)
         data["failover"] = {"reclaim_s": reclaim, "slots": victim_slots, "published": published,

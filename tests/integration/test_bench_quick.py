@@ -54,7 +54,8 @@ def test_bench_all_quick_writes_every_scenario(tmp_path: Path) -> None:
     assert number.search(section("### Ingest")), section("### Ingest")
     assert "FirstCare bridge" in section("### Ingest") and "bare paho" in section("### Ingest")
     scale = section("### Scale: PostgreSQL, several bridges, failover")
-    for row in ("1 bridge, SQLite (no slots)", "1 bridge, PostgreSQL, 6 slots", "2 bridges, PostgreSQL, 6 slots shared"):
+    rows = ("1 bridge, SQLite (no slots)", "1 bridge, PostgreSQL, 6 slots", "2 bridges, PostgreSQL, 6 slots shared")
+    for row in rows:
         # readings/s may be "–" at this scale (all stored between two polls); the readings column counts
         assert re.search(rf"\| single \| {re.escape(row)} \| [^|]+ \| [^|]+ bridges?; [^|]+ \| [\d,]+ \|", scale), \
             (row, scale)
