@@ -24,8 +24,6 @@ hash) and the writer connection belong to the fc-audit thread; reads open their 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -38,6 +36,7 @@ from typing import Any
 
 from bridge.audit import FIELDS, GENESIS, Entry, Record, Verification, chain, verify
 from firstcare.errors import StoreError
+from firstcare.filelock import FileInUse, lock_exclusive
 from firstcare.payloads import format_ts, now_ms
 
 log = logging.getLogger("firstcare.audit")
@@ -113,22 +112,12 @@ class AuditTrailInUse(StoreError):
 
 def _lock(path: str) -> int:
     """The exclusive writer lock beside the trail; raise AuditTrailInUse naming the holder."""
-    lock_path = os.path.abspath(path) + ".lock"
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise AuditTrailInUse(
-                f"the audit trail {path!r} is written by {holder} (lock {lock_path!r}): one bridge per trail."
-                " Give each bridge its own FC_AUDIT_URL") from exc
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-    return fd
+        return lock_exclusive(path)
+    except FileInUse as exc:
+        raise AuditTrailInUse(
+            f"the audit trail {path!r} is written by {exc.holder} (lock {exc.lock_path!r}): one bridge per trail."
+            " Give each bridge its own FC_AUDIT_URL") from exc
 
 
 class AuditLog:

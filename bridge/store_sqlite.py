@@ -14,8 +14,6 @@ that cannot be written fails within seconds and readiness says so.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import json
 import os
 import sqlite3
@@ -43,6 +41,7 @@ from bridge.store import (
 )
 from bridge.store_sqlite_clinical import ClinicalStoreMixin, ClinicalTransactionMixin
 from firstcare.errors import StoreError, StoreUnavailable
+from firstcare.filelock import FileInUse, lock_exclusive
 from firstcare.payloads import Reading, format_ts
 from firstcare.signing import KeyRecord
 
@@ -202,21 +201,12 @@ class DatabaseInUse(StoreError):
 
 def _lock(path: str) -> int:
     """Take the exclusive lock beside the database; raise DatabaseInUse naming the holder."""
-    lock_path = os.path.abspath(path) + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise DatabaseInUse(
-                f"the database {path!r} is in use by {holder} (lock {lock_path!r}): one bridge per SQLite database."
-                " Stop the other bridge, or give this one its own FC_STORE_URL") from exc
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-    return fd
+        return lock_exclusive(path)
+    except FileInUse as exc:
+        raise DatabaseInUse(
+            f"the database {path!r} is in use by {exc.holder} (lock {exc.lock_path!r}): one bridge per SQLite"
+            " database. Stop the other bridge, or give this one its own FC_STORE_URL") from exc
 
 
 def _connect(path: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> sqlite3.Connection:
