@@ -33,6 +33,7 @@ Threads: everything here runs on the event loop (asyncio protocol callbacks).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -68,13 +69,30 @@ class FrameSink(Protocol):
     def close_now(self, code: int, reason: str) -> None: ...
 
 
-class WebSocketProtocol(WebSocketsSansIOProtocol):
+class _WriteFlow:
+    """Flow-control bookkeeping both protocols share: when the transport paused (the outlet's
+    slow-consumer check reads ``paused_since``) and who to call when it drains again."""
+
+    loop: asyncio.AbstractEventLoop
+    on_resume: Callable[[], None] | None = None
+    paused_since: float | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self.paused_since = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self.paused_since = None
+        if self.on_resume is not None:
+            self.on_resume()
+
+
+class WebSocketProtocol(_WriteFlow, WebSocketsSansIOProtocol):
     """uvicorn's default WebSocket protocol, answering a handshake it cannot parse, and offering
     the direct write path (:class:`FrameSink`) as the ``firstcare.frames`` ASGI extension."""
 
     _handshake_bytes = 0
-    on_resume: Callable[[], None] | None = None
-    paused_since: float | None = None
 
     # --- the FrameSink ------------------------------------------------------------------------
 
@@ -105,16 +123,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.paused_since = self.loop.time()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.paused_since = None
-        if self.on_resume is not None:
-            self.on_resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.on_resume = None
@@ -176,14 +184,12 @@ class StreamSink(Protocol):
     def abort(self) -> None: ...
 
 
-class HttpProtocol(H11Protocol):
+class HttpProtocol(_WriteFlow, H11Protocol):
     """uvicorn's h11 protocol offering the streamed-response write path (:class:`StreamSink`)
     as the ``firstcare.stream`` ASGI extension. One request at a time per connection (h11
     pauses pipelined requests), so the protocol object is the sink of the current one."""
 
-    on_resume: Callable[[], None] | None = None
     on_end: Callable[[str], None] | None = None
-    paused_since: float | None = None
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -210,16 +216,6 @@ class HttpProtocol(H11Protocol):
 
     def abort(self) -> None:
         self.transport.abort()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.paused_since = self.loop.time()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.paused_since = None
-        if self.on_resume is not None:
-            self.on_resume()
 
     def _end(self, why: str) -> None:
         on_end, self.on_end, self.on_resume = self.on_end, None, None

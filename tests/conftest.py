@@ -12,6 +12,7 @@ from tests.support.brokers import MosquittoInstance, require_mosquitto, start_mo
 from tests.support.http import share_default_tls_context
 from tests.support.pki import Certs, gateway_acl_lines
 from tests.support.probe import Probe
+from tests.support.services import missing
 
 # httpx clients share one default TLS context instead of loading the CA bundle each (tests/support/http.py)
 share_default_tls_context()
@@ -81,9 +82,7 @@ def redis_url() -> str:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
         message = f"Redis is not reachable at {url}: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(message)
     return url
 
 
@@ -93,16 +92,13 @@ def redis_url() -> str:
 
 def require_postgres() -> None:
     """Skip when PostgreSQL is absent, except in CI where that is a failure."""
-    import os
 
     from tests.support.postgres import admin_url, reachable
 
     problem = reachable(admin_url())
     if problem is not None:
         message = f"PostgreSQL is not reachable at {admin_url()}: {problem}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(message)
 
 
 @pytest.fixture(scope="module")

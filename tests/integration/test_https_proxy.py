@@ -21,6 +21,7 @@ from websockets.sync.client import connect as ws_connect
 from tests.support.bridge import BridgeThread, bridge_settings, token, wait_until
 from tests.support.brokers import REPO_ROOT, free_port
 from tests.support.pki import Certs
+from tests.support.services import missing
 
 NGINX_CONF = REPO_ROOT / "docs" / "nginx.conf"
 
@@ -29,9 +30,7 @@ def nginx_binary() -> str:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
     if binary is None:
         message = "nginx is not installed (apt-get install nginx-light)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(message)
     return binary
 
 

@@ -33,6 +33,7 @@ from typing import Self
 from urllib.parse import quote
 
 from tests.support.ports import free_port  # noqa: F401 - re-exported: tests import it from here
+from tests.support.services import missing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER_CONFIG_DIR = REPO_ROOT / "broker-config"
@@ -65,14 +66,11 @@ _REPEATABLE = frozenset({"listener", "log_type", "include_dir", "auth_opt"})
 
 def require_mosquitto() -> str:
     """The mosquitto binary; else skip the test (fail it when CI=true)."""
-    import pytest
 
     binary = mosquitto_binary()
     if binary is None:
         message = "mosquitto is not installed (apt-get install mosquitto): real-broker tests need it"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(message)
     return binary
 
 
